@@ -1,0 +1,145 @@
+"""Typed, frozen run configuration, built from the Hydra config and validated in one place.
+
+Every field is documented in conf/*.yaml and the README. Validation errors are UserErrors: one line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from .allreduce import ALGORITHMS
+from .errors import UserError
+
+WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str | None = None
+    shards: str | None = None
+    cache_dir: str = "shards"
+    ratios: tuple[float, ...] | None = None
+    dtype: str = "auto"
+    verify_checksums: bool = False
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    algo: str = "star"
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    resident: bool = True
+    kv_cache_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    stop_on_eos: bool = True
+    stream: bool = True
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    wandb: bool = False
+    wandb_mode: str = "offline"
+    wandb_project: str = "tpi_mpi"
+    wandb_group: str | None = None
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    json: str | None = None
+    results: str | None = "results/results.jsonl"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: ModelConfig
+    comm: CommConfig
+    memory: MemoryConfig
+    generation: GenerationConfig
+    logging: LoggingConfig
+    output: OutputConfig
+    prompt: str | None = None
+    prompt_ids: tuple[int, ...] | None = None
+    threads: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def public(self) -> RunConfig:
+        """What the workers may see: everything but the prompt (privacy: it never leaves rank 0)."""
+        return RunConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)},
+                            "prompt": None, "prompt_ids": None})
+
+
+def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
+    data = dict(data or {})
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
+    if "ratios" in data and data["ratios"] is not None:
+        data["ratios"] = tuple(float(r) for r in data["ratios"])
+    return cls(**data)
+
+
+def build_config(d: dict[str, Any]) -> RunConfig:
+    """From a plain dict (OmegaConf.to_container of the Hydra config)."""
+    d = {k: v for k, v in d.items() if k != "hydra"}
+    top = {"prompt", "prompt_ids", "threads"}
+    sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
+                "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig}
+    unknown = sorted(set(d) - top - set(sections))
+    if unknown:
+        raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
+    ids = d.get("prompt_ids")
+    cfg = RunConfig(
+        **{name: _section(cls, d.get(name), name) for name, cls in sections.items()},
+        prompt=d.get("prompt"),
+        prompt_ids=tuple(int(i) for i in ids) if ids is not None else None,
+        threads=d.get("threads"),
+    )
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: RunConfig) -> None:
+    g = cfg.generation
+    if cfg.comm.algo not in ALGORITHMS:
+        raise UserError(f"unknown comm.algo={cfg.comm.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    if cfg.model.dtype not in WEIGHT_DTYPES:
+        raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
+    if cfg.model.path is None and cfg.model.shards is None:
+        raise UserError("no model: set model.path=HF_CHECKPOINT_DIR and/or model.shards=SPLIT_DIR")
+    if not cfg.memory.resident:
+        raise UserError("memory.resident=false (streaming weights from disk) is not available yet: "
+                        "set memory.resident=true")
+    if cfg.memory.kv_cache_tokens is not None and cfg.memory.kv_cache_tokens < 1:
+        raise UserError(f"memory.kv_cache_tokens must be positive or null, got {cfg.memory.kv_cache_tokens}")
+    if g.max_new_tokens < 0:
+        raise UserError(f"generation.max_new_tokens must be >= 0, got {g.max_new_tokens}")
+    if g.do_sample and g.temperature <= 0:
+        raise UserError(f"generation.temperature must be > 0 when sampling, got {g.temperature}")
+    if g.top_k < 0:
+        raise UserError(f"generation.top_k must be >= 0 (0 = off), got {g.top_k}")
+    if not 0 < g.top_p <= 1:
+        raise UserError(f"generation.top_p must be in (0, 1], got {g.top_p}")
+    if cfg.prompt is None and cfg.prompt_ids is None:
+        raise UserError('no prompt: set prompt="..." or prompt_ids=[1,2,3]')
+    if cfg.prompt_ids is not None and len(cfg.prompt_ids) == 0:
+        raise UserError("prompt_ids is empty: give at least one token id")
+    if cfg.threads is not None and cfg.threads < 1:
+        raise UserError(f"threads must be >= 1 or null (auto), got {cfg.threads}")
+    if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
+        raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")

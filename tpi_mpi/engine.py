@@ -1,0 +1,204 @@
+"""The inference protocol between the master (rank 0) and the workers.
+
+Per forward pass the master broadcasts a small header (what to do, how many positions, from where)
+and then the embedded hidden states; every rank runs its slice of every layer (ShardedDecoder); the
+master alone holds the tokenizer, the embedding, the final norm and lm_head, so prompt text and token
+ids never leave it: workers only ever see hidden states.
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from .allreduce import CommStats, make_allreduce
+from .errors import UserError
+from .models.llama import ShardedDecoder, rms_norm
+from .shards import RankShard
+
+OP_STOP, OP_FORWARD = 0, 1
+DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class RankTimes:
+    load_s: float = 0.0
+    forward_s: float = 0.0  # wall time inside forward passes, communication included
+    bcast: CommStats = field(default_factory=CommStats)
+
+
+class Engine:
+    """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
+
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto"):
+        t0 = time.perf_counter()
+        self.comm = comm
+        self.allreduce = make_allreduce(algo, comm)
+        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype])
+        self.hidden_size = self.decoder.cfg.hidden_size
+        self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
+        self.times = RankTimes(load_s=time.perf_counter() - t0)
+
+    def _bcast_hidden(self, x: np.ndarray) -> None:
+        t0 = time.perf_counter()
+        self.comm.Bcast(x, root=0)
+        s = self.times.bcast
+        s.calls += 1
+        s.seconds += time.perf_counter() - t0
+        n = x.nbytes * (self.comm.size - 1) if self.comm.rank == 0 else x.nbytes
+        if self.comm.rank == 0:
+            s.bytes_sent += n
+        else:
+            s.bytes_received += n
+
+    def _layers(self, x: torch.Tensor, start: int, capacity: int) -> torch.Tensor:
+        if start == 0:
+            self.decoder.reset(capacity)
+        return self.decoder.forward(x, start)
+
+    def rank_record(self) -> dict[str, Any]:
+        ar, bc = self.allreduce.stats, self.times.bcast
+        comm_s = ar.seconds + bc.seconds
+        return {
+            "rank": self.comm.rank,
+            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "load_s": self.times.load_s,
+            "compute_s": max(0.0, self.times.forward_s - comm_s),
+            "comm_s": comm_s,
+            "bytes_sent": ar.bytes_sent + bc.bytes_sent,
+            "bytes_received": ar.bytes_received + bc.bytes_received,
+            "allreduce": ar.to_json(),
+            "bcast": bc.to_json(),
+        }
+
+
+class Worker(Engine):
+    def serve(self) -> None:
+        """Run forward passes as the master asks, until it says stop."""
+        while True:
+            self.comm.Bcast(self.header, root=0)
+            op, q_len, start, capacity = (int(v) for v in self.header)
+            if op == OP_STOP:
+                return
+            x = np.empty((q_len, self.hidden_size), dtype=np.float32)
+            t0 = time.perf_counter()
+            self._bcast_hidden(x)
+            self._layers(torch.from_numpy(x), start, capacity)
+            self.times.forward_s += time.perf_counter() - t0
+
+
+class Master(Engine):
+    """Rank 0: also embeds token ids and turns the last hidden state into logits."""
+
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto"):
+        super().__init__(comm, shard, algo, dtype)
+        t0 = time.perf_counter()
+        cast = DTYPES[dtype]
+        self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
+        head = shard.master_file("head.safetensors")
+        self.norm = head["norm.weight"]
+        self.lm_head = self.embed if shard.tied_embeddings else head["lm_head.weight"]
+        if cast is not None:
+            self.embed, self.norm, self.lm_head = (t.to(cast) for t in (self.embed, self.norm, self.lm_head))
+        self.vocab_size = self.embed.shape[0]
+        self.max_positions = self.decoder.cfg.max_position_embeddings
+        self.eps = self.decoder.cfg.rms_norm_eps
+        self.times.load_s += time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def forward(self, ids: list[int], start: int, capacity: int = 0, all_logits: bool = False) -> torch.Tensor:
+        """Logits (float32) of the last position, or of every position with all_logits."""
+        t0 = time.perf_counter()
+        self.header[:] = (OP_FORWARD, len(ids), start, capacity)
+        self.comm.Bcast(self.header, root=0)
+        x = F.embedding(torch.tensor(ids), self.embed).float().contiguous()
+        self._bcast_hidden(x.numpy())
+        x = self._layers(x, start, capacity)
+        if not all_logits:
+            x = x[-1:]
+        h = rms_norm(x.to(self.norm.dtype), self.norm, self.eps)
+        logits = F.linear(h, self.lm_head).float()
+        self.times.forward_s += time.perf_counter() - t0
+        return logits if all_logits else logits[0]
+
+    def stop(self) -> None:
+        self.header[:] = (OP_STOP, 0, 0, 0)
+        self.comm.Bcast(self.header, root=0)
+
+    def check_prompt(self, ids: list[int]) -> None:
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise UserError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if len(ids) > self.max_positions:
+            raise UserError(
+                f"the prompt has {len(ids)} tokens but the model has {self.max_positions} positions: "
+                "shorten the prompt"
+            )
+
+
+class Sampler:
+    """Greedy, or sampling with temperature, top-k and top-p from a seeded generator."""
+
+    def __init__(self, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int = 0):
+        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if not self.do_sample:
+            return int(torch.argmax(logits))
+        logits = logits / self.temperature
+        if self.top_k:
+            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
+            logits = logits.masked_fill(logits < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_logits, order = torch.sort(logits, descending=True)
+            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
+            drop = cum - torch.softmax(sorted_logits, -1) >= self.top_p  # keeps the first token always
+            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        probs = torch.softmax(logits, -1)
+        return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[int]
+    ttft_s: float
+    token_latencies_s: list[float]
+
+
+def generate(master: Master, ids: list[int], max_new_tokens: int, sampler: Sampler,
+             eos_ids: set[int], kv_cache_tokens: int | None = None, on_token: Any = None) -> Generation:
+    """Prefill, then one token at a time. The KV cache is reserved up front for the whole sequence."""
+    master.check_prompt(ids)
+    max_new_tokens = min(max_new_tokens, master.max_positions - len(ids))
+    capacity = kv_cache_tokens or len(ids) + max_new_tokens
+    if capacity < len(ids) + max_new_tokens:
+        raise UserError(f"memory.kv_cache_tokens={capacity} is less than the prompt plus "
+                        f"max_new_tokens ({len(ids) + max_new_tokens}): raise it or set it to null")
+    tokens: list[int] = []
+    latencies: list[float] = []
+    t0 = time.perf_counter()
+    ttft = 0.0
+    if max_new_tokens > 0:
+        tok = sampler(master.forward(ids, 0, capacity))
+        ttft = time.perf_counter() - t0
+        tokens.append(tok)
+        if on_token:
+            on_token(tokens)
+        while len(tokens) < max_new_tokens and tok not in eos_ids:
+            t1 = time.perf_counter()
+            tok = sampler(master.forward([tok], len(ids) + len(tokens) - 1))
+            latencies.append(time.perf_counter() - t1)
+            tokens.append(tok)
+            if on_token:
+                on_token(tokens)
+    return Generation(prompt_tokens=len(ids), tokens=tokens, ttft_s=ttft, token_latencies_s=latencies)

@@ -1,0 +1,53 @@
+"""Errors a user can fix, and how a run under mpirun stops on them."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+
+class UserError(Exception):
+    """Bad input: reported as one line naming the problem and the fix, never as a traceback."""
+
+
+def abort(comm: Any, message: str, code: int = 2) -> NoReturn:
+    """Print one line and take every rank down: a peer blocked in a collective would otherwise hang."""
+    print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)
+    comm.Abort(code)
+    raise SystemExit(code)  # only reached with a fake comm in tests
+
+
+def agree_or_abort(comm: Any, error: str | None) -> None:
+    """Collective check: every rank reports its own problem (or None); rank 0 prints the first and aborts.
+
+    Used where each rank validates what only it can see (its shard directory), so that a problem on
+    rank 5 becomes one line on rank 0 instead of a hang of the seven others.
+    """
+    errors = comm.gather(error, root=0)
+    failed = None
+    if comm.rank == 0:
+        failed = next((f"rank {r}: {e}" for r, e in enumerate(errors) if e), None)
+    failed = comm.bcast(failed, root=0)
+    if failed is not None:
+        if comm.rank == 0:
+            abort(comm, failed)
+        # The other ranks wait to be killed by rank 0's Abort; Abort from every rank prints N lines.
+        comm.Barrier()
+
+
+def run_or_abort(comm: Any, fn: Callable[[], Any]) -> Any:
+    """Run fn; a UserError becomes one line from the rank that saw it, any other failure a traceback.
+
+    Either way every rank exits non-zero through MPI_Abort instead of leaving its peers blocked.
+    """
+    try:
+        return fn()
+    except UserError as exc:
+        abort(comm, str(exc), 2)
+    except KeyboardInterrupt:
+        abort(comm, f"interrupted on rank {comm.rank}", 130)
+    except Exception:
+        traceback.print_exc()
+        abort(comm, f"rank {comm.rank} failed with the traceback above", 1)

@@ -1,0 +1,154 @@
+"""Tensor-parallel Llama-family decoder (Llama 2/3, Mistral, Qwen2) for one rank.
+
+Each layer is two segments of compute, each ending in a named sync (an allreduce of the partial
+outputs of a row-parallel projection):
+    attention:  norm -> q/k/v of this rank's heads -> RoPE -> KV cache -> SDPA -> o_proj  [sync "attn"]
+    ffn:        norm -> gate/up of this rank's columns -> SiLU * up -> down_proj        [sync "ffn"]
+The residual stream is kept in float32 on every rank; every rank gets the same sum, so it stays in step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import CONFIG_MAPPING
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from ..shards import RankShard
+
+AllreduceFn = Callable[[np.ndarray], None]
+
+
+def hf_config(config: dict[str, Any]) -> Any:
+    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """As HF's LlamaRMSNorm: normalise in float32, then scale in the weight's dtype."""
+    x = x.float()
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(weight.dtype)
+
+
+def sliding_windows(cfg: Any) -> list[int | None]:
+    """Per layer: the attention window, or None for full causal attention (Mistral, some Qwen2)."""
+    n = cfg.num_hidden_layers
+    types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if types:
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n
+
+
+def attention_mask(q_len: int, start: int, kv_len: int, window: int | None) -> torch.Tensor | None:
+    """Boolean mask (True = attend) for queries at positions start.., or None where SDPA needs none."""
+    if q_len == 1 and (window is None or kv_len <= window):
+        return None
+    q_pos = torch.arange(start, start + q_len).unsqueeze(1)
+    k_pos = torch.arange(kv_len).unsqueeze(0)
+    mask = k_pos <= q_pos
+    if window is not None:
+        mask &= q_pos - k_pos < window
+    return mask
+
+
+class ShardedLayer:
+    """One decoder layer: this rank's attention heads and FFN columns, with its part of the KV cache."""
+
+    def __init__(self, attn: dict[str, torch.Tensor], ffn: dict[str, torch.Tensor], cfg: Any,
+                 head_dim: int, window: int | None, dtype: torch.dtype | None):
+        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
+        self.a = {k: cast(v) for k, v in attn.items()}
+        self.f = {k: cast(v) for k, v in ffn.items()}
+        self.eps = cfg.rms_norm_eps
+        self.head_dim = head_dim
+        self.n_heads = self.a["q_proj.weight"].shape[0] // head_dim
+        self.n_kv = self.a["k_proj.weight"].shape[0] // head_dim
+        self.window = window
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a["q_proj.weight"].dtype
+
+    def reset_cache(self, capacity: int) -> None:
+        shape = (1, self.n_kv, capacity, self.head_dim)
+        self.k_cache = torch.zeros(shape, dtype=self.dtype)
+        self.v_cache = torch.zeros(shape, dtype=self.dtype)
+
+    def attention(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        a, hd, q_len = self.a, self.head_dim, x.shape[0]
+        h = rms_norm(x, a["input_norm.weight"], self.eps)
+        q = F.linear(h, a["q_proj.weight"], a.get("q_proj.bias"))
+        k = F.linear(h, a["k_proj.weight"], a.get("k_proj.bias"))
+        v = F.linear(h, a["v_proj.weight"], a.get("v_proj.bias"))
+        q = q.view(1, q_len, self.n_heads, hd).transpose(1, 2)
+        k = k.view(1, q_len, self.n_kv, hd).transpose(1, 2)
+        v = v.view(1, q_len, self.n_kv, hd).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        assert self.k_cache is not None and self.v_cache is not None, "reset_cache first"
+        end = start + q_len
+        self.k_cache[:, :, start:end] = k
+        self.v_cache[:, :, start:end] = v
+        keys, values = self.k_cache[:, :, :end], self.v_cache[:, :, :end]
+        mask = attention_mask(q_len, start, end, self.window)
+        causal = mask is not None and start == 0 and self.window is None
+        out = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=None if causal else mask, is_causal=causal,
+            scale=hd**-0.5, enable_gqa=self.n_heads != self.n_kv,
+        )
+        out = out.transpose(1, 2).reshape(q_len, self.n_heads * hd)
+        return F.linear(out, a["o_proj.weight"], a.get("o_proj.bias"))
+
+    def ffn(self, x: torch.Tensor) -> torch.Tensor:
+        f = self.f
+        h = rms_norm(x, f["post_norm.weight"], self.eps)
+        gate = F.linear(h, f["gate_proj.weight"], f.get("gate_proj.bias"))
+        up = F.linear(h, f["up_proj.weight"], f.get("up_proj.bias"))
+        return F.linear(F.silu(gate) * up, f["down_proj.weight"], f.get("down_proj.bias"))
+
+
+class ShardedDecoder:
+    """All layers of one rank. forward() is called by every rank with the same hidden states."""
+
+    def __init__(self, shard: RankShard, allreduce: AllreduceFn, dtype: torch.dtype | None = None):
+        self.cfg = hf_config(shard.config)
+        self.allreduce = allreduce
+        windows = sliding_windows(self.cfg)
+        self.layers = [
+            ShardedLayer(shard.block(i, "attn"), shard.block(i, "ffn"), self.cfg, shard.plan.head_dim,
+                         windows[i], dtype)
+            for i in range(shard.num_layers)
+        ]
+        self.rotary = LlamaRotaryEmbedding(self.cfg)
+        self.capacity = 0
+
+    def reset(self, capacity: int) -> None:
+        """A new sequence: KV cache reserved up front for `capacity` positions."""
+        self.capacity = capacity
+        for layer in self.layers:
+            layer.reset_cache(capacity)
+
+    def _sync(self, partial: torch.Tensor) -> torch.Tensor:
+        buf = partial.float().contiguous()
+        self.allreduce(buf.numpy())
+        return buf
+
+    @torch.inference_mode()
+    def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        """x: float32 [q_len, hidden] at positions start..start+q_len-1; returns the same shape."""
+        q_len = x.shape[0]
+        if start + q_len > self.capacity:
+            raise RuntimeError(f"KV cache holds {self.capacity} positions, asked for {start + q_len}")
+        positions = torch.arange(start, start + q_len).unsqueeze(0)
+        dtype = self.layers[0].dtype if self.layers else torch.float32
+        cos, sin = self.rotary(x.to(dtype), positions)
+        for layer in self.layers:
+            x = x + self._sync(layer.attention(x.to(layer.dtype), start, cos, sin))
+            x = x + self._sync(layer.ffn(x.to(layer.dtype)))
+        return x

@@ -1,0 +1,68 @@
+"""A rank's shard directory, as written by tpi_mpi.split: validated before any weight is read."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from .errors import UserError
+from .partition import ShardPlan
+from .split import FORMAT, block_file, rank_dir, sha256_file
+
+
+@dataclass(frozen=True)
+class RankShard:
+    dir: Path
+    rank: int
+    world_size: int
+    split_id: str
+    num_layers: int
+    plan: ShardPlan
+    config: dict[str, Any]
+    tied_embeddings: bool
+
+    def block(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.dir / block_file(layer, kind)))
+
+    def master_file(self, name: str) -> dict[str, torch.Tensor]:
+        return load_file(str(self.dir / name))
+
+
+def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_checksums: bool = False) -> RankShard:
+    d = rank_dir(shards, rank)
+    fix = f"split the model with: python -m tpi_mpi.split --model MODEL --out {shards} --world-size {world_size}"
+    if not d.is_dir():
+        raise UserError(f"shard directory {d} does not exist: {fix}")
+    mpath = d / "manifest.json"
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (OSError, json.JSONDecodeError):
+        raise UserError(f"{d} is not a tpi_mpi shard directory (no readable manifest.json): {fix}") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"{mpath} has format {manifest.get('format')!r}, expected {FORMAT!r}: {fix}")
+    if manifest["world_size"] != world_size:
+        raise UserError(
+            f"shards in {shards} were split for {manifest['world_size']} ranks but {world_size} were "
+            f"started: run with mpirun -n {manifest['world_size']}, or {fix}"
+        )
+    if manifest["rank"] != rank:
+        raise UserError(f"{d} holds the shard of rank {manifest['rank']}, not of rank {rank}: {fix}")
+    for name, meta in manifest["files"].items():
+        f = d / name
+        if not f.is_file():
+            raise UserError(f"{f} is missing: {fix}")
+        if f.stat().st_size != meta["bytes"]:
+            raise UserError(f"{f} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}: {fix}")
+        if verify_checksums and sha256_file(f) != meta["sha256"]:
+            raise UserError(f"{f} does not match its checksum in the manifest: {fix}")
+    config = json.loads((d / "config.json").read_text())
+    return RankShard(
+        dir=d, rank=rank, world_size=world_size, split_id=manifest["split_id"],
+        num_layers=manifest["num_layers"], plan=ShardPlan.from_json(manifest["plan"]),
+        config=config, tied_embeddings=manifest["tied_embeddings"],
+    )
