@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,8 @@ def ensure_checkpoint(workdir: Path, preset: str, layers: int) -> Path:
         if json.loads((out / "config.json").read_text())["num_hidden_layers"] == layers:
             return out
         raise SystemExit(f"{out} holds another number of layers: remove it")
+    # An interrupted make_model leaves this behind and would refuse to start again.
+    shutil.rmtree(out.with_name(out.name + ".partial"), ignore_errors=True)
     print(f"making {preset} checkpoint with {layers} layers in {out} ...", file=sys.stderr, flush=True)
     return make_model(out, preset, "llama", layers, seed=0, dtype="fp32")
 
@@ -144,6 +147,10 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def ratio(x: float, ref: float) -> float:
+    return x / ref if ref else float("nan")  # --new-tokens 1 leaves no later tokens to time
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.tp_latency",
                                 description=__doc__.splitlines()[0])
@@ -170,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     jsonl = Path(a.jsonl) if a.jsonl else workdir / "results.jsonl"
     sizes = [int(x) for x in a.world_sizes.split(",")]
     ids = prompt_ids(a.prompt_tokens)
+    # Other work on the machine skews every row; the load average before we start shows any.
+    load0 = os.getloadavg()[0]
     model = ensure_checkpoint(workdir, a.preset, a.layers)
     shards = {n: ensure_split(workdir, model, n) for n in sizes}
     rows: dict[str, list[dict]] = {HF_ROW: [], **{f"tpi_mpi N={n}": [] for n in sizes}}
@@ -180,13 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(runs)}] {short} repeat {rep} ...", file=sys.stderr, flush=True)
         out = workdir / "runs" / f"{stamp}-{tag}-r{rep}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        load = os.getloadavg()[0]
         rec = (run_hf(model, ids, a.new_tokens, out, a.timeout) if n is None
                else run_tpi(model, shards[n], n, ids, a.new_tokens, out, a.timeout))
         rows[name].append(rec)
         line = {"bench": "tp_latency", "impl": "hf" if n is None else "tpi_mpi", "world_size": n or 1,
                 "repeat": rep, "preset": a.preset, "layers": a.layers, "cores": cores(),
                 "prompt_ids": ids, "new_tokens": a.new_tokens,
-                **{k: rec.get(k) for k in KEPT}}
+                "loadavg_1m_before": load, **{k: rec.get(k) for k in KEPT}}
         jsonl.parent.mkdir(parents=True, exist_ok=True)
         with open(jsonl, "a") as f:
             f.write(json.dumps(line) + "\n")
@@ -197,11 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"note: {name} generated other tokens than the first HF run", file=sys.stderr)
     stats = {name: summarize(recs) for name, recs in rows.items()}
     hf = stats[HF_ROW]
-
-    def ratio(x: float, ref: float) -> float:
-        return x / ref if ref else float("nan")  # --new-tokens 1 leaves no later tokens to time
     print(f"\n{a.preset}, {a.layers} layers, fp32 | {cores()} cores | prompt {a.prompt_tokens} tok, "
-          f"{a.new_tokens} new tok | median of {a.repeats} repeat(s)")
+          f"{a.new_tokens} new tok | median of {a.repeats} repeat(s) | load avg before {load0:.2f}")
     print(f"{'':28} {'TTFT ms':>9} {'tok p50 ms':>10} {'tok/HF':>7} {'TTFT/HF':>8} {'RSS MiB':>8} "
           f"{'comm':>6}")
     for name, s in stats.items():
