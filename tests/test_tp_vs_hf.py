@@ -19,7 +19,7 @@ NEW_TOKENS = 32
 
 MODELS = {
     # name: (arch, config overrides)
-    "llama-gqa": ("llama", {}),
+    "llama-gqa": ("llama", {"num_attention_heads": 4, "num_key_value_heads": 2}),
     "llama-odd-heads": ("llama", {"hidden_size": 160, "num_attention_heads": 5, "num_key_value_heads": 5}),
     "llama-bias": ("llama", {"hidden_size": 192, "num_attention_heads": 6, "num_key_value_heads": 3,
                              "attention_bias": True, "mlp_bias": True}),

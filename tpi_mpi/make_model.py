@@ -28,7 +28,8 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Real layer shapes; the number of layers is what a benchmark reduces.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
-        hidden_size=128, intermediate_size=344, num_attention_heads=4, num_key_value_heads=2,
+        # 8 KV heads, so that the demo can run on up to 8 ranks
+        hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=8,
         num_hidden_layers=4, vocab_size=None, max_position_embeddings=512,
     ),
     "llama2-7b": dict(

@@ -129,7 +129,7 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     assert shard is not None
     ids = comm.gather(shard.split_id, root=0)
     foreign = None
-    if comm.rank == 0 and len(set(ids)) > 1:
+    if ids is not None and len(set(ids)) > 1:  # rank 0 only
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)

@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--ratios", default=None, help="share of each rank, e.g. 0.4,0.2,0.2,0.2 (default equal)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="dtype on disk (auto: as source)")
-    p.add_argument("--force", action="store_true", help="replace OUT if it exists (only once the new split is complete)")
+    p.add_argument("--force", action="store_true", help="replace OUT once the new split is complete")
     args = p.parse_args(argv)
     try:
         out = split(args.model, args.out, args.world_size, parse_ratios(args.ratios), args.dtype,

@@ -1,0 +1,35 @@
+# Two commands a new user needs: `make demo` (set up, run the embedded model on 8 ranks) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+N      ?= 8
+
+.PHONY: setup demo test lint bench clean
+
+# torch is pinned in the same pip command as everything else, so pip takes the local CPU wheel.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	touch $@
+
+setup: $(BIN)/.installed
+
+models/tiny: | $(BIN)/.installed
+	$(BIN)/python -m tpi_mpi.make_model --preset tiny --out models/tiny
+
+demo: setup models/tiny
+	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.run model.path=models/tiny
+
+lint: setup
+	$(BIN)/ruff check tpi_mpi tests
+	$(BIN)/mypy
+
+test: setup lint
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/python -m tpi_mpi.bench.tp_latency
+
+clean:
+	rm -rf shards outputs results bench_out wandb
