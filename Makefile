@@ -9,7 +9,6 @@ N      ?= 8
 # torch is pinned in the same pip command as everything else, so pip takes the local CPU wheel.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_tpi
+from conftest import mpirun, run_tpi
 from transformers import AutoModelForCausalLM
 
 from tpi_mpi.config import build_config
@@ -152,3 +152,15 @@ def test_bad_input_is_one_clear_line(tiny: dict[str, Path], tmp_path: Path, case
     assert message in errors[0], errors[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "r.json").exists()
+
+
+def test_multirun_and_wandb_offline(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """A Hydra multirun sends each job to the workers; wandb offline writes a local run, no network."""
+    proc = mpirun(2, ["-m", "tpi_mpi.run", "-m", f"hydra.sweep.dir={tmp_path}/sweep",
+                      f"model.path={tiny['model']}", f"model.shards={tiny['shards2']}", f"prompt_ids={IDS}",
+                      "generation.stop_on_eos=false", "generation.max_new_tokens=2,5", "logging.wandb=true",
+                      f"output.results={tmp_path}/results.jsonl"],
+                  env={"WANDB_DIR": str(tmp_path), "WANDB_MODE": "offline"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["generated_tokens"] for r in read_jsonl(tmp_path / "results.jsonl")] == [2, 5]
+    assert len(list((tmp_path / "wandb").glob("offline-run-*"))) == 2

@@ -7,6 +7,7 @@ config, without the prompt, to the workers. From here the inference path is:
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -26,45 +27,37 @@ def main() -> None:
     comm = MPI.COMM_WORLD
     if comm.rank == 0:
         _master_main(comm)
-    else:
+        return
+    while True:  # one job per message: a Hydra multirun sends several
         msg = comm.bcast(None, root=0)
-        if msg[0] == "exit":  # rank 0 stopped in Hydra (bad override, --help, --cfg)
+        if msg[0] == "exit":  # rank 0 is done, or stopped in Hydra (bad override, --help, --cfg)
             sys.exit(msg[1])
-        run_or_abort(comm, lambda: job(comm, msg[1]))
+        run_or_abort(comm, functools.partial(job, comm, msg[1]))
 
 
 def _master_main(comm: MPI.Comm) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    state = {"sent": False}
-
     @hydra.main(version_base=None, config_path="../conf", config_name="config")
     def hydra_entry(dcfg: DictConfig) -> None:
         from .config import build_config
 
-        def build() -> Any:
-            return build_config(OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
-
         try:
-            cfg = build()
+            cfg = build_config(OmegaConf.to_container(dcfg, resolve=True))  # type: ignore[arg-type]
         except UserError as exc:
-            comm.bcast(("exit", 2), root=0)
-            state["sent"] = True
             print(f"tpi_mpi: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         comm.bcast(("run", cfg.public()), root=0)
-        state["sent"] = True
         run_or_abort(comm, lambda: job(comm, cfg))
 
     code: Any = 0
     try:
         hydra_entry()
     except SystemExit as exc:
-        code = exc.code
+        code = exc.code if isinstance(exc.code, int) else 1
     finally:
-        if not state["sent"]:
-            comm.bcast(("exit", code if isinstance(code, int) else 1), root=0)
+        comm.bcast(("exit", code), root=0)  # also releases the workers if Hydra stopped early
     if code:
         sys.exit(code)
 
