@@ -80,3 +80,26 @@ def test_matches_hf(models: dict[str, Path], tmp_path: Path, name: str, n: int, 
     assert got["logits"].shape == ref_logits.shape
     assert np.abs(got["logits"] - ref_logits).max() < 1e-4
     assert got["tokens"].tolist() == ref_tokens
+
+
+
+ALGOS = ["star", "ring", "mesh", "tree", "mpi", "auto"]
+
+
+@pytest.fixture(scope="module")
+def tokens_by_algo(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[int]]:
+    """Greedy tokens of each allreduce on 3 ranks (odd: uneven ring chunks, tree's extra rank), from one
+    mpirun that repeats the generation with each in turn, and HF's under "hf"."""
+    tmp = tmp_path_factory.mktemp("algos")
+    shards = split(models["llama-odd-heads"], tmp / "shards", 3)
+    proc = mpirun(3, [str(SCRIPTS / "tp_forward.py"), f"--algos={','.join(ALGOS)}", str(shards), str(tmp / "tp.npz"),
+                      str(NEW_TOKENS), *map(str, PROMPT)], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(tmp / "tp.npz")
+    return {"hf": hf_reference(models["llama-odd-heads"])[1],
+            **{algo: got[f"tokens_{algo}"].tolist() for algo in ALGOS}}
+
+
+@pytest.mark.parametrize("algo", ALGOS, ids=[f"algo-{a}-n3" for a in ALGOS])
+def test_every_allreduce_generates_hf_tokens(tokens_by_algo: dict[str, list[int]], algo: str) -> None:
+    assert tokens_by_algo[algo] == tokens_by_algo["hf"]

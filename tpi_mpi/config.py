@@ -5,13 +5,18 @@ Every field is documented in conf/*.yaml and the README. Validation errors are U
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .allreduce import ALGORITHMS
+from .allreduce import ALGORITHMS, WIRE_DTYPES
 from .errors import UserError
 
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
+# What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
+MPICH_ALLREDUCE_ALGORITHMS = ("auto", "nb", "smp", "recursive_doubling", "recursive_multiplying",
+                              "reduce_scatter_allgather", "tree", "recexch", "ring", "k_reduce_scatter_allgather")
+MPICH_ALLREDUCE_ENV = "MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM"
 
 
 @dataclass(frozen=True)
@@ -27,6 +32,8 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CommConfig:
     algo: str = "star"
+    dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
+    mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
 
 
 @dataclass(frozen=True)
@@ -114,10 +121,34 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     return cfg
 
 
-def validate(cfg: RunConfig) -> None:
+def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
+    if c.algo not in ALGORITHMS:
+        raise UserError(f"unknown comm.algo={c.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    if c.dtype not in WIRE_DTYPES:
+        raise UserError(f"unknown comm.dtype={c.dtype!r}: choose one of {', '.join(WIRE_DTYPES)}")
+    if c.algo == "mpi" and c.dtype != "fp32":
+        raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
+                        "another comm.algo")
+    if c.mpi_algorithm is None:
+        return
+    if c.algo != "mpi":
+        raise UserError(f"comm.mpi_algorithm applies to comm.algo=mpi only (got comm.algo={c.algo}): "
+                        "set comm.mpi_algorithm=null")
+    if c.mpi_algorithm not in MPICH_ALLREDUCE_ALGORITHMS:
+        raise UserError(f"unknown comm.mpi_algorithm={c.mpi_algorithm!r}: choose one of "
+                        f"{', '.join(MPICH_ALLREDUCE_ALGORITHMS)}")
+    # MPICH reads its variables in MPI_Init, which mpi4py calls on import, before any config is read:
+    # the algorithm can only come from mpirun's environment, so the config only checks it got there.
+    if env.get(MPICH_ALLREDUCE_ENV, "auto") != c.mpi_algorithm:
+        raise UserError(f"comm.mpi_algorithm={c.mpi_algorithm} must reach MPICH before it starts: run "
+                        f"mpirun -genv {MPICH_ALLREDUCE_ENV} {c.mpi_algorithm} ... (it has "
+                        f"{env.get(MPICH_ALLREDUCE_ENV, 'nothing')})")
+
+
+def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
+    """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
-    if cfg.comm.algo not in ALGORITHMS:
-        raise UserError(f"unknown comm.algo={cfg.comm.algo!r}: choose one of {', '.join(ALGORITHMS)}")
+    _validate_comm(cfg.comm, env if env is not None else dict(os.environ))
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:

@@ -37,10 +37,10 @@ class RankTimes:
 class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto"):
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm)
+        self.allreduce = make_allreduce(algo, comm, wire)
         self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype])
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
@@ -66,6 +66,7 @@ class Engine:
     def rank_record(self) -> dict[str, Any]:
         ar, bc = self.allreduce.stats, self.times.bcast
         comm_s = ar.seconds + bc.seconds
+        choices = getattr(self.allreduce, "choices", None)  # comm.algo=auto: what it picked per size
         return {
             "rank": self.comm.rank,
             "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -76,6 +77,8 @@ class Engine:
             "bytes_received": ar.bytes_received + bc.bytes_received,
             "allreduce": ar.to_json(),
             "bcast": bc.to_json(),
+            **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
+                                   for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
         }
 
 
@@ -97,8 +100,8 @@ class Worker(Engine):
 class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto"):
-        super().__init__(comm, shard, algo, dtype)
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
+        super().__init__(comm, shard, algo, dtype, wire)
         t0 = time.perf_counter()
         cast = DTYPES[dtype]
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]

@@ -128,11 +128,11 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     agree_or_abort(comm, foreign)
 
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
         worker.serve()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
     try:
         record = _generate(master, cfg, path)
     finally:

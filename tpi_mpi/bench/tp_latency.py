@@ -70,6 +70,17 @@ def ensure_split(workdir: Path, model: Path, n: int) -> Path:
     return out
 
 
+def warm_page_cache(d: Path) -> None:
+    # The checkpoint and its splits together outgrow the page cache of a small machine, and the
+    # weights are read lazily (mmap): without this a run's TTFT would include disk reads whose
+    # amount depends on which runs came before it.
+    for f in sorted(d.rglob("*")):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                while fh.read(1 << 24):
+                    pass
+
+
 def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = None) -> None:
     try:
         p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
@@ -189,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i}/{len(runs)}] {short} repeat {rep} ...", file=sys.stderr, flush=True)
         out = workdir / "runs" / f"{stamp}-{tag}-r{rep}.json"
         out.parent.mkdir(parents=True, exist_ok=True)
+        warm_page_cache(model if n is None else shards[n])
         load = os.getloadavg()[0]
         rec = (run_hf(model, ids, a.new_tokens, out, a.timeout) if n is None
                else run_tpi(model, shards[n], n, ids, a.new_tokens, out, a.timeout))

@@ -1,0 +1,207 @@
+"""Latency of every allreduce algorithm on the message sizes of real models, in one run.
+
+    python -m tpi_mpi.bench.allreduce [--world-sizes 2,3,4,5,6,7,8] [--hidden 4096,5120,8192]
+        [--dtypes fp32,fp16] [--tokens 1] [--repeats 30] [--warmup 3] [--jsonl FILE] [--timeout 300]
+
+For each world size N the driver starts `mpirun -n N` three times (each with a timeout): once for our
+algorithms and MPI_Allreduce as MPICH chooses, and once each with MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=ring
+and =recursive_doubling for the rows mpi(ring) and mpi(rd) (MPICH reads the variable only at start-up).
+A message is one token's hidden state (hidden x tokens floats); fp16 rows send half the bytes (MPI
+rows: fp32 only). Inside a run the algorithms are interleaved call by call, after warm-up calls; each
+sample is one allreduce started right after a barrier, timed as the slowest rank's time.
+
+Table: median microseconds, and in brackets the ratio to `star` on the same row (below 1: faster); for
+mpi(ring) and mpi(rd), to the star timed alongside them in their own mpirun.
+    star-bcast  star whose way back is MPI_Bcast instead of point-to-point sends
+    tree        our recursive doubling
+    auto        comm.algo=auto; "auto picks" is its choice for that size, from its start-up probe
+A second table gives the error of the fp16/bf16 wire against the exact (float64) sum, relative to the
+largest magnitude of the sum, over all our algorithms and sizes (inputs: standard normal per rank).
+One JSON line per (N, size, wire, algorithm) goes to --jsonl (default bench_out/allreduce.jsonl).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MPICH_VARIANTS = {"ring": "mpi(ring)", "recursive_doubling": "mpi(rd)"}  # MPICH name -> row label
+COLUMNS = ["star", "star-bcast", "ring", "mesh", "tree", "mpi", "mpi(ring)", "mpi(rd)", "auto"]
+
+
+def worker(args: argparse.Namespace) -> None:
+    """Under mpirun: time the algorithms, write JSON lines (rank 0). Imports here: the driver needs no MPI."""
+    import numpy as np
+    from mpi4py import MPI
+
+    from tpi_mpi.allreduce import (
+        ALGORITHMS,
+        WIRE_DTYPES,
+        Allreduce,
+        AutoAllreduce,
+        MpiAllreduce,
+        StarAllreduce,
+        probe_link,
+    )
+
+    comm = MPI.COMM_WORLD
+    n, rank = comm.size, comm.rank
+    mpich = os.environ.get("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM")
+    link = probe_link(comm)
+
+    def algorithms(wire: str) -> dict[str, Allreduce]:
+        if mpich:  # a run for one of MPICH's forced algorithms: MPI_Allreduce, and star to compare with
+            return {"star": StarAllreduce(comm), MPICH_VARIANTS[mpich]: MpiAllreduce(comm)} if wire == "fp32" else {}
+        algos: dict[str, Allreduce] = {"star": StarAllreduce(comm, wire),
+                                       "star-bcast": StarAllreduce(comm, wire, bcast=True)}
+        for name in ("ring", "mesh", "tree"):
+            algos[name] = ALGORITHMS[name](comm, wire)
+        if wire == "fp32":
+            algos["mpi"] = MpiAllreduce(comm)
+        algos["auto"] = AutoAllreduce(comm, wire, link=link)
+        return algos
+
+    rows = []
+    for hidden in args.hidden:
+        size = hidden * args.tokens
+        inputs = np.random.default_rng(rank).standard_normal(size).astype(np.float32)
+        buf = np.empty_like(inputs)
+        for wire in args.dtypes:
+            algos = algorithms(wire)
+            samples: dict[str, list[float]] = {name: [] for name in algos}
+            for rep in range(args.warmup + args.repeats):
+                for name, ar in algos.items():  # interleaved, so that drifts in load hit all alike
+                    buf[...] = inputs
+                    comm.Barrier()
+                    t0 = time.perf_counter()
+                    ar(buf)
+                    dt = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+                    if rep >= args.warmup:
+                        samples[name].append(dt)
+            for name, ar in algos.items():
+                itemsize = 4 if wire == "fp32" else 2
+                row = {"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
+                       "bytes": size * itemsize, "median_us": statistics.median(samples[name]) * 1e6,
+                       "samples_us": [round(s * 1e6, 1) for s in samples[name]], "mpich_algorithm": mpich}
+                if isinstance(ar, AutoAllreduce):
+                    choice, predicted = ar.choices[size * itemsize]
+                    row.update(auto_choice=choice, auto_predicted_us=predicted * 1e6,
+                               link={"alpha_s": link.alpha, "beta_s_per_byte": link.beta,
+                                     "gamma_s_per_byte": link.gamma})
+                rows.append(row)
+    # Wire error: every wire dtype through each of our algorithms, against the float64 sum.
+    if not mpich:
+        for hidden in args.hidden:
+            size = hidden * args.tokens
+            inputs_all = [np.random.default_rng(r).standard_normal(size).astype(np.float32) for r in range(n)]
+            exact = np.sum(np.stack(inputs_all).astype(np.float64), axis=0)
+            for wire in WIRE_DTYPES:
+                for name in ("star", "ring", "mesh", "tree"):
+                    buf = inputs_all[rank].copy()
+                    ALGORITHMS[name](comm, wire)(buf)
+                    err = float(np.max(np.abs(buf - exact)) / np.max(np.abs(exact)))
+                    rows.append({"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
+                                 "kind": "error", "max_rel_error": err})
+    if rank == 0:
+        with open(args.out, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+
+
+def run_world(n: int, mpich: str | None, args: argparse.Namespace, timeout: float) -> list[dict]:
+    mpirun = str(Path(sys.executable).with_name("mpirun"))
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "rows.jsonl"
+        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.bench.allreduce", "--worker", "--out", str(out),
+               "--hidden", ",".join(map(str, args.hidden)), "--dtypes", ",".join(args.dtypes),
+               "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        env.pop("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM", None)
+        if mpich:
+            env["MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM"] = mpich
+        try:
+            p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+                               env=env, start_new_session=True)
+        except subprocess.TimeoutExpired:
+            raise SystemExit(f"timed out after {timeout:.0f}s: {' '.join(cmd)}") from None
+        if p.returncode != 0:
+            raise SystemExit(f"failed ({p.returncode}): {' '.join(cmd)}\n{p.stderr[-3000:]}")
+        return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def table(rows: list[dict]) -> str:
+    timed = [r for r in rows if r.get("kind") != "error"]
+    keys = sorted({(r["n"], r["hidden"], r["wire"]) for r in timed}, key=lambda k: (k[0], k[1], k[2] != "fp32"))
+    cols = [c for c in COLUMNS if any(r["algo"] == c for r in timed)]
+    lines = ["| N | hidden | wire | KiB | " + " | ".join(cols) + " | fastest | auto picks |",
+             "|---|---|---|---|" + "---|" * len(cols) + "---|---|"]
+    for n, hidden, wire in keys:
+        same = [r for r in timed if (r["n"], r["hidden"], r["wire"]) == (n, hidden, wire)]
+        # Each MPICH variant is its own mpirun: its ratio is to the star measured in that same run.
+        star = {r["mpich_algorithm"]: r["median_us"] for r in same if r["algo"] == "star"}
+        cell = {r["algo"]: r for r in same if r["algo"] != "star" or r["mpich_algorithm"] is None}
+        out = []
+        for c in cols:
+            if c in cell:
+                us = cell[c]["median_us"]
+                out.append(f"{us:.0f} ({us / star[cell[c]['mpich_algorithm']]:.2f})")
+            else:
+                out.append("—")
+        fastest = min(cell, key=lambda c: cell[c]["median_us"])
+        auto = cell.get("auto", {}).get("auto_choice", "—")
+        lines.append(f"| {n} | {hidden} | {wire} | {cell['star']['bytes'] / 1024:.0f} | " + " | ".join(out)
+                     + f" | {fastest} | {auto} |")
+    errors = [r for r in rows if r.get("kind") == "error"]
+    if errors:
+        wires = sorted({r["wire"] for r in errors}, key=["fp32", "fp16", "bf16"].index)
+        lines += ["", "| N | " + " | ".join(f"max rel. error {w}" for w in wires) + " |",
+                  "|---|" + "---|" * len(wires)]
+        for n in sorted({r["n"] for r in errors}):
+            errs = [max(r["max_rel_error"] for r in errors if r["n"] == n and r["wire"] == w) for w in wires]
+            lines.append(f"| {n} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-sizes", default="2,3,4,5,6,7,8")
+    p.add_argument("--hidden", default="4096,5120,8192", help="hidden sizes: Llama-2 7B, 13B, 70B")
+    p.add_argument("--dtypes", default="fp32,fp16", help="wire dtypes to time (fp32, fp16, bf16)")
+    p.add_argument("--tokens", type=int, default=1, help="tokens per message (1: decoding)")
+    p.add_argument("--repeats", type=int, default=30)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--jsonl", default="bench_out/allreduce.jsonl")
+    p.add_argument("--timeout", type=float, default=300, help="seconds per mpirun")
+    p.add_argument("--no-mpich-variants", action="store_true", help="skip the mpi(ring) and mpi(rd) runs")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    args.hidden = [int(h) for h in str(args.hidden).split(",")]
+    args.dtypes = str(args.dtypes).split(",")
+    if args.worker:
+        worker(args)
+        return 0
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    for n in (int(x) for x in args.world_sizes.split(",")):
+        for mpich in [None] + ([] if args.no_mpich_variants else list(MPICH_VARIANTS)):
+            print(f"N={n} {MPICH_VARIANTS.get(mpich or '', 'ours + mpi')} ...", file=sys.stderr, flush=True)
+            rows += run_world(n, mpich, args, args.timeout)
+    Path(args.jsonl).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.jsonl, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(table(rows))
+    print(f"\n{len(rows)} rows appended to {args.jsonl} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
