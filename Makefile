@@ -6,10 +6,13 @@ N      ?= 8
 
 .PHONY: setup demo test lint bench clean
 
+# With Debian's libnetfilter-queue-dev present (.ci/run installs it), the link emulator's delay stage too.
+EXTRAS ?= dev$(shell test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h && echo ,emu)
+
 # torch is pinned in the same pip command as everything else, so pip takes the local CPU wheel.
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[$(EXTRAS)]'
 	touch $@
 
 setup: $(BIN)/.installed
