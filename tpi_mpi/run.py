@@ -126,19 +126,34 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
+    plan = _memory_plan(comm, shard, cfg)
 
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, plan)
         worker.serve()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, plan)
     try:
         record = _generate(master, cfg, path)
     finally:
         master.stop()  # also on error, so that the workers are not left waiting
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
+
+
+def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
+    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all."""
+    from .engine import DTYPES
+    from .memplan import plan_rank_memory
+
+    plan, error = None, None
+    try:
+        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
+    except UserError as exc:
+        error = str(exc)
+    agree_or_abort(comm, error)
+    return plan
 
 
 def _tokenizer(cfg: Any, shard_path: Path) -> Any:
