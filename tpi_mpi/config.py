@@ -41,11 +41,20 @@ class CommConfig:
 class MemoryConfig:
     resident: bool | str = True  # true: all in memory; false: stream every block; auto: as the budget allows
     window: int | None = None  # streamed blocks in memory at once (the one computing included); null = 2
-    budget: str | int | None = None  # bytes per rank, e.g. 1.5GB / 800MiB; resident=auto only
+    budget: str | int | None = None  # per rank, e.g. 1.5GB / 800MiB, or "cgroup" (its limit); resident=auto only
     kv_cache_tokens: int | None = None
 
     @property
     def budget_bytes(self) -> int | None:
+        """The budget in bytes; for budget=cgroup, the limit of this process's memory cgroup."""
+        if self.budget == "cgroup":
+            from .memplan import cgroup_memory_limit
+
+            limit = cgroup_memory_limit()
+            if limit is None:
+                raise UserError("memory.budget=cgroup but this process is in no memory cgroup with a limit: "
+                                "give the budget in bytes, e.g. memory.budget=1.5GB")
+            return limit
         return None if self.budget is None else parse_bytes(self.budget)
 
 
@@ -107,7 +116,7 @@ def parse_bytes(value: str | int) -> int:
         return value
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
     if not m or m.group(2).upper() not in _UNITS:
-        raise UserError(f"memory.budget={value!r} is not a size: write e.g. 1.5GB, 800MiB or 2000000000")
+        raise UserError(f"memory.budget={value!r} is not a size: write e.g. 1.5GB, 800MiB, 2000000000 or cgroup")
     return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
 
 
@@ -118,16 +127,16 @@ def _validate_memory(m: MemoryConfig) -> None:
         raise UserError(f"memory.kv_cache_tokens must be positive or null, got {m.kv_cache_tokens}")
     if m.window is not None and (isinstance(m.window, bool) or not isinstance(m.window, int) or m.window < 1):
         raise UserError(f"memory.window must be a positive integer or null, got {m.window!r}")
-    budget = m.budget_bytes
+    budget = None if m.budget == "cgroup" else m.budget_bytes  # a cgroup is the rank's own: checked there
     if budget is not None and budget <= 0:
         raise UserError(f"memory.budget must be positive, got {m.budget!r}")
-    if m.resident is True and (m.window is not None or budget is not None):
+    if m.resident is True and (m.window is not None or m.budget is not None):
         raise UserError("memory.resident=true keeps every block in memory: memory.window and memory.budget "
                         "apply only to resident=false (window) or resident=auto (budget): set them to null")
-    if m.resident is False and budget is not None:
+    if m.resident is False and m.budget is not None:
         raise UserError("memory.resident=false streams every block through memory.window buffers; to fit a "
                         "memory.budget (partly resident) use memory.resident=auto")
-    if m.resident == "auto" and budget is None:
+    if m.resident == "auto" and m.budget is None:
         raise UserError("memory.resident=auto needs memory.budget (e.g. memory.budget=1.5GB)")
 
 

@@ -7,9 +7,10 @@ now (the process's resident memory before any weight is loaded: interpreter, tor
     resident=true   every block in memory
     resident=false  every block streamed through `window` buffers (default 2: one computing, one reading)
     resident=auto   everything in memory if it fits the budget; else the window (lowered to 1 if that is all
-                    that fits) and, with what is left, as many blocks resident as fit, largest reads first
-                    (master's lm_head, then FFN blocks, then attention blocks), spread evenly over the layers
-                    so that the reader has resident blocks' compute time to get ahead.
+                    that fits) and, once the window is full size, with what is left as many blocks resident
+                    as fit, largest reads first (master's lm_head, then FFN blocks, then attention blocks),
+                    spread evenly over the layers so that the reader has resident blocks' compute time to get
+                    ahead.
 """
 
 from __future__ import annotations
@@ -91,14 +92,17 @@ def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str,
     if budget < smallest:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in base.items())
         raise UserError(
-            f"memory.budget={mem.budget} is too small: the smallest workable budget is "
+            f"memory.budget={mem.budget} ({fmt_bytes(budget)}) is too small: the smallest workable budget is "
             f"{fmt_bytes(smallest)} ({smallest} bytes: one block of {fmt_bytes(largest)}, {parts}, "
             f"read cache {fmt_bytes(READ_CHUNK_BYTES)}, lm_head chunk {fmt_bytes(head_stream)}): "
             f"raise memory.budget to at least {smallest}")
-    window = mem.window or DEFAULT_WINDOW
+    target = mem.window or DEFAULT_WINDOW
+    window = target
     while window > 1 and sum(base.values()) + stream_cost(window) > budget:
         window -= 1
-    left = budget - sum(base.values()) - stream_cost(window)
+    # Memory goes to the window first; blocks become resident only once it is full size, so that neither
+    # the window nor the resident blocks ever shrink as the budget grows.
+    left = budget - sum(base.values()) - stream_cost(window) if window == target else 0
     head_resident = False
     if 0 < head_bytes and head_bytes - head_stream <= left:
         head_resident, left = True, left - (head_bytes - head_stream)
@@ -119,9 +123,10 @@ def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str,
                        "head": head_bytes if head_resident else head_stream})
 
 
-def cgroup_memory_peak(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict[str, Any] | None:
-    """The peak memory use of this process's memory cgroup (v1 memory.max_usage_in_bytes, v2 memory.peak),
-    or None when it is in none (or the root one, or the file is not readable)."""
+def _cgroup_read(v1_name: str, v2_name: str, proc_cgroup: str, root: str) -> dict[str, Any] | None:
+    """A memory file of this process's memory cgroup: v1 (`root`/memory/PATH/v1_name) or v2
+    (`root`/PATH/v2_name, or under `root`/unified in hybrid mounts). None when there is none readable or
+    the process is in the root cgroup."""
     try:
         lines = open(proc_cgroup).read().splitlines()
     except OSError:
@@ -131,17 +136,32 @@ def cgroup_memory_peak(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys
         if path == "/":
             continue
         if "memory" in controllers.split(","):
-            candidates = [(f"{root}/memory{path}/memory.max_usage_in_bytes", "v1")]
+            candidates = [(f"{root}/memory{path}/{v1_name}", "v1")]
         elif hid == "0" and controllers == "":
-            candidates = [(f"{root}{path}/memory.peak", "v2"), (f"{root}/unified{path}/memory.peak", "v2")]
+            candidates = [(f"{root}{path}/{v2_name}", "v2"), (f"{root}/unified{path}/{v2_name}", "v2")]
         else:
             continue
         for file, version in candidates:
             try:
-                return {"cgroup": path, "version": version, "peak_bytes": int(open(file).read())}
-            except (OSError, ValueError):
+                text = open(file).read().strip()
+            except OSError:
                 continue
+            return {"cgroup": path, "version": version, "value": None if text == "max" else int(text)}
     return None
+
+
+def cgroup_memory_peak(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict[str, Any] | None:
+    """Peak memory use of this process's memory cgroup (v1 memory.max_usage_in_bytes, v2 memory.peak)."""
+    found = _cgroup_read("memory.max_usage_in_bytes", "memory.peak", proc_cgroup, root)
+    return None if found is None else {"cgroup": found["cgroup"], "peak_bytes": found["value"]}
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's memory cgroup, or None (none, or unlimited)."""
+    found = _cgroup_read("memory.limit_in_bytes", "memory.max", proc_cgroup, root)
+    if found is None or found["value"] is None or found["value"] >= 1 << 60:  # v1 writes "no limit" as ~2^63
+        return None
+    return int(found["value"])
 
 
 def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool) -> MemoryPlan:
