@@ -3,6 +3,12 @@ resident plan, never more than the window's blocks in memory, budgets planned as
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -218,3 +224,80 @@ def test_same_tokens_for_every_window_and_partial_residency(model: Path, tmp_pat
             assert all(got[f"bytes_read_{i}"][r] >= NEW * block_bytes[r] for r in range(2)), spec
     assert str(got["mode_0"]) == "resident" and str(got["mode_4"]) == "partial"
     assert (got["streamed_4"] == 8 - 3).all()
+
+
+# --- in a memory cgroup --------------------------------------------------------------------------------------
+
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+LIMIT = 420_000_000  # the interpreter, torch and MPI alone are charged ~270 MB
+
+
+def _cgroup_parent_dir() -> Path | None:
+    """Where this test may create memory cgroups: v1's memory hierarchy, or a v2 root with memory."""
+    if os.geteuid() != 0:
+        return None
+    if (CGROUP_ROOT / "memory" / "cgroup.procs").is_file():
+        return CGROUP_ROOT / "memory"
+    controllers = CGROUP_ROOT / "cgroup.controllers"
+    if controllers.is_file() and "memory" in controllers.read_text().split():
+        return CGROUP_ROOT
+    return None
+
+
+@pytest.fixture
+def memcg() -> Iterator[Path]:
+    base = _cgroup_parent_dir()
+    if base is None:
+        pytest.skip("needs root and a writable memory cgroup (v1 memory hierarchy or v2 with memory)")
+    parent = base / f"tpi_mem_test_{uuid.uuid4().hex[:8]}"
+    parent.mkdir()
+    try:
+        if base == CGROUP_ROOT:  # v2: let the ranks' cgroups below have the memory controller
+            (parent / "cgroup.subtree_control").write_text("+memory")
+        yield parent
+    finally:
+        for child in parent.glob("rank_*"):
+            child.rmdir()
+        parent.rmdir()
+
+
+@pytest.fixture(scope="module")
+def big_shard(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One rank's shard of ~2.2 GB (34 layers of hidden 1024, FFN 4096, fp32): over 5x the limit."""
+    root = tmp_path_factory.mktemp("memcg")
+    model = make_model(root / "m", "tiny", "llama", layers=34, seed=1,
+                       overrides={"hidden_size": 1024, "intermediate_size": 4096})
+    shards = split(model, root / "shards", 1)
+    shutil.rmtree(model)  # the split is all the run needs
+    return shards
+
+
+def _run_in_memcg(memcg: Path, shards: Path, tmp: Path, limit: int) -> subprocess.CompletedProcess:
+    return mpirun(1, [str(SCRIPTS / "in_memcg.py"), str(memcg), str(limit), "-m", "tpi_mpi.run",
+                      f"hydra.run.dir={tmp}/hydra", f"model.shards={shards}", "prompt_ids=[1,2,3,4]",
+                      "generation.max_new_tokens=2", "generation.stop_on_eos=false", "memory=budget",
+                      "memory.budget=cgroup", "memory.kv_cache_tokens=16", f"output.json={tmp}/r.json",
+                      "output.results=null"], timeout=300)
+
+
+def test_shard_five_times_the_cgroup_limit_runs_within_it(memcg: Path, big_shard: Path, tmp_path: Path) -> None:
+    shard_bytes = sum(p.stat().st_size for p in (big_shard / "rank_0").iterdir())
+    assert shard_bytes >= 5 * LIMIT
+    proc = _run_in_memcg(memcg, big_shard, tmp_path, LIMIT)
+    assert proc.returncode == 0, proc.stderr[-3000:]  # a rank over its limit is killed (MPICH exits 9)
+    (rank,) = json.loads((tmp_path / "r.json").read_text())["ranks"]
+    assert rank["cgroup"].endswith(f"{memcg.name}/rank_0")
+    assert 0 < rank["cgroup_peak_bytes"] <= LIMIT
+    assert rank["memory"]["mode"] in ("stream", "partial") and rank["memory"]["max_blocks_held"] >= 1
+    assert rank["bytes_read"] >= 2 * shard_bytes * 0.9  # the weights really came from disk, pass after pass
+
+
+def test_cgroup_below_the_smallest_budget_is_one_clear_error(memcg: Path, big_shard: Path, tmp_path: Path) -> None:
+    proc = _run_in_memcg(memcg, big_shard, tmp_path, 300_000_000)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "memory.budget=cgroup (286 MiB) is too small: the smallest workable budget is" in errors[0]
+    smallest = int(errors[0].rsplit(" ", 1)[1])
+    assert 300_000_000 < smallest < LIMIT  # the limit of the run above was enough, as it said
+    assert "Traceback" not in proc.stderr

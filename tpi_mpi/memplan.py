@@ -156,6 +156,12 @@ def cgroup_memory_peak(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys
     return None if found is None else {"cgroup": found["cgroup"], "peak_bytes": found["value"]}
 
 
+def cgroup_memory_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup is charged now (v1 memory.usage_in_bytes, v2 memory.current)."""
+    found = _cgroup_read("memory.usage_in_bytes", "memory.current", proc_cgroup, root)
+    return None if found is None else found["value"]
+
+
 def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
     """The memory limit of this process's memory cgroup, or None (none, or unlimited)."""
     found = _cgroup_read("memory.limit_in_bytes", "memory.max", proc_cgroup, root)
@@ -191,6 +197,9 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool)
         vocab = cfg["vocab_size"]
         act += vocab * 4 * 3  # logits of the last position, their softmax and sort when sampling
         head = vocab * hidden * item
-    fixed = {"overhead": current_rss_bytes(), "kv_cache": kv, "activations": act, "slack": SLACK_BYTES}
+    # The overhead in the budget's own terms: against a cgroup's limit, what the cgroup is charged now (it
+    # does not count library pages another process loaded first, which the RSS does).
+    overhead = (cgroup_memory_usage() if mem.budget == "cgroup" else None) or current_rss_bytes()
+    fixed = {"overhead": overhead, "kv_cache": kv, "activations": act, "slack": SLACK_BYTES}
     blocks = {k: tf.data_bytes for k, tf in files.items()}
     return plan_memory(mem, blocks, fixed, head)
