@@ -55,6 +55,8 @@ class Engine:
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
+        self.forward_passes = 0
+        self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -71,6 +73,7 @@ class Engine:
     def _layers(self, x: torch.Tensor, start: int, capacity: int) -> torch.Tensor:
         if start == 0:
             self.decoder.reset(capacity)
+        self.forward_passes += 1
         return self.decoder.forward(x, start)
 
     def close(self) -> None:
@@ -88,6 +91,8 @@ class Engine:
             "cgroup": cgroup["cgroup"] if cgroup else None,
             "disk_wait_s": self.blocks.stats.disk_wait_s,
             "bytes_read": self.blocks.stats.bytes_read,
+            "bytes_read_load": self.bytes_read_load,
+            "forward_passes": self.forward_passes,
             "memory": {**self.plan.to_json(), **self.blocks.stats.to_json()},
             "load_s": self.times.load_s,
             "compute_s": max(0.0, self.times.forward_s - comm_s),
@@ -145,6 +150,7 @@ class Master(Engine):
         if self.cast is not None:
             self.norm = self.norm.to(self.cast)
             self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None
+        self.bytes_read_load = stats.bytes_read
         self.max_positions = self.decoder.cfg.max_position_embeddings
         self.eps = self.decoder.cfg.rms_norm_eps
         self.times.load_s += time.perf_counter() - t0
