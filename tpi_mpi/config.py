@@ -34,6 +34,7 @@ class CommConfig:
     algo: str = "star"
     dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
     mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
+    timeout_s: float | None = 60.0  # watchdog: a collective stalled this long aborts the job; null/0 = off
 
 
 @dataclass(frozen=True)
@@ -129,6 +130,8 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
     if c.algo == "mpi" and c.dtype != "fp32":
         raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
                         "another comm.algo")
+    if c.timeout_s is not None and not c.timeout_s >= 0:
+        raise UserError(f"comm.timeout_s must be >= 0 seconds (0 or null: no watchdog), got {c.timeout_s}")
     if c.mpi_algorithm is None:
         return
     if c.algo != "mpi":
