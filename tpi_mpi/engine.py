@@ -8,12 +8,14 @@ ids never leave it: workers only ever see hidden states.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
@@ -25,6 +27,7 @@ from .shards import RankShard
 from .watchdog import Watchdog
 
 OP_STOP, OP_FORWARD = 0, 1
+WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -33,6 +36,31 @@ class RankTimes:
     load_s: float = 0.0
     forward_s: float = 0.0  # wall time inside forward passes, communication included
     bcast: CommStats = field(default_factory=CommStats)
+
+
+def _rss() -> tuple[int, int, int | None]:
+    """(peak, current) resident memory of this process in bytes, and the bytes malloc has handed out.
+
+    RSS hides a small leak: memory freed after loading stays resident and is reused first. The heap in
+    use (glibc's mallinfo2: small blocks + mmapped ones, which is where torch's tensors live) does not.
+    """
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss,
+            _heap_in_use())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
 
 
 class Engine:
@@ -48,6 +76,13 @@ class Engine:
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
+        self.passes = 0
+        self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
+
+    def _pass_done(self) -> None:
+        self.passes += 1
+        if self.passes == WARMUP_PASSES:
+            self.rss_warm_bytes = _rss()
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -76,7 +111,7 @@ class Engine:
         choices = getattr(self.allreduce, "choices", None)  # comm.algo=auto: what it picked per size
         return {
             "rank": self.comm.rank,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _rss()[0],
             "load_s": self.times.load_s,
             "compute_s": max(0.0, self.times.forward_s - comm_s),
             "comm_s": comm_s,
@@ -84,6 +119,13 @@ class Engine:
             "bytes_received": ar.bytes_received + bc.bytes_received,
             "allreduce": ar.to_json(),
             "bcast": bc.to_json(),
+            # Memory after warm-up and now (null if fewer passes): later growth would be a leak.
+            "peak_rss_warm_bytes": self.rss_warm_bytes[0] if self.rss_warm_bytes else None,
+            "rss_warm_bytes": self.rss_warm_bytes[1] if self.rss_warm_bytes else None,
+            "rss_bytes": _rss()[1],
+            "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
+            "heap_bytes": _rss()[2],
+            "forward_passes": self.passes,
             **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
                                    for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
         }
@@ -106,6 +148,7 @@ class Worker(Engine):
             self._bcast_hidden(x)
             self._layers(torch.from_numpy(x), start, capacity)
             self.times.forward_s += time.perf_counter() - t0
+            self._pass_done()
 
 
 class Master(Engine):
@@ -142,6 +185,7 @@ class Master(Engine):
         h = rms_norm(x.to(self.norm.dtype), self.norm, self.eps)
         logits = F.linear(h, self.lm_head).float()
         self.times.forward_s += time.perf_counter() - t0
+        self._pass_done()
         return logits if all_logits else logits[0]
 
     def stop(self) -> None:
