@@ -12,6 +12,7 @@ from typing import Any
 from .allreduce import ALGORITHMS, WIRE_DTYPES
 from .errors import UserError
 
+CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
 MPICH_ALLREDUCE_ALGORITHMS = ("auto", "nb", "smp", "recursive_doubling", "recursive_multiplying",
@@ -26,7 +27,7 @@ class ModelConfig:
     cache_dir: str = "shards"
     ratios: tuple[float, ...] | None = None
     dtype: str = "auto"
-    verify_checksums: bool = False
+    verify_checksums: str = "xxh3"  # xxh3 (fast, default), sha256, none (sizes only)
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,7 @@ class CommConfig:
     algo: str = "star"
     dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
     mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
+    timeout_s: float | None = 60.0  # watchdog: a collective stalled this long aborts the job; null/0 = off
 
 
 @dataclass(frozen=True)
@@ -96,6 +98,8 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
+    if isinstance(data.get("verify_checksums"), bool):  # the older true/false
+        data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -129,6 +133,8 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
     if c.algo == "mpi" and c.dtype != "fp32":
         raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
                         "another comm.algo")
+    if c.timeout_s is not None and not c.timeout_s >= 0:
+        raise UserError(f"comm.timeout_s must be >= 0 seconds (0 or null: no watchdog), got {c.timeout_s}")
     if c.mpi_algorithm is None:
         return
     if c.algo != "mpi":
@@ -149,6 +155,9 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
     _validate_comm(cfg.comm, env if env is not None else dict(os.environ))
+    if cfg.model.verify_checksums not in CHECKSUM_MODES:
+        raise UserError(f"unknown model.verify_checksums={cfg.model.verify_checksums!r}: choose one of "
+                        f"{', '.join(CHECKSUM_MODES)}")
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from . import sentinel
 from .errors import UserError, agree_or_abort, run_or_abort
 
 log = logging.getLogger("tpi_mpi")
@@ -25,6 +26,7 @@ log = logging.getLogger("tpi_mpi")
 
 def main() -> None:
     comm = MPI.COMM_WORLD
+    sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
         _master_main(comm)
         return
@@ -57,6 +59,7 @@ def _master_main(comm: MPI.Comm) -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
+        sentinel.stopping()  # from here on, ranks exiting is the plan
         comm.bcast(("exit", code), root=0)  # also releases the workers if Hydra stopped early
     if code:
         sys.exit(code)
@@ -128,15 +131,17 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     agree_or_abort(comm, foreign)
 
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s)
         worker.serve()
+        worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s)
     try:
         record = _generate(master, cfg, path)
     finally:
         master.stop()  # also on error, so that the workers are not left waiting
+    master.close()
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
 
