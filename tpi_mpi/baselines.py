@@ -73,7 +73,7 @@ class HFRunner:
 def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
     from transformers import AutoModelForCausalLM
 
-    from .config import parse_bytes
+    from .config import size_bytes
 
     if not cfg.model.path or not (Path(cfg.model.path) / "config.json").is_file():
         raise UserError(f"baseline={cfg.baseline} needs model.path=HF_CHECKPOINT_DIR (got {cfg.model.path})")
@@ -83,7 +83,7 @@ def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
         kw["device_map"] = "auto"
         kw["offload_folder"] = str(offload_dir)
         if cfg.accelerate.max_memory is not None:
-            kw["max_memory"] = {"cpu": parse_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")}
+            kw["max_memory"] = {"cpu": size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")}
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kw).eval()
     return model, time.perf_counter() - t0
 

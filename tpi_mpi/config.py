@@ -192,19 +192,19 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     if cfg.baseline == "pipeline" and cfg.model.ratios is not None:
         raise UserError("baseline=pipeline splits whole layers evenly: set model.ratios=null")
     if cfg.accelerate.max_memory is not None:
-        parse_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")
+        size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
-def parse_bytes(text: str | int, key: str) -> int:
+def size_bytes(text: str | int, key: str) -> int:
     """'200MB', '1.5GB', '512MiB' or a plain number of bytes."""
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _UNITS or float(m.group(1)) <= 0:
+    if not m or m.group(2).upper() not in _SIZE_UNITS or float(m.group(1)) <= 0:
         raise UserError(f"{key}={text!r} is not a memory size: write e.g. 200MB, 1.5GB or 512MiB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
