@@ -167,6 +167,7 @@ class Master(Engine):
             self.embed, self.norm, self.lm_head = (t.to(cast) for t in (self.embed, self.norm, self.lm_head))
         self.vocab_size = self.embed.shape[0]
         self.max_positions = self.decoder.cfg.max_position_embeddings
+        self.eos_token_id = self.decoder.cfg.eos_token_id
         self.eps = self.decoder.cfg.rms_norm_eps
         self.times.load_s += time.perf_counter() - t0
 
