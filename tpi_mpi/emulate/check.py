@@ -138,7 +138,8 @@ def table(measured: dict[str, Any], expected_links: list[dict[str, float]], devi
         bw_err = row["bandwidth_bit_s"] / exp["bandwidth_bit_s"] - 1
         ok = ok and abs(bw_err) <= tolerance and (not exp["latency_s"] or abs(lat_err) <= tolerance)
         lines.append(f"{'0->' + str(row['dst']):>6} | {exp['latency_s'] * 1e3:>12.3f} ms | "
-                     f"{row['latency_s'] * 1e3:>6.3f} ms | {lat_err:>+6.1%} | {row['latency_median_s'] * 1e3:>6.3f} ms | "
+                     f"{row['latency_s'] * 1e3:>6.3f} ms | {lat_err:>+6.1%} | "
+                     f"{row['latency_median_s'] * 1e3:>6.3f} ms | "
                      f"{exp['bandwidth_bit_s'] / 1e6:>11.1f} Mbit/s | {row['bandwidth_bit_s'] / 1e6:>5.1f} Mbit/s | "
                      f"{bw_err:>+6.1%}")
     lines += ["", f"{'rank':>4} | {'device':>16} | {'memory cap profile':>18} | {'cap seen by rank':>16} | "

@@ -22,7 +22,7 @@ from .profiles import human_bytes
 
 # MPICH's default netmod would use shared memory between ranks of one host: force TCP over emu0.
 MPICH_ON_THE_WIRE = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
-                     "FI_TCP_IFACE": netns.IFACE}
+                     "FI_TCP_IFACE": netns.IFACE, "FI_TCP_NODELAY": "1"}
 RANK_VARIABLES = ("PMI_RANK", "OMPI_COMM_WORLD_RANK", "PMIX_RANK")
 PR_SET_PDEATHSIG = 1
 
