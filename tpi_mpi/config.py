@@ -69,6 +69,16 @@ class OutputConfig:
     results: str | None = "results/results.jsonl"
 
 
+LINK_MODES = ("none", "shaped", "software")
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    links: str = "none"  # none | shaped (set by `python -m tpi_mpi.emulate run`) | software (modelled here)
+    network: str | None = None  # conf/network profile: the modelled links (software), a label (shaped)
+    device: str | None = None  # conf/device profile(s): a label of the record (caps come from the emulator)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -77,6 +87,7 @@ class RunConfig:
     generation: GenerationConfig
     logging: LoggingConfig
     output: OutputConfig
+    emulation: EmulationConfig = EmulationConfig()
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     threads: int | None = None
@@ -106,7 +117,8 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     d = {k: v for k, v in d.items() if k != "hydra"}
     top = {"prompt", "prompt_ids", "threads"}
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
-                "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig}
+                "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
+                "emulation": EmulationConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -145,10 +157,28 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
                         f"{env.get(MPICH_ALLREDUCE_ENV, 'nothing')})")
 
 
+def _validate_emulation(cfg: RunConfig) -> None:
+    e = cfg.emulation
+    if e.links not in LINK_MODES:
+        raise UserError(f"unknown emulation.links={e.links!r}: choose one of {', '.join(LINK_MODES)}")
+    if e.links != "software":
+        return
+    if e.network is None:
+        raise UserError("emulation.links=software models the links of a network profile: add "
+                        "emulation.network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
+    from .emulate.profiles import load_network
+
+    load_network(e.network)  # an unknown name is one line here, not an error on every rank later
+    if cfg.comm.algo == "mpi":
+        raise UserError("emulation.links=software cannot see inside MPI_Allreduce (comm.algo=mpi): choose "
+                        "comm.algo=star, ring, mesh, tree or auto")
+
+
 def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
     _validate_comm(cfg.comm, env if env is not None else dict(os.environ))
+    _validate_emulation(cfg)
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:

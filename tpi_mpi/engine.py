@@ -20,6 +20,7 @@ from mpi4py import MPI
 
 from .allreduce import CommStats, make_allreduce
 from .errors import UserError
+from .links import SoftwareLinks
 from .models.llama import ShardedDecoder, rms_norm
 from .shards import RankShard
 
@@ -37,10 +38,11 @@ class RankTimes:
 class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
+                 links: SoftwareLinks | None = None):
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm, wire)
+        self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
         self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype])
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
@@ -100,8 +102,9 @@ class Worker(Engine):
 class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
-        super().__init__(comm, shard, algo, dtype, wire)
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
+                 links: SoftwareLinks | None = None):
+        super().__init__(comm, shard, algo, dtype, wire, links)
         t0 = time.perf_counter()
         cast = DTYPES[dtype]
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
