@@ -187,6 +187,10 @@ def cmd_run(opts: dict[str, Any], overrides: dict[str, dict[str, Any]], rest: li
     try:
         labels = ["emulation.links=shaped", f"emulation.network={network.name}",
                   f"emulation.device={','.join(sorted({d.name for d in devs}))}"]
+        if not any(r.startswith("threads=") for r in rest):
+            # MPICH on the wire sees each rank as alone on its node, so tpi_mpi.run would give every rank
+            # all the cores; they all share this host's.
+            labels.append(f"threads={max(1, len(os.sched_getaffinity(0)) // devices)}")
         return _run_mpirun(_wrapped(session, devices, ["-m", "tpi_mpi.run", *rest, *labels]), _timeout(opts, None))
     finally:
         _teardown(session)

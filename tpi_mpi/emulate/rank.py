@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     original = cgroups.current()
     if backend is not None:
         cgroups.join(backend, session, rank)
-    env = {**os.environ, **MPICH_ON_THE_WIRE, "TPI_MPI_EMU_SESSION": session}
+    env = {**os.environ, **MPICH_ON_THE_WIRE, "TPI_MPI_EMU_SESSION": session,
+           "TPI_MPI_EMU_NETWORK": st["network"]["name"]}
     full = ["nsenter", f"--net={netns.NETNS_DIR / netns.rank_ns(session, rank)}", "--", *cmd]
     child = subprocess.Popen(full, env=env, close_fds=False, preexec_fn=_die_with_parent)  # PMI fd inherited
     if backend is not None:
