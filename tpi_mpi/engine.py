@@ -23,6 +23,7 @@ from .errors import UserError
 from .links import SoftwareLinks
 from .models.llama import ShardedDecoder, rms_norm
 from .shards import RankShard
+from .watchdog import Watchdog
 
 OP_STOP, OP_FORWARD = 0, 1
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -39,18 +40,20 @@ class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 links: SoftwareLinks | None = None):
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
         t0 = time.perf_counter()
         self.comm = comm
         self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
-        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype])
+        self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
+        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype], self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self.comm.Bcast(x, root=0)
+        with self.watchdog("bcast of hidden states"):
+            self.comm.Bcast(x, root=0)
         s = self.times.bcast
         s.calls += 1
         s.seconds += time.perf_counter() - t0
@@ -64,6 +67,9 @@ class Engine:
         if start == 0:
             self.decoder.reset(capacity)
         return self.decoder.forward(x, start)
+
+    def close(self) -> None:
+        self.watchdog.close()
 
     def rank_record(self) -> dict[str, Any]:
         ar, bc = self.allreduce.stats, self.times.bcast
@@ -87,8 +93,12 @@ class Engine:
 class Worker(Engine):
     def serve(self) -> None:
         """Run forward passes as the master asks, until it says stop."""
+        first = True
         while True:
-            self.comm.Bcast(self.header, root=0)
+            # Not watched before the first pass: rank 0 may still be loading its embedding and head.
+            with self.watchdog("bcast of the header", watch=not first):
+                self.comm.Bcast(self.header, root=0)
+            first = False
             op, q_len, start, capacity = (int(v) for v in self.header)
             if op == OP_STOP:
                 return
@@ -103,8 +113,8 @@ class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 links: SoftwareLinks | None = None):
-        super().__init__(comm, shard, algo, dtype, wire, links)
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links)
         t0 = time.perf_counter()
         cast = DTYPES[dtype]
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
@@ -115,6 +125,7 @@ class Master(Engine):
             self.embed, self.norm, self.lm_head = (t.to(cast) for t in (self.embed, self.norm, self.lm_head))
         self.vocab_size = self.embed.shape[0]
         self.max_positions = self.decoder.cfg.max_position_embeddings
+        self.eos_token_id = self.decoder.cfg.eos_token_id
         self.eps = self.decoder.cfg.rms_norm_eps
         self.times.load_s += time.perf_counter() - t0
 
@@ -123,7 +134,8 @@ class Master(Engine):
         """Logits (float32) of the last position, or of every position with all_logits."""
         t0 = time.perf_counter()
         self.header[:] = (OP_FORWARD, len(ids), start, capacity)
-        self.comm.Bcast(self.header, root=0)
+        with self.watchdog("bcast of the header"):
+            self.comm.Bcast(self.header, root=0)
         x = F.embedding(torch.tensor(ids), self.embed).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
@@ -136,7 +148,8 @@ class Master(Engine):
 
     def stop(self) -> None:
         self.header[:] = (OP_STOP, 0, 0, 0)
-        self.comm.Bcast(self.header, root=0)
+        with self.watchdog("bcast of the header"):
+            self.comm.Bcast(self.header, root=0)
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]
