@@ -81,6 +81,16 @@ class OutputConfig:
     results: str | None = "results/results.jsonl"
 
 
+LINK_MODES = ("none", "shaped", "software")
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    links: str = "none"  # none | shaped (set by `python -m tpi_mpi.emulate run`) | software (modelled here)
+    network: str | None = None  # conf/network profile: the modelled links (software), a label (shaped)
+    device: str | None = None  # conf/device profile(s): a label of the record (caps come from the emulator)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -90,6 +100,7 @@ class RunConfig:
     logging: LoggingConfig
     output: OutputConfig
     accelerate: AccelerateConfig = AccelerateConfig()
+    emulation: EmulationConfig = EmulationConfig()
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     threads: int | None = None
@@ -123,7 +134,8 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     top = {"prompt", "prompt_ids", "threads", "baseline"}
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
                 "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
-                "accelerate": AccelerateConfig}
+                "accelerate": AccelerateConfig,
+                "emulation": EmulationConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -165,6 +177,23 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
                         f"{env.get(MPICH_ALLREDUCE_ENV, 'nothing')})")
 
 
+def _validate_emulation(cfg: RunConfig) -> None:
+    e = cfg.emulation
+    if e.links not in LINK_MODES:
+        raise UserError(f"unknown emulation.links={e.links!r}: choose one of {', '.join(LINK_MODES)}")
+    if e.links != "software":
+        return
+    if e.network is None:
+        raise UserError("emulation.links=software models the links of a network profile: add "
+                        "emulation.network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
+    from .emulate.profiles import load_network
+
+    load_network(e.network)  # an unknown name is one line here, not an error on every rank later
+    if cfg.comm.algo == "mpi":
+        raise UserError("emulation.links=software cannot see inside MPI_Allreduce (comm.algo=mpi): choose "
+                        "comm.algo=star, ring, mesh, tree or auto")
+
+
 def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
@@ -172,6 +201,7 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     if cfg.model.verify_checksums not in CHECKSUM_MODES:
         raise UserError(f"unknown model.verify_checksums={cfg.model.verify_checksums!r}: choose one of "
                         f"{', '.join(CHECKSUM_MODES)}")
+    _validate_emulation(cfg)
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:

@@ -22,6 +22,7 @@ from mpi4py import MPI
 
 from .allreduce import CommStats, make_allreduce
 from .errors import UserError
+from .links import SoftwareLinks
 from .models.llama import ShardedDecoder, rms_norm
 from .shards import RankShard
 from .watchdog import Watchdog
@@ -67,10 +68,10 @@ class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None):
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm, wire)
+        self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
         self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
         self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype], self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
@@ -155,8 +156,8 @@ class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None):
-        super().__init__(comm, shard, algo, dtype, wire, timeout_s)
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links)
         t0 = time.perf_counter()
         cast = DTYPES[dtype]
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]

@@ -137,13 +137,19 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
 
+    links = None
+    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
+        from .emulate.profiles import load_network
+        from .links import SoftwareLinks
+
+        links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
     try:
         record = _generate(master, cfg, path)
     finally:
@@ -209,6 +215,9 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "world_size": master.comm.size,
         "comm_algo": cfg.comm.algo if cfg.baseline is None else None,
         "baseline": cfg.baseline,
+        # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
+        "links": cfg.emulation.links,
+        "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
