@@ -4,7 +4,9 @@
 - the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and
   interpolation), and always a structural check of the devices (limits, NET_ADMIN, one slice each);
 - the entrypoint, run outside a container in dry-run mode: the tc netem commands, hostfile and mpirun
-  command it would run for each device of the compose file, and its one-line errors.
+  command it would run for each device of the compose file, and its one-line errors;
+- that mpirun command itself, run here with the ranks as separate processes talking TCP over loopback
+  (MPICH's OFI netmod, shared memory off) in place of ssh to separate containers.
 """
 
 from __future__ import annotations
@@ -15,11 +17,16 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import MPIRUN, ROOT
+
+from tpi_mpi.make_model import make_model
+from tpi_mpi.results import read_jsonl
+from tpi_mpi.split import split
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -139,3 +146,31 @@ def test_entrypoint_bad_settings_one_line(env: dict[str, str], message: str) -> 
     proc = entrypoint({"DRY_RUN": "1", **env})
     assert proc.returncode == 2
     assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+
+
+def test_launcher_command_runs_outside_a_container(tmp_path: Path) -> None:
+    """device0's mpirun command, started here: ssh across containers becomes local processes, eth0 becomes lo,
+    MPIR_CVAR_NOLOCAL=1 keeps MPICH off shared memory so the ranks talk TCP as the devices would."""
+    services = compose()["services"]
+    _, svc = launcher(services)
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    n = len(env["DEVICES"].split(","))
+    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=7)
+    split(model, tmp_path / "shards", n)
+    args = env["TPI_ARGS"].replace("/shards", str(tmp_path / "shards")).replace("/results", str(tmp_path / "results"))
+    args = args.replace("max_new_tokens=32", "max_new_tokens=4")
+    proc = entrypoint({**env, "DRY_RUN": "1", "DEVICE_IFACE": "lo", "TPI_ARGS": args})
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout.splitlines()[-1][2:])
+    assert cmd[1:5] == ["-launcher", "ssh", "-f", "/tmp/tpi_hostfile"]
+    cmd = [MPIRUN, *cmd[5:]]
+    cmd[cmd.index("python")] = sys.executable
+    try:
+        run = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "MPIR_CVAR_NOLOCAL": "1"}, capture_output=True,
+                             text=True, timeout=180, stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{shlex.join(cmd)} hung for 180 s:\n{exc.stderr}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [rec] = read_jsonl(tmp_path / "results" / "docker.jsonl")
+    assert rec["world_size"] == n and rec["generated_tokens"] == 4 and rec["config"]["prompt"] == "Once upon a time"
+    assert rec["shards"] == str(tmp_path / "shards") and rec["hydra_output_dir"] == str(tmp_path / "results" / "hydra")
