@@ -220,7 +220,15 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slurm": _slurm_job(),
     }
+
+
+def _slurm_job() -> dict[str, str] | None:
+    """Which Slurm job (and array task) made this record, so that records collected in one file stay apart."""
+    keys = ("job_id", "array_job_id", "array_task_id", "job_nodelist", "ntasks")
+    job = {k: os.environ[f"SLURM_{k.upper()}"] for k in keys if f"SLURM_{k.upper()}" in os.environ}
+    return job or None
 
 
 def _report(record: dict[str, Any], cfg: Any) -> None:
