@@ -107,7 +107,7 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
         f"prompt_ids=[{','.join(map(str, prompt_ids(a.prompt_tokens)))}]",
         f"generation.max_new_tokens={a.new_tokens}", "generation.stop_on_eos=false", "logging.quiet=true",
         f"output.results={sweep_dir / 'records.jsonl'}", "output.json=null", f"model.cache_dir={out / 'shards'}",
-        f"logging.wandb={'true' if a.wandb else 'false'}", f"logging.wandb_group={name}",
+        f"logging.wandb={'true' if a.wandb else 'false'}", f"logging.wandb_group={name}", f"threads={a.threads}",
     ]
     repeats = ",".join(str(i) for i in range(1, a.repeats + 1))
     cmds = []
@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="jobs per point (generation.seed=1..R)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per rank (default 1: a rank is a one-core device; more threads than "
+                        "free cores makes OpenMP spin on a loaded machine)")
     p.add_argument("--wandb", action="store_true", help="also log every run to wandb (offline by default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mpirun")
     p.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))

@@ -27,7 +27,7 @@ from tpi_mpi.perfmodel import (
 )
 
 DEV = Device(flops=50e9, weight_bw=10e9, layer_overhead_s=1e-4, disk_bw=1e9, base_rss=300e6, base_rss_master=350e6,
-             host_ranks_share=False)
+             host_cores=None)
 SHAPE = PAPER_SHAPES["Llama 2-7B"]
 
 
@@ -50,9 +50,10 @@ def test_tp_faster_with_more_devices_on_fast_links_slower_on_slow_ones() -> None
     assert t == sorted(t, reverse=True) and t[0] / t[-1] > 4
     assert predict_tp(Setting(SHAPE, 8, links=slow), DEV).token_latency_s > t[-1] + 2 * SHAPE.layers * 20e-3
     # on one shared host, N ranks share its compute: no speed-up from N, only added communication
-    shared = replace(DEV, host_ranks_share=True)
+    # N ranks on one 2-core host: faster up to 2 ranks, then no more (they share the 2 cores)
+    shared = replace(DEV, host_cores=2)
     s = [predict_tp(Setting(SHAPE, n, links=fast), shared).token_latency_s for n in (1, 2, 4, 8)]
-    assert s == sorted(s) and s[-1] / s[0] < 1.5
+    assert s[1] < 0.6 * s[0] and s[1] <= s[2] <= s[3] < 0.7 * s[0]
 
 
 def test_memory_falls_with_n_and_window_and_streaming_is_disk_bound() -> None:
