@@ -20,6 +20,8 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from ..prefetch import BlockSource, Weights
 from ..shards import RankShard
+from ..tensorfile import TensorFile
+from ..watchdog import Watchdog
 
 AllreduceFn = Callable[[np.ndarray], None]
 
@@ -72,6 +74,14 @@ class ShardedLayer:
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    @classmethod
+    def from_header(cls, attn: TensorFile, cfg: Any, head_dim: int, window: int | None,
+                    dtype: torch.dtype | None) -> ShardedLayer:
+        """Shaped from the layer's attention block header (its heads), nothing of the weights read."""
+        q, k = (attn.entries[f"{n}_proj.weight"] for n in ("q", "k"))
+        return cls(q.shape[0] // head_dim, k.shape[0] // head_dim, head_dim, cfg.rms_norm_eps, window,
+                   dtype or q.torch_dtype)
+
     def reset_cache(self, capacity: int) -> None:
         shape = (1, self.n_kv, capacity, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
@@ -113,19 +123,17 @@ class ShardedDecoder:
     """All layers of one rank. forward() is called by every rank with the same hidden states."""
 
     def __init__(self, shard: RankShard, allreduce: AllreduceFn, blocks: BlockSource,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, watchdog: Watchdog | None = None):
         """`blocks`: where each layer's weights come from (prefetch.ResidentBlocks / LayerPrefetcher);
         `dtype`: the compute dtype the blocks are cast to (None: as on disk)."""
         self.cfg = hf_config(shard.config)
         self.allreduce = allreduce
         self.blocks = blocks
+        self.watchdog = watchdog or Watchdog(None, None)  # names the allreduce that stalls
         windows = sliding_windows(self.cfg)
-        hd = shard.plan.head_dim
-        self.layers = []
-        for i in range(shard.num_layers):
-            q, k = (shard.tensor_file(i, "attn").entries[f"{n}_proj.weight"] for n in ("q", "k"))
-            self.layers.append(ShardedLayer(q.shape[0] // hd, k.shape[0] // hd, hd, self.cfg.rms_norm_eps,
-                                            windows[i], dtype or q.torch_dtype))
+        self.layers = [ShardedLayer.from_header(shard.tensor_file(i, "attn"), self.cfg, shard.plan.head_dim,
+                                                windows[i], dtype)
+                       for i in range(shard.num_layers)]
         self.rotary = LlamaRotaryEmbedding(self.cfg)
         self.capacity = 0
 
@@ -135,9 +143,10 @@ class ShardedDecoder:
         for layer in self.layers:
             layer.reset_cache(capacity)
 
-    def _sync(self, partial: torch.Tensor) -> torch.Tensor:
+    def _sync(self, partial: torch.Tensor, layer: int, part: str) -> torch.Tensor:
         buf = partial.float().contiguous()
-        self.allreduce(buf.numpy())
+        with self.watchdog("allreduce", layer, part):
+            self.allreduce(buf.numpy())
         return buf
 
     @torch.inference_mode()
@@ -153,8 +162,8 @@ class ShardedDecoder:
             # A block is handed back as soon as its compute is done: the next read overlaps the allreduce.
             with self.blocks.block(i, "attn") as a:
                 partial = layer.attention(a, x.to(layer.dtype), start, cos, sin)
-            x = x + self._sync(partial)
+            x = x + self._sync(partial, i, "attn")
             with self.blocks.block(i, "ffn") as f:
                 partial = layer.ffn(f, x.to(layer.dtype))
-            x = x + self._sync(partial)
+            x = x + self._sync(partial, i, "ffn")
         return x
