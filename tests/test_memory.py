@@ -29,8 +29,10 @@ from tpi_mpi.memplan import (
     cgroup_memory_limit,
     cgroup_memory_peak,
     plan_memory,
+    plan_rank_memory,
 )
 from tpi_mpi.prefetch import LayerPrefetcher
+from tpi_mpi.shards import open_rank_shard
 from tpi_mpi.split import split
 
 MB = 2**20
@@ -224,6 +226,13 @@ def test_same_tokens_for_every_window_and_partial_residency(model: Path, tmp_pat
             assert all(got[f"bytes_read_{i}"][r] >= NEW * block_bytes[r] for r in range(2)), spec
     assert str(got["mode_0"]) == "resident" and str(got["mode_4"]) == "partial"
     assert (got["streamed_4"] == 8 - 3).all()
+
+
+def test_streaming_refuses_a_dtype_cast(model: Path, tmp_path: Path) -> None:
+    shard = open_rank_shard(split(model, tmp_path / "shards", 1), 0, 1)
+    with pytest.raises(UserError, match="streams weights as stored on disk .*float32.*model.dtype=auto"):
+        plan_rank_memory(shard, MemoryConfig(resident=False, window=2), torch.float16, True)
+    assert plan_rank_memory(shard, MemoryConfig(resident=False, window=2), None, True).window == 2
 
 
 def test_run_with_a_budget_too_small_is_one_clear_line(model: Path, tmp_path: Path) -> None:
