@@ -184,7 +184,7 @@ class Master(Engine):
         self.embed_file = shard.master_tensor_file("embed.safetensors")
         head_file = shard.master_tensor_file("head.safetensors")
         self.norm, n = tensorfile.read_tensor(head_file, "norm.weight")
-        stats.bytes_read += n
+        stats.add(bytes_read=n)
         self.head_source = ((self.embed_file, "embed_tokens.weight") if shard.tied_embeddings
                             else (head_file, "lm_head.weight"))
         self.vocab_size, hidden = self.head_source[0].entries[self.head_source[1]].shape
@@ -193,7 +193,7 @@ class Master(Engine):
         self.head_buffer: torch.Tensor | None = None
         if plan.head_resident:
             self.lm_head, n = tensorfile.read_tensor(*self.head_source)
-            stats.bytes_read += n
+            stats.add(bytes_read=n)
         else:
             self.head_buffer = torch.empty(HEAD_CHUNK_BYTES, dtype=torch.uint8)
         if self.cast is not None:
@@ -213,7 +213,7 @@ class Master(Engine):
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
         rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
-        self.blocks.stats.bytes_read += n
+        self.blocks.stats.add(bytes_read=n)
         x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
@@ -236,8 +236,7 @@ class Master(Engine):
         for r0 in range(0, self.vocab_size, rows):
             t0 = time.perf_counter()
             w, n = tensorfile.read_rows(file, name, range(r0, min(r0 + rows, self.vocab_size)), self.head_buffer)
-            stats.disk_wait_s += time.perf_counter() - t0
-            stats.bytes_read += n
+            stats.add(bytes_read=n, wait_s=time.perf_counter() - t0)
             logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
         return logits
 

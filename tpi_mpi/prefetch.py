@@ -54,7 +54,13 @@ class StreamStats:
     bytes_read: int = 0  # weight bytes read from disk, start-up included
     blocks_read: int = 0
     max_blocks_held: int = 0  # most streamed blocks in memory at once (never more than the window)
-    wait_per_forward: list[float] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # reader thread and compute both add
+
+    def add(self, bytes_read: int = 0, wait_s: float = 0.0, blocks: int = 0) -> None:
+        with self.lock:
+            self.bytes_read += bytes_read
+            self.disk_wait_s += wait_s
+            self.blocks_read += blocks
 
     def to_json(self) -> dict[str, Any]:
         return {"disk_wait_s": self.disk_wait_s, "bytes_read": self.bytes_read, "blocks_read": self.blocks_read,
@@ -139,9 +145,7 @@ class LayerPrefetcher:
                     self.stats.max_blocks_held = max(self.stats.max_blocks_held, self.held)
                 key = self.order[i]
                 w, n = tensorfile.load(self.files[key], buf)
-                with self._lock:
-                    self.stats.bytes_read += n
-                    self.stats.blocks_read += 1
+                self.stats.add(bytes_read=n, blocks=1)
                 self._ready.put((key, cast_block(w, self.dtype), buf))
                 i = (i + 1) % len(self.order)
         except BaseException as exc:  # noqa: B036 - handed to the compute thread, which raises it
@@ -155,7 +159,7 @@ class LayerPrefetcher:
             return
         t0 = time.perf_counter()
         item = self._ready.get()
-        self.stats.disk_wait_s += time.perf_counter() - t0
+        self.stats.add(wait_s=time.perf_counter() - t0)
         if isinstance(item, BaseException):
             raise item
         got, w, buf = item
