@@ -246,7 +246,7 @@ def measure_compute(threads: int) -> dict[str, float]:
             "o_proj.weight": torch.randn(64, 64)}
     ffn = {"post_norm.weight": torch.ones(64), "gate_proj.weight": torch.randn(128, 64),
            "up_proj.weight": torch.randn(128, 64), "down_proj.weight": torch.randn(64, 128)}
-    layer = ShardedLayer(attn, ffn, cfg, 16, None, None)
+    layer = ShardedLayer(4, 4, 16, 1e-5, None, torch.float32)
     layer.reset_cache(64)
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -256,8 +256,8 @@ def measure_compute(threads: int) -> dict[str, float]:
 
     def one_layer() -> None:
         with torch.inference_mode():
-            y = xs + layer.attention(xs, 3, cos, sin)
-            y + layer.ffn(y)
+            y = xs + layer.attention(attn, xs, 3, cos, sin)
+            y + layer.ffn(ffn, y)
 
     overhead = _median_time(one_layer, 200)
     return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}

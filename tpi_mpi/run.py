@@ -136,6 +136,7 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
+    plan = _memory_plan(comm, shard, cfg)
 
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
@@ -144,12 +145,12 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
         links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
     try:
         record = _generate(master, cfg, path)
     finally:
@@ -157,6 +158,20 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     master.close()
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
+
+
+def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
+    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all."""
+    from .engine import DTYPES
+    from .memplan import plan_rank_memory
+
+    plan, error = None, None
+    try:
+        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
+    except UserError as exc:
+        error = str(exc)
+    agree_or_abort(comm, error)
+    return plan
 
 
 def _tokenizer(cfg: Any, shard_path: Path) -> Any:
