@@ -165,6 +165,31 @@ def _validate_memory(m: MemoryConfig) -> None:
         raise UserError("memory.resident=auto needs memory.budget (e.g. memory.budget=1.5GB)")
 
 
+# What each annotation accepts from the command line, and how the error names it.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"), "None": ((type(None),), "null"),
+    "tuple[float, ...]": ((list, tuple), "a list of numbers"), "tuple[int, ...]": ((list, tuple), "a list of integers"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Hydra passes on what was typed (`threads=abc` gives a string): one line, not a TypeError later."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if not all(p in _KINDS for p in parts):
+        return  # a type this check does not know: validate() has the last word
+    for p in parts:
+        types = _KINDS[p][0]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            continue
+        if isinstance(value, (list, tuple)):
+            item = int if p == "tuple[int, ...]" else (int, float)
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                continue
+        return
+    raise UserError(f"{key} must be {' or '.join(_KINDS[p][1] for p in parts)}, got {value!r}")
+
+
 def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
@@ -173,6 +198,9 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
     if isinstance(data.get("verify_checksums"), bool):  # the older true/false
         data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
+    for f in fields(cls):
+        if f.name in data:
+            _check_type(f"{name}.{f.name}", data[f.name], str(f.type))
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -189,6 +217,9 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
+    for key in top:
+        if key in d:
+            _check_type(key, d[key], str(next(f.type for f in fields(RunConfig) if f.name == key)))
     ids = d.get("prompt_ids")
     cfg = RunConfig(
         **{name: _section(cls, d.get(name), name) for name, cls in sections.items()},

@@ -105,11 +105,16 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
                       "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
             except UserError as exc:
                 error = str(exc)
-    req = comm.Ibarrier()
-    while not req.Test():  # a blocking barrier would spin every waiting rank on a shared core
-        time.sleep(0.01)
+    wait_for_all(comm)
     agree_or_abort(comm, error)
     return path
+
+
+def wait_for_all(comm: MPI.Comm) -> None:
+    """A barrier that sleeps: a blocking one would spin every waiting rank on a shared core."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
 
 
 def job(comm: MPI.Comm, cfg: Any) -> None:
@@ -146,11 +151,13 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
     if comm.rank != 0:
         worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+        wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
     master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+    wait_for_all(comm)
     try:
         record = _generate(master, cfg, path)
     finally:
