@@ -136,10 +136,11 @@ def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tmp_path: P
     p = mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}",
                    f"model.shards={shards}", "prompt_ids=[1,2,3]", "generation.max_new_tokens=4",
                    f"output.json={tmp_path}/r.json", "output.results=null", "emulation.links=software",
-                   "emulation.network=4g"], timeout=120)
+                   "network=4g"], timeout=120)
     assert p.returncode == 0, p.stderr
     record = json.loads((tmp_path / "r.json").read_text())
-    assert record["links"] == "software" and record["emulation"]["network"] == "4g"
+    assert record["links"] == "software" and record["network"] == "4g"
+    assert record["config"]["network"]["default"]["latency_s"] == 0.025
     ar = record["ranks"][1]["allreduce"]
     # star on 2 ranks: each allreduce is a message there and one back, 25 ms each way on 4g
     assert ar["seconds"] >= ar["calls"] * 2 * 0.025
@@ -226,4 +227,4 @@ def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) ->
     assert p.returncode == 0, p.stderr
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["links"] == "shaped" and record["generated_tokens"] == 4
-    assert record["emulation"] == {"network": "wifi", "device": "paper"}
+    assert (record["network"], record["device"]) == ("wifi", "paper")
