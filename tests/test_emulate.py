@@ -228,3 +228,29 @@ def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) ->
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["links"] == "shaped" and record["generated_tokens"] == 4
     assert (record["network"], record["device"]) == ("wifi", "paper")
+
+
+# --- cgroup v2 (files only: this host's v2 hierarchy has no memory controller) ----------------------------
+
+def test_cgroup_v2_limits_are_written_where_v2_wants_them(tmp_path: Path) -> None:
+    """The v2 backend against a fake hierarchy: memory.max, memory.swap.max, cpu.max, io.max, the
+    controllers enabled for the children, and the OOM count read from memory.events."""
+    root = tmp_path / "cg"
+    rank_dir = root / "sess" / "r0"
+    rank_dir.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu io memory pids\n")
+    for name in ("memory.swap.max", "cpu.max", "io.max"):  # files the kernel would provide
+        (rank_dir / name).write_text("max\n")
+    backend = cgroups.Backend(2, {"": root})
+    dev = load_device("raspberry-pi-4", {"disk_read": "40MB"})
+    notes = cgroups.create(backend, "sess", 0, dev, str(ROOT))
+    assert (rank_dir / "memory.max").read_text() == str(4 * 2**30)
+    assert (rank_dir / "memory.swap.max").read_text() == "0"
+    assert (rank_dir / "cpu.max").read_text() == "100000 100000"
+    assert (root / "sess" / "cgroup.subtree_control").read_text() in ("+memory", "+cpu", "+io")  # last write
+    if cgroups._block_device(str(ROOT)) is None:
+        assert any("disk read rate not applied" in n for n in notes)
+    else:
+        assert re.fullmatch(r"\d+:\d+ rbps=40000000", (rank_dir / "io.max").read_text())
+    (rank_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cgroups.oom_kills(backend, "sess", 0) == 1
