@@ -217,6 +217,26 @@ def test_killed_launcher_then_down_leaves_nothing(session: str, tmp_path: Path) 
 
 
 @needs_shaping
+def test_ctrl_c_tears_down(session: str) -> None:
+    """Ctrl-C (SIGINT) to `run` while its ranks start: it stops mpirun and removes everything itself."""
+    launcher = subprocess.Popen([*EMULATE, "run", f"session={session}", "network=wifi", "device=paper",
+                                 "devices=2", "--", "model.path=/nonexistent"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.endswith("-r1") for n in netns.list_namespaces(session)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the session never came up"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert sess.leftovers(session) == [], err
+
+
+@needs_shaping
 def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) -> None:
     model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
     shards = split(model, tmp_path / "shards", 2)
