@@ -117,6 +117,13 @@ def test_unknown_profile_and_no_root_message() -> None:
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown network='nonesuch'" in p.stderr
 
 
+def test_without_root_one_line_pointing_to_the_software_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError) as e:
+        sess.up("tnoroot", 2, load_network("wifi"), [load_device("paper")] * 2)
+    assert "need root" in str(e.value) and "emulation.links=software" in str(e.value) and "\n" not in str(e.value)
+
+
 # --- software link model (no root) ------------------------------------------------------------------------
 
 def test_software_links_deliver_after_latency_plus_bytes(tmp_path: Path) -> None:
