@@ -84,6 +84,14 @@ def session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         assert root_namespace_snapshot() == before
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-layer tiny model and its split for 2 ranks, shared by the generation tests."""
+    root = tmp_path_factory.mktemp("emu")
+    model = make_model(root / "tiny", "tiny", "llama", layers=2, seed=3)
+    return model, split(model, root / "shards", 2)
+
+
 # --- profiles (no root) ---------------------------------------------------------------------------------
 
 def test_every_profile_loads() -> None:
@@ -137,9 +145,8 @@ def test_software_links_deliver_after_latency_plus_bytes(tmp_path: Path) -> None
     assert abs(link["bandwidth_bit_s"] / 50e6 - 1) <= TOLERANCE
 
 
-def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tmp_path: Path) -> None:
-    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
-    shards = split(model, tmp_path / "shards", 2)
+def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model, shards = tiny
     p = mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}",
                    f"model.shards={shards}", "prompt_ids=[1,2,3]", "generation.max_new_tokens=4",
                    f"output.json={tmp_path}/r.json", "output.results=null", "emulation.links=software",
@@ -244,9 +251,8 @@ def test_ctrl_c_tears_down(session: str) -> None:
 
 
 @needs_shaping
-def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) -> None:
-    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
-    shards = split(model, tmp_path / "shards", 2)
+def test_generation_on_shaped_links_is_labelled(session: str, tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model, shards = tiny
     p = emulate(["run", f"session={session}", "network=wifi", "device=paper", "devices=2", "timeout=120", "--",
                  f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}", f"model.shards={shards}",
                  "prompt_ids=[1,2,3]", "generation.max_new_tokens=4", f"output.json={tmp_path}/r.json",
