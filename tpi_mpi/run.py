@@ -145,10 +145,9 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
-        from .emulate.profiles import load_network
         from .links import SoftwareLinks
 
-        links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
+        links = SoftwareLinks(comm.rank, comm.size, cfg.network)
     if comm.rank != 0:
         worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
         wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
@@ -239,7 +238,8 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "baseline": cfg.baseline,
         # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
         "links": cfg.emulation.links,
-        "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
+        "network": cfg.network.name if cfg.network else None,  # profile names; their figures are in `config`
+        "device": cfg.device.name if cfg.device else None,
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "slurm": _slurm_job(),
