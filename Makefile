@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 N      ?= 8
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean figures replot
 
 # With Debian's libnetfilter-queue-dev present (.ci/run installs it), the link emulator's delay stage too.
 EXTRAS ?= dev$(shell test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h && echo ,emu)
@@ -32,6 +32,15 @@ test: setup lint
 
 bench: setup
 	$(BIN)/python -m tpi_mpi.bench.tp_latency
+
+# Every sweep of experiments/sweeps, the performance model's calibration, then every figure and table
+# (paper_figs/figures/*.png|pdf, summary.md), from scratch on the small presets: ~10 min on 2 idle cores.
+figures: setup
+	HF_HUB_OFFLINE=1 nice -n 10 $(BIN)/python -m experiments.run_all --out results/experiments
+
+# Redraw the figures and tables from the records of the last `make figures`.
+replot: setup
+	$(BIN)/python -m paper_figs.make_all --results results/experiments
 
 clean:
 	rm -rf shards outputs results bench_out wandb

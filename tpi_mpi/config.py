@@ -6,13 +6,17 @@ Every field is documented in conf/*.yaml and the README. Validation errors are U
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .allreduce import ALGORITHMS, WIRE_DTYPES
 from .errors import UserError
 
+CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
+# baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines.py)
+BASELINES = ("transformers", "accelerate", "pipeline")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
 MPICH_ALLREDUCE_ALGORITHMS = ("auto", "nb", "smp", "recursive_doubling", "recursive_multiplying",
                               "reduce_scatter_allgather", "tree", "recexch", "ring", "k_reduce_scatter_allgather")
@@ -26,7 +30,7 @@ class ModelConfig:
     cache_dir: str = "shards"
     ratios: tuple[float, ...] | None = None
     dtype: str = "auto"
-    verify_checksums: bool = False
+    verify_checksums: str = "xxh3"  # xxh3 (fast, default), sha256, none (sizes only)
 
 
 @dataclass(frozen=True)
@@ -34,12 +38,28 @@ class CommConfig:
     algo: str = "star"
     dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
     mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
+    timeout_s: float | None = 60.0  # watchdog: a collective stalled this long aborts the job; null/0 = off
 
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    resident: bool = True
+    resident: bool | str = True  # true: all in memory; false: stream every block; auto: as the budget allows
+    window: int | None = None  # streamed blocks in memory at once (the one computing included); null = 2
+    budget: str | int | None = None  # per rank, e.g. 1.5GB / 800MiB, or "cgroup" (its limit); resident=auto only
     kv_cache_tokens: int | None = None
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The budget in bytes; for budget=cgroup, the limit of this process's memory cgroup."""
+        if self.budget == "cgroup":
+            from .memplan import cgroup_memory_limit
+
+            limit = cgroup_memory_limit()
+            if limit is None:
+                raise UserError("memory.budget=cgroup but this process is in no memory cgroup with a limit: "
+                                "give the budget in bytes, e.g. memory.budget=1.5GB")
+            return limit
+        return None if self.budget is None else parse_bytes(self.budget)
 
 
 @dataclass(frozen=True)
@@ -64,9 +84,27 @@ class LoggingConfig:
 
 
 @dataclass(frozen=True)
+class AccelerateConfig:
+    """baseline=accelerate only: HF Accelerate big-model inference with disk offload."""
+
+    max_memory: str | None = None  # memory budget of the one device, e.g. "200MB"; null = no cap
+    offload_folder: str = "offload"  # where Accelerate writes weights it offloads to disk
+
+
+@dataclass(frozen=True)
 class OutputConfig:
     json: str | None = None
     results: str | None = "results/results.jsonl"
+
+
+LINK_MODES = ("none", "shaped", "software")
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    links: str = "none"  # none | shaped (set by `python -m tpi_mpi.emulate run`) | software (modelled here)
+    network: str | None = None  # conf/network profile: the modelled links (software), a label (shaped)
+    device: str | None = None  # conf/device profile(s): a label of the record (caps come from the emulator)
 
 
 @dataclass(frozen=True)
@@ -77,9 +115,12 @@ class RunConfig:
     generation: GenerationConfig
     logging: LoggingConfig
     output: OutputConfig
+    accelerate: AccelerateConfig = AccelerateConfig()
+    emulation: EmulationConfig = EmulationConfig()
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     threads: int | None = None
+    baseline: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -90,12 +131,48 @@ class RunConfig:
                             "prompt": None, "prompt_ids": None})
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """1.5GB (decimal), 800MiB (binary), or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UserError(f"memory.budget={value!r} is not a size: write e.g. 1.5GB, 800MiB, 2000000000 or cgroup")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _validate_memory(m: MemoryConfig) -> None:
+    if m.resident not in (True, False, "auto"):
+        raise UserError(f"memory.resident must be true, false or auto, got {m.resident!r}")
+    if m.kv_cache_tokens is not None and m.kv_cache_tokens < 1:
+        raise UserError(f"memory.kv_cache_tokens must be positive or null, got {m.kv_cache_tokens}")
+    if m.window is not None and (isinstance(m.window, bool) or not isinstance(m.window, int) or m.window < 1):
+        raise UserError(f"memory.window must be a positive integer or null, got {m.window!r}")
+    budget = None if m.budget == "cgroup" else m.budget_bytes  # a cgroup is the rank's own: checked there
+    if budget is not None and budget <= 0:
+        raise UserError(f"memory.budget must be positive, got {m.budget!r}")
+    if m.resident is True and (m.window is not None or m.budget is not None):
+        raise UserError("memory.resident=true keeps every block in memory: memory.window and memory.budget "
+                        "apply only to resident=false (window) or resident=auto (budget): set them to null")
+    if m.resident is False and m.budget is not None:
+        raise UserError("memory.resident=false streams every block through memory.window buffers; to fit a "
+                        "memory.budget (partly resident) use memory.resident=auto")
+    if m.resident == "auto" and m.budget is None:
+        raise UserError("memory.resident=auto needs memory.budget (e.g. memory.budget=1.5GB)")
+
+
 def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
+    if isinstance(data.get("verify_checksums"), bool):  # the older true/false
+        data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -104,9 +181,11 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
 def build_config(d: dict[str, Any]) -> RunConfig:
     """From a plain dict (OmegaConf.to_container of the Hydra config)."""
     d = {k: v for k, v in d.items() if k != "hydra"}
-    top = {"prompt", "prompt_ids", "threads"}
+    top = {"prompt", "prompt_ids", "threads", "baseline"}
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
-                "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig}
+                "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
+                "accelerate": AccelerateConfig,
+                "emulation": EmulationConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -116,6 +195,7 @@ def build_config(d: dict[str, Any]) -> RunConfig:
         prompt=d.get("prompt"),
         prompt_ids=tuple(int(i) for i in ids) if ids is not None else None,
         threads=d.get("threads"),
+        baseline=d.get("baseline"),
     )
     validate(cfg)
     return cfg
@@ -129,6 +209,8 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
     if c.algo == "mpi" and c.dtype != "fp32":
         raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
                         "another comm.algo")
+    if c.timeout_s is not None and not c.timeout_s >= 0:
+        raise UserError(f"comm.timeout_s must be >= 0 seconds (0 or null: no watchdog), got {c.timeout_s}")
     if c.mpi_algorithm is None:
         return
     if c.algo != "mpi":
@@ -145,19 +227,36 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
                         f"{env.get(MPICH_ALLREDUCE_ENV, 'nothing')})")
 
 
+def _validate_emulation(cfg: RunConfig) -> None:
+    e = cfg.emulation
+    if e.links not in LINK_MODES:
+        raise UserError(f"unknown emulation.links={e.links!r}: choose one of {', '.join(LINK_MODES)}")
+    if e.links != "software":
+        return
+    if e.network is None:
+        raise UserError("emulation.links=software models the links of a network profile: add "
+                        "emulation.network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
+    from .emulate.profiles import load_network
+
+    load_network(e.network)  # an unknown name is one line here, not an error on every rank later
+    if cfg.comm.algo == "mpi":
+        raise UserError("emulation.links=software cannot see inside MPI_Allreduce (comm.algo=mpi): choose "
+                        "comm.algo=star, ring, mesh, tree or auto")
+
+
 def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
     _validate_comm(cfg.comm, env if env is not None else dict(os.environ))
+    if cfg.model.verify_checksums not in CHECKSUM_MODES:
+        raise UserError(f"unknown model.verify_checksums={cfg.model.verify_checksums!r}: choose one of "
+                        f"{', '.join(CHECKSUM_MODES)}")
+    _validate_emulation(cfg)
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:
         raise UserError("no model: set model.path=HF_CHECKPOINT_DIR and/or model.shards=SPLIT_DIR")
-    if not cfg.memory.resident:
-        raise UserError("memory.resident=false (streaming weights from disk) is not available yet: "
-                        "set memory.resident=true")
-    if cfg.memory.kv_cache_tokens is not None and cfg.memory.kv_cache_tokens < 1:
-        raise UserError(f"memory.kv_cache_tokens must be positive or null, got {cfg.memory.kv_cache_tokens}")
+    _validate_memory(cfg.memory)
     if g.max_new_tokens < 0:
         raise UserError(f"generation.max_new_tokens must be >= 0, got {g.max_new_tokens}")
     if g.do_sample and g.temperature <= 0:
@@ -172,5 +271,25 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
         raise UserError("prompt_ids is empty: give at least one token id")
     if cfg.threads is not None and cfg.threads < 1:
         raise UserError(f"threads must be >= 1 or null (auto), got {cfg.threads}")
+    if cfg.baseline is not None and cfg.baseline not in BASELINES:
+        raise UserError(f"unknown baseline={cfg.baseline!r}: choose one of {', '.join(BASELINES)} or null "
+                        "(tensor parallelism)")
+    if cfg.baseline == "pipeline" and cfg.model.ratios is not None:
+        raise UserError("baseline=pipeline splits whole layers evenly: set model.ratios=null")
+    if cfg.accelerate.max_memory is not None:
+        size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def size_bytes(text: str | int, key: str) -> int:
+    """'200MB', '1.5GB', '512MiB' or a plain number of bytes."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not m or m.group(2).upper() not in _SIZE_UNITS or float(m.group(1)) <= 0:
+        raise UserError(f"{key}={text!r} is not a memory size: write e.g. 200MB, 1.5GB or 512MiB")
+    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])

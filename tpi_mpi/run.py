@@ -18,6 +18,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from . import sentinel
 from .errors import UserError, agree_or_abort, run_or_abort
 
 log = logging.getLogger("tpi_mpi")
@@ -25,6 +26,7 @@ log = logging.getLogger("tpi_mpi")
 
 def main() -> None:
     comm = MPI.COMM_WORLD
+    sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
         _master_main(comm)
         return
@@ -57,6 +59,7 @@ def _master_main(comm: MPI.Comm) -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
+        sentinel.stopping()  # from here on, ranks exiting is the plan
         comm.bcast(("exit", code), root=0)  # also releases the workers if Hydra stopped early
     if code:
         sys.exit(code)
@@ -83,20 +86,22 @@ def shard_dir(cfg: Any, world_size: int) -> Path:
     return Path(cfg.model.cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]", "_", tag)
 
 
-def prepare_shards(comm: MPI.Comm, cfg: Any) -> Path:
-    """Rank 0 splits model.path into the cache on first use; the others wait without spinning."""
+def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> Path:
+    """Rank 0 splits model.path into the cache on first use; the others wait without spinning.
+    world_size: of the split (default: the ranks started; baseline=pipeline uses 1)."""
     from .split import rank_dir, split
 
-    path = shard_dir(cfg, comm.size)
+    world_size = comm.size if world_size is None else world_size
+    path = shard_dir(cfg, world_size)
     error = None
     if comm.rank == 0 and not cfg.model.shards and not rank_dir(path, 0).is_dir():
         if not cfg.model.path or not Path(cfg.model.path).is_dir():
             error = f"model.path={cfg.model.path} is not a directory: give a Hugging Face checkpoint"
         else:
-            print(f"tpi_mpi: splitting {cfg.model.path} for {comm.size} ranks into {path} ...",
+            print(f"tpi_mpi: splitting {cfg.model.path} for {world_size} ranks into {path} ...",
                   file=sys.stderr, flush=True)
             try:
-                split(cfg.model.path, path, comm.size, list(cfg.model.ratios) if cfg.model.ratios else None,
+                split(cfg.model.path, path, world_size, list(cfg.model.ratios) if cfg.model.ratios else None,
                       "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
             except UserError as exc:
                 error = str(exc)
@@ -109,6 +114,11 @@ def prepare_shards(comm: MPI.Comm, cfg: Any) -> Path:
 
 def job(comm: MPI.Comm, cfg: Any) -> None:
     _set_threads(comm, cfg.threads)
+    if cfg.baseline is not None:  # transformers, accelerate or pipeline, in the same harness
+        from .baselines import baseline_job
+
+        baseline_job(comm, cfg)
+        return
     from .engine import Master, Worker
     from .shards import open_rank_shard
 
@@ -126,19 +136,42 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
+    plan = _memory_plan(comm, shard, cfg)
 
+    links = None
+    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
+        from .emulate.profiles import load_network
+        from .links import SoftwareLinks
+
+        links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
         worker.serve()
+        worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
     try:
         record = _generate(master, cfg, path)
     finally:
         master.stop()  # also on error, so that the workers are not left waiting
+    master.close()
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
+
+
+def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
+    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all."""
+    from .engine import DTYPES
+    from .memplan import plan_rank_memory
+
+    plan, error = None, None
+    try:
+        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
+    except UserError as exc:
+        error = str(exc)
+    agree_or_abort(comm, error)
+    return plan
 
 
 def _tokenizer(cfg: Any, shard_path: Path) -> Any:
@@ -161,7 +194,7 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         raise UserError("no tokenizer found next to the shards or in model.path: give prompt_ids=[...]")
     else:
         ids = tok(cfg.prompt).input_ids
-    eos = master.decoder.cfg.eos_token_id
+    eos = master.eos_token_id
     eos_ids = set() if not g.stop_on_eos or eos is None else set(eos if isinstance(eos, list) else [eos])
     sampler = Sampler(g.do_sample, g.temperature, g.top_k, g.top_p, g.seed)
     printed = [""]
@@ -195,7 +228,11 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         },
         "tokens_per_s": (len(lat) / sum(lat)) if lat else None,
         "world_size": master.comm.size,
-        "comm_algo": cfg.comm.algo,
+        "comm_algo": cfg.comm.algo if cfg.baseline is None else None,
+        "baseline": cfg.baseline,
+        # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
+        "links": cfg.emulation.links,
+        "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "slurm": _slurm_job(),
@@ -222,7 +259,9 @@ def _report(record: dict[str, Any], cfg: Any) -> None:
     lat = record["token_latency_s"]
     ranks = record["ranks"]
     summary = (
-        f"[tpi_mpi] N={record['world_size']} algo={record['comm_algo']} prompt={record['prompt_tokens']} tok "
+        f"[tpi_mpi] N={record['world_size']} "
+        + (f"baseline={record['baseline']}" if record.get("baseline") else f"algo={record['comm_algo']}")
+        + f" prompt={record['prompt_tokens']} tok "
         f"generated={record['generated_tokens']} tok | TTFT {record['ttft_s'] * 1e3:.1f} ms | "
         + (f"token latency mean {lat['mean'] * 1e3:.1f} ms p50 {lat['p50'] * 1e3:.1f} ms "
            f"p90 {lat['p90'] * 1e3:.1f} ms | {record['tokens_per_s']:.2f} tok/s | " if lat["mean"] else "")
