@@ -89,6 +89,10 @@ ReturnToService=2
 # Cancelled steps get SIGKILL after 2 s, so a stuck rank cannot outlive its job for long.
 KillWait=2
 MessageTimeout=10
+# sbatch --wait polls after 2 s, 8 s, then every 32 s, growing only while the interval is below
+# MinJobAge/2: with the default 300 a job of 11 s is seen to end at 42 s. With 4 it polls every 2 s
+# (ended jobs leave slurmctld's memory 4 s after they end, after sbatch has seen them).
+MinJobAge=4
 MailProg=/bin/true
 NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname=localhost CPUs={cpus} State=UNKNOWN
 # OverSubscribe=FORCE lets jobs with --overcommit run more ranks than cores (emulated devices).
