@@ -94,11 +94,14 @@ class Device:
 
     flops: float  # FLOP/s of matrix products (prefill)
     weight_bw: float  # bytes/s of weights through a matrix-vector product (decode)
-    layer_overhead_s: float  # fixed cost per layer per forward pass
+    layer_overhead_s: float  # fixed cost per layer per forward pass (our decoder: Python, kernel starts, syncs)
     disk_bw: float  # bytes/s reading layer files
     base_rss: float  # bytes of a worker process before any weight is loaded
     base_rss_master: float  # the same for rank 0 (also Hydra, the tokenizer)
     host_cores: int | None = None
+    forward_overhead_s: float = 0.0  # fixed cost per forward pass (embedding, head, sampling, protocol)
+    hf_layer_overhead_s: float | None = None  # the same for HF transformers' modules (None: as ours)
+    hf_forward_overhead_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,8 @@ def _compute(shape: ModelShape, q: int, n: int, dev: Device, active: int) -> flo
     """One layer's slice of 1/n of the work on one rank, while `active` ranks compute at once on the host."""
     share = _share(dev, active)
     flops = 2 * q * shape.layer_params / n
-    return max(flops / (dev.flops / share), shape.layer_bytes / n / (dev.weight_bw / share)) + dev.layer_overhead_s
+    # CPU time, overheads included, stretched by the number of ranks per core
+    return share * (max(flops / dev.flops, shape.layer_bytes / n / dev.weight_bw) + dev.layer_overhead_s)
 
 
 def _link(s: Setting, name: str) -> LinkModel:
@@ -155,7 +159,15 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
         per_layer = max(per_layer, sh.layer_bytes / n / dev.disk_bw)
     b = _link(s, "bcast")
     bcast = (b.alpha + (n - 1) * msg * b.beta) if n > 1 else 0.0
-    return bcast + sh.layers * per_layer + _head(sh, dev)
+    return bcast + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
+
+
+def _hf_device(dev: Device) -> Device:
+    """HF transformers runs its own modules: their fixed costs where calibrated."""
+    return replace(dev, layer_overhead_s=dev.hf_layer_overhead_s if dev.hf_layer_overhead_s is not None
+                   else dev.layer_overhead_s,
+                   forward_overhead_s=dev.hf_forward_overhead_s if dev.hf_forward_overhead_s is not None
+                   else dev.forward_overhead_s)
 
 
 def _peak(s: Setting, dev: Device) -> tuple[float, float]:
@@ -174,6 +186,7 @@ def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -
     """HF on one device. With `memory` (the device's RAM) smaller than the model, the weights that do not fit
     are evicted and read again from disk every forward pass (mmap'd safetensors under memory pressure)."""
     one = replace(s, n=1, window=None)
+    dev = _hf_device(dev)
     master, _ = _peak(one, dev)
     reread = max(0.0, master - memory) / dev.disk_bw if memory else 0.0
     return Prediction(_tp_forward(one, dev, s.prompt_tokens) + reread, _tp_forward(one, dev, 1) + reread,
@@ -200,7 +213,7 @@ def predict_pipeline(s: Setting, dev: Device) -> Prediction:
         msg = q * sh.hidden * FP32
         per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
         hops = n * (hop.alpha + msg * hop.beta) if n > 1 else 0.0
-        return sh.layers * per_layer_full + hops + _head(sh, dev)
+        return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
 
     layers_rank = -(-sh.layers // n)
     kv = sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1) * layers_rank / sh.layers
@@ -261,6 +274,44 @@ def measure_compute(threads: int) -> dict[str, float]:
 
     overhead = _median_time(one_layer, 200)
     return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}
+
+
+def measure_overheads(workdir: Path, tokens: int = 24) -> dict[str, float]:
+    """Fixed costs of a forward pass and of each layer, for our decoder and for HF transformers: decode
+    latency of the real code on one process (one thread) with 1 and with 4 layers of negligible size
+    (hidden 64); the difference over 3 layers is the per-layer cost, the rest the per-forward cost."""
+    import torch
+    from mpi4py import MPI
+    from transformers import AutoModelForCausalLM
+
+    from .baselines import HFRunner
+    from .engine import Master
+    from .make_model import make_model
+    from .shards import open_rank_shard
+    from .split import split
+
+    torch.set_num_threads(1)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4}
+    decode: dict[str, dict[int, float]] = {"ours": {}, "hf": {}}
+    for layers in (1, 4):
+        model = make_model(workdir / f"m{layers}", "tiny", "llama", layers=layers, overrides=shape)
+        shard = open_rank_shard(split(model, workdir / f"s{layers}", 1), 0, 1)
+        runners: dict[str, Any] = {"ours": Master(MPI.COMM_SELF, shard, "star"),
+                   "hf": HFRunner(MPI.COMM_SELF, AutoModelForCausalLM.from_pretrained(model).eval(), 0.0, "hf")}
+        for name, r in runners.items():
+            times = []
+            r.forward([1, 2, 3, 4], 0, 4 + tokens)
+            for i in range(tokens):
+                t0 = time.perf_counter()
+                r.forward([5], 4 + i)
+                times.append(time.perf_counter() - t0)
+            decode[name][layers] = sorted(times)[len(times) // 2]
+    out = {}
+    for name, t in decode.items():
+        per_layer = max(0.0, (t[4] - t[1]) / 3)
+        out[f"{name}_layer_overhead_s"] = per_layer
+        out[f"{name}_forward_overhead_s"] = max(0.0, t[1] - per_layer)
+    return out
 
 
 def measure_disk(size: int = 256 << 20) -> float:
@@ -353,6 +404,8 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     calib["compute_all_cores"] = measure_compute(cores)
     calib["compute_1_thread"] = measure_compute(1)
     calib["disk_bw"] = measure_disk()
+    with tempfile.TemporaryDirectory(prefix="perfmodel-") as d:
+        calib["overheads"] = measure_overheads(Path(d))
     links: dict[str, dict[str, Any]] = {}
     for n in world_sizes:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -375,7 +428,12 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
 def device_from(calib: dict[str, Any]) -> Device:
     """A rank of the sweeps: one torch thread (experiments.run_all runs them with threads=1)."""
     c = calib["compute_1_thread"]
-    return Device(flops=c["flops"], weight_bw=c["weight_bw"], layer_overhead_s=c["layer_overhead_s"],
+    o = calib.get("overheads", {})
+    return Device(flops=c["flops"], weight_bw=c["weight_bw"],
+                  layer_overhead_s=o.get("ours_layer_overhead_s", c["layer_overhead_s"]),
+                  forward_overhead_s=o.get("ours_forward_overhead_s", 0.0),
+                  hf_layer_overhead_s=o.get("hf_layer_overhead_s"),
+                  hf_forward_overhead_s=o.get("hf_forward_overhead_s"),
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
                   host_cores=calib["cores"])
 
