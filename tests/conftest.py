@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -15,16 +16,45 @@ MPIRUN = str(Path(sys.executable).with_name("mpirun"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL mpirun and every process below it. Not just its process group: hydra starts each rank
+    in a session of its own (setsid), so killing mpirun's group would leave the ranks running."""
+    try:
+        top = psutil.Process(proc.pid)
+        procs = [*top.children(recursive=True), top]  # collected first: once mpirun dies they are orphans
+    except psutil.NoSuchProcess:
+        return
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs[:-1], timeout=10)
+
+
+def start_mpirun(n: int, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,
+                 stdout: int | None = subprocess.PIPE) -> subprocess.Popen:
+    """Start `mpirun -n N python ARGS` in a session of its own (the caller must wait with a timeout)."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.Popen([MPIRUN, "-n", str(n), sys.executable, *args], cwd=cwd or ROOT, env=full_env,
+                            stdin=subprocess.DEVNULL, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
 def mpirun(n: int, args: list[str], timeout: float = 180, cwd: Path | None = None,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `mpirun -n N python ARGS`; a run past its timeout fails the test (and is killed)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", **(env or {})}
-    cmd = [MPIRUN, "-n", str(n), sys.executable, *args]
-    try:
-        return subprocess.run(cmd, cwd=cwd or ROOT, env=full_env, stdin=subprocess.DEVNULL,
-                              capture_output=True, text=True, timeout=timeout, start_new_session=True)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"mpirun -n {n} {' '.join(args)} hung for {timeout}s:\n{exc.stderr}")
+    """Run `mpirun -n N python ARGS`; a run past its timeout fails the test, and it and every rank are killed."""
+    with start_mpirun(n, args, cwd, env) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_tree(proc)
+            out, err = proc.communicate()
+            pytest.fail(f"mpirun -n {n} {' '.join(args)} hung for {timeout}s:\n{err[-3000:]}")
+        finally:
+            if proc.poll() is None:  # interrupted otherwise (Ctrl-C in pytest): leave nothing running
+                kill_tree(proc)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 
 def run_tpi(n: int, overrides: list[str], tmp: Path, timeout: float = 180) -> subprocess.CompletedProcess:

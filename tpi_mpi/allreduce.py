@@ -19,6 +19,7 @@ import numpy as np
 from mpi4py import MPI
 
 from . import cost_model
+from .links import P2P, SoftwareLinks
 
 _TAG = 17
 log = logging.getLogger("tpi_mpi")
@@ -93,10 +94,11 @@ class Allreduce:
 
     name = "base"
 
-    def __init__(self, comm: MPI.Comm, wire: str = "fp32"):
+    def __init__(self, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None):
         self.comm = comm
         self.wire = WireFormat(wire)
         self.stats = CommStats()
+        self.p2p = P2P(comm, links)  # every point-to-point message goes through here (links: modelled)
 
     def __call__(self, buf: np.ndarray) -> None:
         if not (buf.dtype == np.float32 and buf.flags.c_contiguous):
@@ -126,8 +128,11 @@ class StarAllreduce(Allreduce):
 
     name = "star"
 
-    def __init__(self, comm: MPI.Comm, wire: str = "fp32", bcast: bool = False):
-        super().__init__(comm, wire)
+    def __init__(self, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None,
+                 bcast: bool = False):
+        if bcast and links is not None:
+            raise ValueError("the software link model covers point-to-point messages, not MPI_Bcast")
+        super().__init__(comm, wire, links)
         self.bcast = bcast
 
     def _reduce(self, buf: np.ndarray) -> None:
@@ -135,16 +140,16 @@ class StarAllreduce(Allreduce):
         nbytes = buf.size * wire.itemsize
         if comm.rank != 0:
             w = wire.encode(buf)
-            comm.Send(w, dest=0, tag=_TAG)
+            self.p2p.send(w, 0, _TAG)
             if self.bcast:
                 comm.Bcast(w, root=0)
             else:
-                comm.Recv(w, source=0, tag=_TAG)
+                self.p2p.recv(w, 0, _TAG)
             wire.decode(w, buf)
             self._count(nbytes, nbytes)
             return
         scratch = [wire.empty(buf.size) for _ in range(n - 1)]
-        recvs = [comm.Irecv(scratch[i], source=i + 1, tag=_TAG) for i in range(n - 1)]
+        recvs = [self.p2p.irecv(scratch[i], i + 1, _TAG) for i in range(n - 1)]
         # Summed in rank order rather than arrival order, so that a run repeats bit for bit; the
         # later receives still proceed while the earlier partials are being added.
         for i, req in enumerate(recvs):
@@ -154,7 +159,7 @@ class StarAllreduce(Allreduce):
         if self.bcast:
             comm.Bcast(w, root=0)
         else:
-            MPI.Request.Waitall([comm.Isend(w, dest=r, tag=_TAG) for r in range(1, n)])
+            self.p2p.waitall([req for r in range(1, n) for req in self.p2p.isend(w, r, _TAG)])
         self._count(nbytes * (n - 1), nbytes * (n - 1))
 
 
@@ -174,7 +179,7 @@ class RingAllreduce(Allreduce):
     name = "ring"
 
     def _reduce(self, buf: np.ndarray) -> None:
-        comm, n, r, wire = self.comm, self.comm.size, self.comm.rank, self.wire
+        n, r, wire = self.comm.size, self.comm.rank, self.wire
         right, left = (r + 1) % n, (r - 1) % n
         bounds = chunk_bounds(buf.size, n)
 
@@ -188,7 +193,7 @@ class RingAllreduce(Allreduce):
         for s in range(n - 1):
             out, into = chunk(r - s), chunk(r - s - 1)
             w, rw = wire.encode(out), recv[:into.size]
-            comm.Sendrecv(w, dest=right, sendtag=_TAG, recvbuf=rw, source=left, recvtag=_TAG)
+            self.p2p.sendrecv(w, right, rw, left, _TAG)
             into += wire.to_fp32(rw)
             sent, received = sent + w.nbytes, received + rw.nbytes
         own = chunk(r + 1)  # fully summed here
@@ -197,7 +202,7 @@ class RingAllreduce(Allreduce):
         for s in range(n - 1):
             out, into = chunk(r + 1 - s), chunk(r - s)
             w, rw = wire.encode(out), recv[:into.size]
-            comm.Sendrecv(w, dest=right, sendtag=_TAG, recvbuf=rw, source=left, recvtag=_TAG)
+            self.p2p.sendrecv(w, right, rw, left, _TAG)
             wire.decode(rw, into)
             sent, received = sent + w.nbytes, received + rw.nbytes
         self._count(sent, received)
@@ -213,12 +218,12 @@ class MeshAllreduce(Allreduce):
     name = "mesh"
 
     def _reduce(self, buf: np.ndarray) -> None:
-        comm, n, r, wire = self.comm, self.comm.size, self.comm.rank, self.wire
+        n, r, wire = self.comm.size, self.comm.rank, self.wire
         own = wire.round(buf)
         parts = [own if i == r else wire.empty(buf.size) for i in range(n)]
-        reqs = [comm.Irecv(parts[i], source=i, tag=_TAG) for i in range(n) if i != r]
-        reqs += [comm.Isend(own, dest=i, tag=_TAG) for i in range(n) if i != r]
-        MPI.Request.Waitall(reqs)
+        reqs = [self.p2p.irecv(parts[i], i, _TAG) for i in range(n) if i != r]
+        reqs += [req for i in range(n) if i != r for req in self.p2p.isend(own, i, _TAG)]
+        self.p2p.waitall(reqs)
         total = wire.to_fp32(parts[0]).copy()
         for i in range(1, n):
             total += wire.to_fp32(parts[i])
@@ -238,31 +243,31 @@ class RecursiveDoublingAllreduce(Allreduce):
     name = "tree"
 
     def _reduce(self, buf: np.ndarray) -> None:
-        comm, n, r, wire = self.comm, self.comm.size, self.comm.rank, self.wire
+        n, r, wire = self.comm.size, self.comm.rank, self.wire
         p2 = 1 << (n.bit_length() - 1)
         recv = wire.empty(buf.size)
         sent = received = 0
         if r >= p2:  # an extra rank: fold into rank r - p2, get the sum back
             w = wire.encode(buf)
-            comm.Send(w, dest=r - p2, tag=_TAG)
-            comm.Recv(recv, source=r - p2, tag=_TAG)
+            self.p2p.send(w, r - p2, _TAG)
+            self.p2p.recv(recv, r - p2, _TAG)
             wire.decode(recv, buf)
             self._count(w.nbytes, recv.nbytes)
             return
         if r + p2 < n:
-            comm.Recv(recv, source=r + p2, tag=_TAG)
+            self.p2p.recv(recv, r + p2, _TAG)
             buf += wire.to_fp32(recv)
             received += recv.nbytes
         mask = 1
         while mask < p2:
             partner = r ^ mask
             w = wire.round(buf)  # both ranks of the pair must add the same two values
-            comm.Sendrecv(w, dest=partner, sendtag=_TAG, recvbuf=recv, source=partner, recvtag=_TAG)
+            self.p2p.sendrecv(w, partner, recv, partner, _TAG)
             buf += wire.to_fp32(recv)
             sent, received, mask = sent + w.nbytes, received + recv.nbytes, mask * 2
         w = wire.round(buf)
         if r + p2 < n:
-            comm.Send(w, dest=r + p2, tag=_TAG)
+            self.p2p.send(w, r + p2, _TAG)
             sent += w.nbytes
         self._count(sent, received)
 
@@ -277,9 +282,11 @@ class MpiAllreduce(Allreduce):
 
     name = "mpi"
 
-    def __init__(self, comm: MPI.Comm, wire: str = "fp32"):
+    def __init__(self, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None):
         if wire != "fp32":
             raise ValueError("comm.algo=mpi sends fp32 only: set comm.dtype=fp32")
+        if links is not None:
+            raise ValueError("the software link model cannot see inside MPI_Allreduce: use another comm.algo")
         super().__init__(comm, wire)
 
     def _reduce(self, buf: np.ndarray) -> None:
@@ -287,10 +294,13 @@ class MpiAllreduce(Allreduce):
         self._count(buf.nbytes, buf.nbytes)
 
 
-def probe_link(comm: MPI.Comm, small: int = 8, large: int = 1 << 18, repeats: int = 10) -> cost_model.LinkModel:
+def probe_link(comm: MPI.Comm, small: int = 8, large: int = 1 << 18, repeats: int = 10,
+               p2p: P2P | None = None) -> cost_model.LinkModel:
     """Ping-pong between rank 0 and each other rank at two sizes: alpha from the small message, beta from
     the difference; gamma from timing a local add. The slowest link counts. Collective; every rank gets
-    rank 0's figures, so that all of them choose the same algorithms."""
+    rank 0's figures, so that all of them choose the same algorithms. Through `p2p` (the software link
+    model, if any), so that it measures the links the algorithms will see."""
+    p2p = p2p or P2P(comm)
     a = np.zeros(large // 4, dtype=np.float32)
     alpha = beta = 0.0
     for peer in range(1, comm.size):
@@ -303,11 +313,11 @@ def probe_link(comm: MPI.Comm, small: int = 8, large: int = 1 << 18, repeats: in
             for _ in range(repeats + 2):  # the first two warm the path up
                 t0 = time.perf_counter()
                 if comm.rank == 0:
-                    comm.Send(msg, dest=peer, tag=_TAG)
-                    comm.Recv(msg, source=peer, tag=_TAG)
+                    p2p.send(msg, peer, _TAG)
+                    p2p.recv(msg, peer, _TAG)
                 else:
-                    comm.Recv(msg, source=0, tag=_TAG)
-                    comm.Send(msg, dest=0, tag=_TAG)
+                    p2p.recv(msg, 0, _TAG)
+                    p2p.send(msg, 0, _TAG)
                 samples.append((time.perf_counter() - t0) / 2)
             times[nbytes] = float(np.median(samples[2:]))
         alpha = max(alpha, times[small])
@@ -330,12 +340,13 @@ class AutoAllreduce(Allreduce):
 
     name = "auto"
 
-    def __init__(self, comm: MPI.Comm, wire: str = "fp32", link: cost_model.LinkModel | None = None):
-        super().__init__(comm, wire)
-        self.link = link if link is not None else probe_link(comm)
+    def __init__(self, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None,
+                 link: cost_model.LinkModel | None = None):
+        super().__init__(comm, wire, links)
+        self.link = link if link is not None else probe_link(comm, p2p=self.p2p)
         self.algorithms: dict[str, Allreduce] = {}
         for algo in cost_model.CANDIDATES:
-            impl = ALGORITHMS[algo](comm, wire)
+            impl = ALGORITHMS[algo](comm, wire, links)
             impl.stats = self.stats  # one set of counters for the whole run
             self.algorithms[algo] = impl
         self.choices: dict[int, tuple[str, float]] = {}
@@ -367,5 +378,5 @@ ALGORITHMS: dict[str, type[Allreduce]] = {
 }
 
 
-def make_allreduce(algo: str, comm: MPI.Comm, wire: str = "fp32") -> Allreduce:
-    return ALGORITHMS[algo](comm, wire)
+def make_allreduce(algo: str, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None) -> Allreduce:
+    return ALGORITHMS[algo](comm, wire, links)

@@ -12,6 +12,7 @@ from typing import Any
 from .allreduce import ALGORITHMS, WIRE_DTYPES
 from .errors import UserError
 
+CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
 # baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines.py)
 BASELINES = ("transformers", "accelerate", "pipeline")
@@ -28,7 +29,7 @@ class ModelConfig:
     cache_dir: str = "shards"
     ratios: tuple[float, ...] | None = None
     dtype: str = "auto"
-    verify_checksums: bool = False
+    verify_checksums: str = "xxh3"  # xxh3 (fast, default), sha256, none (sizes only)
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class CommConfig:
     algo: str = "star"
     dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
     mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
+    timeout_s: float | None = 60.0  # watchdog: a collective stalled this long aborts the job; null/0 = off
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,16 @@ class OutputConfig:
     results: str | None = "results/results.jsonl"
 
 
+LINK_MODES = ("none", "shaped", "software")
+
+
+@dataclass(frozen=True)
+class EmulationConfig:
+    links: str = "none"  # none | shaped (set by `python -m tpi_mpi.emulate run`) | software (modelled here)
+    network: str | None = None  # conf/network profile: the modelled links (software), a label (shaped)
+    device: str | None = None  # conf/device profile(s): a label of the record (caps come from the emulator)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     model: ModelConfig
@@ -88,6 +100,7 @@ class RunConfig:
     logging: LoggingConfig
     output: OutputConfig
     accelerate: AccelerateConfig = AccelerateConfig()
+    emulation: EmulationConfig = EmulationConfig()
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     threads: int | None = None
@@ -108,6 +121,8 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     unknown = sorted(set(data) - known)
     if unknown:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
+    if isinstance(data.get("verify_checksums"), bool):  # the older true/false
+        data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -119,7 +134,8 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     top = {"prompt", "prompt_ids", "threads", "baseline"}
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
                 "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
-                "accelerate": AccelerateConfig}
+                "accelerate": AccelerateConfig,
+                "emulation": EmulationConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -143,6 +159,8 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
     if c.algo == "mpi" and c.dtype != "fp32":
         raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
                         "another comm.algo")
+    if c.timeout_s is not None and not c.timeout_s >= 0:
+        raise UserError(f"comm.timeout_s must be >= 0 seconds (0 or null: no watchdog), got {c.timeout_s}")
     if c.mpi_algorithm is None:
         return
     if c.algo != "mpi":
@@ -159,10 +177,31 @@ def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
                         f"{env.get(MPICH_ALLREDUCE_ENV, 'nothing')})")
 
 
+def _validate_emulation(cfg: RunConfig) -> None:
+    e = cfg.emulation
+    if e.links not in LINK_MODES:
+        raise UserError(f"unknown emulation.links={e.links!r}: choose one of {', '.join(LINK_MODES)}")
+    if e.links != "software":
+        return
+    if e.network is None:
+        raise UserError("emulation.links=software models the links of a network profile: add "
+                        "emulation.network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
+    from .emulate.profiles import load_network
+
+    load_network(e.network)  # an unknown name is one line here, not an error on every rank later
+    if cfg.comm.algo == "mpi":
+        raise UserError("emulation.links=software cannot see inside MPI_Allreduce (comm.algo=mpi): choose "
+                        "comm.algo=star, ring, mesh, tree or auto")
+
+
 def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     """`env`: the environment mpirun gave us (default: os.environ), to check comm.mpi_algorithm."""
     g = cfg.generation
     _validate_comm(cfg.comm, env if env is not None else dict(os.environ))
+    if cfg.model.verify_checksums not in CHECKSUM_MODES:
+        raise UserError(f"unknown model.verify_checksums={cfg.model.verify_checksums!r}: choose one of "
+                        f"{', '.join(CHECKSUM_MODES)}")
+    _validate_emulation(cfg)
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:

@@ -8,22 +8,27 @@ ids never leave it: workers only ever see hidden states.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
 from .allreduce import CommStats, make_allreduce
 from .errors import UserError
+from .links import SoftwareLinks
 from .models.llama import ShardedDecoder, rms_norm
 from .shards import RankShard
+from .watchdog import Watchdog
 
 OP_STOP, OP_FORWARD = 0, 1
+WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -34,21 +39,56 @@ class RankTimes:
     bcast: CommStats = field(default_factory=CommStats)
 
 
+def _rss() -> tuple[int, int, int | None]:
+    """(peak, current) resident memory of this process in bytes, and the bytes malloc has handed out.
+
+    RSS hides a small leak: memory freed after loading stays resident and is reused first. The heap in
+    use (glibc's mallinfo2: small blocks + mmapped ones, which is where torch's tensors live) does not.
+    """
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss,
+            _heap_in_use())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
 class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm, wire)
-        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype])
+        self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
+        self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
+        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype], self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
+        self.passes = 0
+        self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
+
+    def _pass_done(self) -> None:
+        self.passes += 1
+        if self.passes == WARMUP_PASSES:
+            self.rss_warm_bytes = _rss()
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
-        self.comm.Bcast(x, root=0)
+        with self.watchdog("bcast of hidden states"):
+            self.comm.Bcast(x, root=0)
         s = self.times.bcast
         s.calls += 1
         s.seconds += time.perf_counter() - t0
@@ -63,13 +103,16 @@ class Engine:
             self.decoder.reset(capacity)
         return self.decoder.forward(x, start)
 
+    def close(self) -> None:
+        self.watchdog.close()
+
     def rank_record(self) -> dict[str, Any]:
         ar, bc = self.allreduce.stats, self.times.bcast
         comm_s = ar.seconds + bc.seconds
         choices = getattr(self.allreduce, "choices", None)  # comm.algo=auto: what it picked per size
         return {
             "rank": self.comm.rank,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _rss()[0],
             "load_s": self.times.load_s,
             "compute_s": max(0.0, self.times.forward_s - comm_s),
             "comm_s": comm_s,
@@ -77,6 +120,13 @@ class Engine:
             "bytes_received": ar.bytes_received + bc.bytes_received,
             "allreduce": ar.to_json(),
             "bcast": bc.to_json(),
+            # Memory after warm-up and now (null if fewer passes): later growth would be a leak.
+            "peak_rss_warm_bytes": self.rss_warm_bytes[0] if self.rss_warm_bytes else None,
+            "rss_warm_bytes": self.rss_warm_bytes[1] if self.rss_warm_bytes else None,
+            "rss_bytes": _rss()[1],
+            "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
+            "heap_bytes": _rss()[2],
+            "forward_passes": self.passes,
             **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
                                    for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
         }
@@ -85,8 +135,12 @@ class Engine:
 class Worker(Engine):
     def serve(self) -> None:
         """Run forward passes as the master asks, until it says stop."""
+        first = True
         while True:
-            self.comm.Bcast(self.header, root=0)
+            # Not watched before the first pass: rank 0 may still be loading its embedding and head.
+            with self.watchdog("bcast of the header", watch=not first):
+                self.comm.Bcast(self.header, root=0)
+            first = False
             op, q_len, start, capacity = (int(v) for v in self.header)
             if op == OP_STOP:
                 return
@@ -95,13 +149,15 @@ class Worker(Engine):
             self._bcast_hidden(x)
             self._layers(torch.from_numpy(x), start, capacity)
             self.times.forward_s += time.perf_counter() - t0
+            self._pass_done()
 
 
 class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
-    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32"):
-        super().__init__(comm, shard, algo, dtype, wire)
+    def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links)
         t0 = time.perf_counter()
         cast = DTYPES[dtype]
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
@@ -121,7 +177,8 @@ class Master(Engine):
         """Logits (float32) of the last position, or of every position with all_logits."""
         t0 = time.perf_counter()
         self.header[:] = (OP_FORWARD, len(ids), start, capacity)
-        self.comm.Bcast(self.header, root=0)
+        with self.watchdog("bcast of the header"):
+            self.comm.Bcast(self.header, root=0)
         x = F.embedding(torch.tensor(ids), self.embed).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
@@ -130,11 +187,13 @@ class Master(Engine):
         h = rms_norm(x.to(self.norm.dtype), self.norm, self.eps)
         logits = F.linear(h, self.lm_head).float()
         self.times.forward_s += time.perf_counter() - t0
+        self._pass_done()
         return logits if all_logits else logits[0]
 
     def stop(self) -> None:
         self.header[:] = (OP_STOP, 0, 0, 0)
-        self.comm.Bcast(self.header, root=0)
+        with self.watchdog("bcast of the header"):
+            self.comm.Bcast(self.header, root=0)
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -18,6 +18,7 @@ from typing import Any
 
 from mpi4py import MPI
 
+from . import sentinel
 from .errors import UserError, agree_or_abort, run_or_abort
 
 log = logging.getLogger("tpi_mpi")
@@ -25,6 +26,7 @@ log = logging.getLogger("tpi_mpi")
 
 def main() -> None:
     comm = MPI.COMM_WORLD
+    sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
         _master_main(comm)
         return
@@ -57,6 +59,7 @@ def _master_main(comm: MPI.Comm) -> None:
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
     finally:
+        sentinel.stopping()  # from here on, ranks exiting is the plan
         comm.bcast(("exit", code), root=0)  # also releases the workers if Hydra stopped early
     if code:
         sys.exit(code)
@@ -134,16 +137,24 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
 
+    links = None
+    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
+        from .emulate.profiles import load_network
+        from .links import SoftwareLinks
+
+        links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
         worker.serve()
+        worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
     try:
         record = _generate(master, cfg, path)
     finally:
         master.stop()  # also on error, so that the workers are not left waiting
+    master.close()
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
 
@@ -204,9 +215,20 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "world_size": master.comm.size,
         "comm_algo": cfg.comm.algo if cfg.baseline is None else None,
         "baseline": cfg.baseline,
+        # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
+        "links": cfg.emulation.links,
+        "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slurm": _slurm_job(),
     }
+
+
+def _slurm_job() -> dict[str, str] | None:
+    """Which Slurm job (and array task) made this record, so that records collected in one file stay apart."""
+    keys = ("job_id", "array_job_id", "array_task_id", "job_nodelist", "ntasks")
+    job = {k: os.environ[f"SLURM_{k.upper()}"] for k in keys if f"SLURM_{k.upper()}" in os.environ}
+    return job or None
 
 
 def _report(record: dict[str, Any], cfg: Any) -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from .errors import UserError
 from .partition import ShardPlan
-from .split import FORMAT, block_file, rank_dir, sha256_file
+from .split import FORMAT, block_file, file_digests, rank_dir
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,12 @@ class RankShard:
         return load_file(str(self.dir / name))
 
 
-def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_checksums: bool = False) -> RankShard:
+CHECKSUM_MODES = {"xxh3": "xxh3_128", "sha256": "sha256", "none": None}  # model.verify_checksums -> manifest key
+
+
+def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_checksums: str = "xxh3") -> RankShard:
+    """Every file's size is checked against the manifest, and its checksum unless verify_checksums=none:
+    a file truncated or altered after the split is named before any weight is read from it."""
     d = rank_dir(shards, rank)
     fix = f"split the model with: python -m tpi_mpi.split --model MODEL --out {shards} --world-size {world_size}"
     if not d.is_dir():
@@ -58,8 +63,12 @@ def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_check
             raise UserError(f"{f} is missing: {fix}")
         if f.stat().st_size != meta["bytes"]:
             raise UserError(f"{f} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}: {fix}")
-        if verify_checksums and sha256_file(f) != meta["sha256"]:
-            raise UserError(f"{f} does not match its checksum in the manifest: {fix}")
+        algo = CHECKSUM_MODES[verify_checksums]
+        if algo is not None and algo not in meta:  # a manifest from before xxh3 was recorded
+            algo = "sha256"
+        if algo is not None and file_digests(f, (algo,))[algo] != meta[algo]:
+            raise UserError(f"{f} does not match its {algo} checksum in the manifest (altered or damaged "
+                            f"after the split): {fix}")
     config = json.loads((d / "config.json").read_text())
     return RankShard(
         dir=d, rank=rank, world_size=world_size, split_id=manifest["split_id"],

@@ -12,14 +12,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+import xxhash
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -102,15 +105,27 @@ class CheckpointReader:
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, Any]:
     tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in tensors.items()}
     save_file(tensors, str(path))
-    return {"bytes": path.stat().st_size, "sha256": sha256_file(path)}
+    return {"bytes": path.stat().st_size, **file_digests(path)}
+
+
+# Checksums kept in the manifest. xxh3_128 (non-cryptographic, ~10x faster than sha256) is checked every
+# time a shard is opened; sha256 on request (model.verify_checksums=sha256), against deliberate changes.
+CHECKSUMS: dict[str, Callable[[], Any]] = {"xxh3_128": xxhash.xxh3_128, "sha256": hashlib.sha256}
+
+
+def file_digests(path: Path, names: tuple[str, ...] = tuple(CHECKSUMS)) -> dict[str, str]:
+    """The named checksums of a file, read once in 16 MiB chunks."""
+    hashes = [CHECKSUMS[n]() for n in names]
+    buf = memoryview(bytearray(1 << 24))  # reused: no new 16 MiB object per chunk
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            for h in hashes:
+                h.update(buf[:n])
+    return {n: h.hexdigest() for n, h in zip(names, hashes, strict=True)}
 
 
 def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 24):
-            h.update(chunk)
-    return h.hexdigest()
+    return file_digests(path, ("sha256",))["sha256"]
 
 
 def split(model: str | Path, out: str | Path, world_size: int, ratios: list[float] | None = None,
@@ -132,7 +147,8 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
     cast = None if dtype == "auto" else DTYPES[dtype]
     tied = bool(config.get("tie_word_embeddings", False)) or not reader.has("lm_head.weight")
     split_id = uuid.uuid4().hex
-    tmp = out.with_name(f".{out.name}.partial-{split_id[:8]}")
+    remove_stale_partials(out)
+    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}-{split_id[:8]}")
     tmp.mkdir(parents=True)
     try:
         files: list[dict[str, Any]] = [{} for _ in range(world_size)]
@@ -169,6 +185,24 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def remove_stale_partials(out: Path) -> None:
+    """Remove what a killed split left (its partial directory carries its pid); a running one is kept."""
+    for partial in out.parent.glob(f".{out.name}.partial-*"):
+        pid = partial.name.rsplit(".partial-", 1)[1].split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _write_master(reader: CheckpointReader, d: Path, files: dict[str, Any], cast: torch.dtype | None,

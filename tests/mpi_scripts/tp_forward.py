@@ -21,7 +21,7 @@ args = sys.argv[1:]
 algos = args.pop(0).removeprefix("--algos=").split(",") if args[0].startswith("--algos=") else ["star"]
 shards, out, new_tokens = args[0], args[1], int(args[2])
 ids = [int(i) for i in args[3:]]
-shard = open_rank_shard(shards, comm.rank, comm.size, verify_checksums=True)
+shard = open_rank_shard(shards, comm.rank, comm.size, verify_checksums="sha256")
 saved: dict[str, np.ndarray] = {}
 for algo in algos:
     if comm.rank == 0:

@@ -2,6 +2,13 @@
 
     python -m tpi_mpi.bench.allreduce [--world-sizes 2,3,4,5,6,7,8] [--hidden 4096,5120,8192]
         [--dtypes fp32,fp16] [--tokens 1] [--repeats 30] [--warmup 3] [--jsonl FILE] [--timeout 300]
+        [--emulate SESSION | --software-links NETWORK]
+
+On emulated links (README "Emulation"): `--emulate SESSION` runs every rank through the per-rank wrapper of
+a session brought up with `python -m tpi_mpi.emulate up ... session=SESSION` (real shaped links, MPICH on
+the wire); `--software-links wifi` models the links of conf/network/wifi.yaml in software instead (our
+algorithms only: MPI's own and star-bcast are not point-to-point, so they are left out). Every JSON line
+says which (`links`: none, shaped or software).
 
 For each world size N the driver starts `mpirun -n N` three times (each with a timeout): once for our
 algorithms and MPI_Allreduce as MPICH chooses, and once each with MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=ring
@@ -54,18 +61,26 @@ def worker(args: argparse.Namespace) -> None:
     comm = MPI.COMM_WORLD
     n, rank = comm.size, comm.rank
     mpich = os.environ.get("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM")
-    link = probe_link(comm)
+    links = None
+    if args.software_links:
+        from tpi_mpi.emulate.profiles import load_network
+        from tpi_mpi.links import SoftwareLinks
+
+        links = SoftwareLinks(rank, n, load_network(args.software_links))
+    link_mode = "software" if links else ("shaped" if os.environ.get("TPI_MPI_EMU_SESSION") else "none")
+    link = probe_link(comm, p2p=StarAllreduce(comm, links=links).p2p)
 
     def algorithms(wire: str) -> dict[str, Allreduce]:
         if mpich:  # a run for one of MPICH's forced algorithms: MPI_Allreduce, and star to compare with
             return {"star": StarAllreduce(comm), MPICH_VARIANTS[mpich]: MpiAllreduce(comm)} if wire == "fp32" else {}
-        algos: dict[str, Allreduce] = {"star": StarAllreduce(comm, wire),
-                                       "star-bcast": StarAllreduce(comm, wire, bcast=True)}
+        algos: dict[str, Allreduce] = {"star": StarAllreduce(comm, wire, links)}
+        if links is None:
+            algos["star-bcast"] = StarAllreduce(comm, wire, bcast=True)
         for name in ("ring", "mesh", "tree"):
-            algos[name] = ALGORITHMS[name](comm, wire)
-        if wire == "fp32":
+            algos[name] = ALGORITHMS[name](comm, wire, links)
+        if wire == "fp32" and links is None:
             algos["mpi"] = MpiAllreduce(comm)
-        algos["auto"] = AutoAllreduce(comm, wire, link=link)
+        algos["auto"] = AutoAllreduce(comm, wire, links, link=link)
         return algos
 
     rows = []
@@ -89,7 +104,8 @@ def worker(args: argparse.Namespace) -> None:
                 itemsize = 4 if wire == "fp32" else 2
                 row = {"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
                        "bytes": size * itemsize, "median_us": statistics.median(samples[name]) * 1e6,
-                       "samples_us": [round(s * 1e6, 1) for s in samples[name]], "mpich_algorithm": mpich}
+                       "samples_us": [round(s * 1e6, 1) for s in samples[name]], "mpich_algorithm": mpich,
+                       "links": link_mode, "network": args.software_links or os.environ.get("TPI_MPI_EMU_NETWORK")}
                 if isinstance(ar, AutoAllreduce):
                     choice, predicted = ar.choices[size * itemsize]
                     row.update(auto_choice=choice, auto_predicted_us=predicted * 1e6,
@@ -97,7 +113,7 @@ def worker(args: argparse.Namespace) -> None:
                                      "gamma_s_per_byte": link.gamma})
                 rows.append(row)
     # Wire error: every wire dtype through each of our algorithms, against the float64 sum.
-    if not mpich:
+    if not mpich and not args.no_error_table:
         for hidden in args.hidden:
             size = hidden * args.tokens
             inputs_all = [np.random.default_rng(r).standard_normal(size).astype(np.float32) for r in range(n)]
@@ -119,9 +135,15 @@ def run_world(n: int, mpich: str | None, args: argparse.Namespace, timeout: floa
     mpirun = str(Path(sys.executable).with_name("mpirun"))
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "rows.jsonl"
-        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.bench.allreduce", "--worker", "--out", str(out),
-               "--hidden", ",".join(map(str, args.hidden)), "--dtypes", ",".join(args.dtypes),
+        wrapper = ["-m", "tpi_mpi.emulate.rank", "--session", args.emulate, "--", sys.executable]
+        wrapper = wrapper if args.emulate else []
+        cmd = [mpirun, "-n", str(n), sys.executable, *wrapper, "-m", "tpi_mpi.bench.allreduce", "--worker",
+               "--out", str(out), "--hidden", ",".join(map(str, args.hidden)), "--dtypes", ",".join(args.dtypes),
                "--tokens", str(args.tokens), "--repeats", str(args.repeats), "--warmup", str(args.warmup)]
+        if args.software_links:
+            cmd += ["--software-links", args.software_links]
+        if args.no_error_table:
+            cmd += ["--no-error-table"]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         env.pop("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM", None)
         if mpich:
@@ -180,16 +202,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jsonl", default="bench_out/allreduce.jsonl")
     p.add_argument("--timeout", type=float, default=300, help="seconds per mpirun")
     p.add_argument("--no-mpich-variants", action="store_true", help="skip the mpi(ring) and mpi(rd) runs")
+    p.add_argument("--emulate", metavar="SESSION", help="ranks on the shaped links of an emulation session (up)")
+    p.add_argument("--software-links", metavar="NETWORK", help="links modelled in software (a conf/network profile)")
+    p.add_argument("--no-error-table", action="store_true", help="skip the wire-dtype error table")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.hidden = [int(h) for h in str(args.hidden).split(",")]
     args.dtypes = str(args.dtypes).split(",")
+    if args.emulate and args.software_links:
+        p.error("--emulate and --software-links exclude each other")
     if args.worker:
         worker(args)
         return 0
     rows: list[dict] = []
     t0 = time.perf_counter()
+    load_before = os.getloadavg()[0]
     for n in (int(x) for x in args.world_sizes.split(",")):
         for mpich in [None] + ([] if args.no_mpich_variants else list(MPICH_VARIANTS)):
             print(f"N={n} {MPICH_VARIANTS.get(mpich or '', 'ours + mpi')} ...", file=sys.stderr, flush=True)
@@ -198,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(args.jsonl, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
+    print(f"links: {rows[0]['links'] if rows else 'none'} {rows[0].get('network') or '' if rows else ''} | "
+          f"load avg before {load_before:.2f}, after {os.getloadavg()[0]:.2f}")
     print(table(rows))
     print(f"\n{len(rows)} rows appended to {args.jsonl} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     return 0

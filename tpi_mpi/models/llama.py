@@ -19,6 +19,7 @@ from transformers import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from ..shards import RankShard
+from ..watchdog import Watchdog
 
 AllreduceFn = Callable[[np.ndarray], None]
 
@@ -116,9 +117,11 @@ class ShardedLayer:
 class ShardedDecoder:
     """All layers of one rank. forward() is called by every rank with the same hidden states."""
 
-    def __init__(self, shard: RankShard, allreduce: AllreduceFn, dtype: torch.dtype | None = None):
+    def __init__(self, shard: RankShard, allreduce: AllreduceFn, dtype: torch.dtype | None = None,
+                 watchdog: Watchdog | None = None):
         self.cfg = hf_config(shard.config)
         self.allreduce = allreduce
+        self.watchdog = watchdog or Watchdog(None, None)  # names the allreduce that stalls
         windows = sliding_windows(self.cfg)
         self.layers = [
             ShardedLayer(shard.block(i, "attn"), shard.block(i, "ffn"), self.cfg, shard.plan.head_dim,
@@ -134,9 +137,10 @@ class ShardedDecoder:
         for layer in self.layers:
             layer.reset_cache(capacity)
 
-    def _sync(self, partial: torch.Tensor) -> torch.Tensor:
+    def _sync(self, partial: torch.Tensor, layer: int, part: str) -> torch.Tensor:
         buf = partial.float().contiguous()
-        self.allreduce(buf.numpy())
+        with self.watchdog("allreduce", layer, part):
+            self.allreduce(buf.numpy())
         return buf
 
     @torch.inference_mode()
@@ -148,7 +152,7 @@ class ShardedDecoder:
         positions = torch.arange(start, start + q_len).unsqueeze(0)
         dtype = self.layers[0].dtype if self.layers else torch.float32
         cos, sin = self.rotary(x.to(dtype), positions)
-        for layer in self.layers:
-            x = x + self._sync(layer.attention(x.to(layer.dtype), start, cos, sin))
-            x = x + self._sync(layer.ffn(x.to(layer.dtype)))
+        for i, layer in enumerate(self.layers):
+            x = x + self._sync(layer.attention(x.to(layer.dtype), start, cos, sin), i, "attn")
+            x = x + self._sync(layer.ffn(x.to(layer.dtype)), i, "ffn")
         return x

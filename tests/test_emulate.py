@@ -1,0 +1,229 @@
+"""Edge-device emulation: profiles, the software link model, and (as root, with iptables and the
+netfilterqueue package, or netem) shaped links, memory caps and a teardown that leaves nothing behind."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, mpirun
+
+from tpi_mpi.emulate import cgroups, netns
+from tpi_mpi.emulate import session as sess
+from tpi_mpi.emulate.profiles import load_device, load_network, parse_bytes
+from tpi_mpi.errors import UserError
+from tpi_mpi.make_model import make_model
+from tpi_mpi.split import split
+
+EMULATE = [sys.executable, "-m", "tpi_mpi.emulate"]
+TOLERANCE = 0.15
+
+
+def _can_shape() -> str | None:
+    """Why shaped links cannot be tested here, or None."""
+    if os.geteuid() != 0:
+        return "needs root (network namespaces, tc, iptables, cgroups)"
+    for tool in ("ip", "tc", "nsenter"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed"
+    if not netns.has_netem():
+        if shutil.which("iptables") is None:
+            return "no netem in this kernel and no iptables for the delay daemon"
+        try:
+            import netfilterqueue  # noqa: F401
+        except ImportError:
+            return "no netem in this kernel and no netfilterqueue package for the delay daemon"
+    return None
+
+
+NO_SHAPING = _can_shape()
+needs_shaping = pytest.mark.skipif(NO_SHAPING is not None, reason=str(NO_SHAPING))
+
+
+def emulate(args: list[str], timeout: float = 120, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    try:
+        return subprocess.run([*EMULATE, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"python -m tpi_mpi.emulate {' '.join(args)} hung for {timeout}s:\n{exc.stderr}")
+
+
+def root_namespace_snapshot() -> dict[str, str]:
+    """What the root namespace has that a session must not change: links, qdiscs, iptables rules."""
+    snap = {"links": subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout,
+            "qdiscs": subprocess.run(["tc", "qdisc"], capture_output=True, text=True).stdout}
+    if shutil.which("iptables"):
+        for table in ("filter", "mangle"):
+            snap[table] = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True).stdout
+    # ifindex counters differ between snapshots; compare the names only
+    snap["links"] = "\n".join(sorted(re.findall(r"^\d+: ([^:@]+)", snap["links"], re.M)))
+    return snap
+
+
+@pytest.fixture
+def session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A fresh session name with its own state directory; whatever happens in the test, it is torn down
+    afterwards and nothing of it may be left (namespaces, links, qdiscs, rules, cgroups, daemons)."""
+    name = f"t{os.getpid() % 100000}"
+    monkeypatch.setenv("TPI_MPI_EMU_STATE_DIR", str(tmp_path / "state"))
+    before = root_namespace_snapshot()
+    try:
+        yield name
+    finally:
+        left = sess.down(name)
+        assert left == [], f"left behind: {left}"
+        assert root_namespace_snapshot() == before
+
+
+# --- profiles (no root) ---------------------------------------------------------------------------------
+
+def test_every_profile_loads() -> None:
+    for kind in ("device", "network"):
+        names = sorted(p.stem for p in (ROOT / "conf" / kind).glob("*.yaml"))
+        assert {"paper"} <= set(names)
+        for name in names:
+            (load_device if kind == "device" else load_network)(name)
+    assert load_device("raspberry-pi-4").memory_bytes == 4 * 2**30
+    wifi = load_network("wifi", {"per_device": {2: {"latency_ms": 13, "bandwidth_mbit": 10}}})
+    assert wifi.latency_s(0, 1) == pytest.approx(0.003)
+    assert wifi.latency_s(0, 2) == pytest.approx((0.003 + 0.013) / 2)
+    assert wifi.bandwidth_bit_s(2, 0) == pytest.approx(10e6)
+
+
+@pytest.mark.parametrize("bad", [{"memory": "lots"}, {"memory": "1MiB"}, {"cpus": -1}, {"colour": "red"}])
+def test_bad_device_profile_is_one_line(bad: dict) -> None:
+    with pytest.raises(UserError) as e:
+        load_device("paper", bad)
+    assert "\n" not in str(e.value)
+
+
+def test_sizes() -> None:
+    assert parse_bytes("512MiB", "x") == 512 * 2**20
+    assert parse_bytes("3GB", "x") == 3 * 10**9
+    assert parse_bytes(None, "x") is None
+
+
+def test_unknown_profile_and_no_root_message() -> None:
+    p = emulate(["check", "network=nonesuch", "devices=2"])
+    assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown network='nonesuch'" in p.stderr
+
+
+# --- software link model (no root) ------------------------------------------------------------------------
+
+def test_software_links_deliver_after_latency_plus_bytes(tmp_path: Path) -> None:
+    """Ping-pong through the software model: one-way latency and bandwidth as modelled, never earlier."""
+    out = tmp_path / "check.json"
+    p = emulate(["check", "links=software", "network=wifi", "network.latency_ms=10", "network.bandwidth_mbit=50",
+                 "devices=2", f"json={out}"])
+    assert p.returncode == 0, p.stderr
+    link = json.loads(out.read_text())["links"][0]
+    assert 0.010 <= link["latency_s"] <= 0.010 * (1 + TOLERANCE)
+    assert abs(link["bandwidth_bit_s"] / 50e6 - 1) <= TOLERANCE
+
+
+def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tmp_path: Path) -> None:
+    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
+    shards = split(model, tmp_path / "shards", 2)
+    p = mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}",
+                   f"model.shards={shards}", "prompt_ids=[1,2,3]", "generation.max_new_tokens=4",
+                   f"output.json={tmp_path}/r.json", "output.results=null", "emulation.links=software",
+                   "emulation.network=4g"], timeout=120)
+    assert p.returncode == 0, p.stderr
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["links"] == "software" and record["emulation"]["network"] == "4g"
+    ar = record["ranks"][1]["allreduce"]
+    # star on 2 ranks: each allreduce is a message there and one back, 25 ms each way on 4g
+    assert ar["seconds"] >= ar["calls"] * 2 * 0.025
+
+
+# --- shaped links (root) ----------------------------------------------------------------------------------
+
+@needs_shaping
+@pytest.mark.parametrize("latency_ms,bandwidth_mbit", [(1, 100), (5, 50), (10, 10)])
+def test_shaped_links_give_the_profile(session: str, tmp_path: Path, latency_ms: float, bandwidth_mbit: float) -> None:
+    out = tmp_path / "check.json"
+    p = emulate(["check", f"session={session}", "network=wifi", f"network.latency_ms={latency_ms}",
+                 f"network.bandwidth_mbit={bandwidth_mbit}", "device=paper", "devices=2", f"json={out}"])
+    assert p.returncode == 0, p.stderr
+    result = json.loads(out.read_text())
+    link = result["links"][0]
+    assert abs(link["latency_s"] / (latency_ms / 1e3) - 1) <= TOLERANCE, p.stdout
+    assert abs(link["bandwidth_bit_s"] / (bandwidth_mbit * 1e6) - 1) <= TOLERANCE, p.stdout
+    # each rank saw its device's memory cap from inside
+    assert [r["memory_limit_bytes"] for r in result["ranks"]] == [load_device("paper").memory_bytes] * 2
+
+
+@needs_shaping
+def test_rank_over_its_memory_cap_is_one_line(session: str, tmp_path: Path) -> None:
+    if cgroups.detect()[0] is None:
+        pytest.skip(f"no usable cgroups: {cgroups.detect()[1]}")
+    dev = load_device("raspberry-pi-4", {"memory": "64MiB"})
+    sess.up(session, 2, load_network("ethernet"), [dev, dev])
+    hog = tmp_path / "hog.py"
+    hog.write_text("import os\nimport numpy\nif os.environ['PMI_RANK'] == '1':\n"
+                   "    a = numpy.ones(512 * 2**20 // 8)\n")
+    p = subprocess.run([str(Path(sys.executable).with_name("mpirun")), "-n", "2", sys.executable, "-m",
+                        "tpi_mpi.emulate.rank", "--session", session, "--", sys.executable, str(hog)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                       env={**os.environ, "TPI_MPI_EMU_STATE_DIR": os.environ["TPI_MPI_EMU_STATE_DIR"]})
+    assert p.returncode != 0
+    lines = [line for line in p.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert lines == ["tpi_mpi: error: rank 1 (device raspberry-pi-4) exceeded its memory cap of 64 MiB and was "
+                     "killed by the kernel"], p.stderr
+
+
+@needs_shaping
+def test_up_that_fails_midway_leaves_nothing(session: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(*_a: object, **_k: object) -> list[str]:
+        raise RuntimeError("injected failure after the links were made")
+
+    monkeypatch.setattr(cgroups, "create", broken)
+    with pytest.raises(RuntimeError, match="injected"):
+        sess.up(session, 3, load_network("wifi"), [load_device("paper")] * 3)
+    assert sess.leftovers(session) == []
+
+
+@needs_shaping
+def test_killed_launcher_then_down_leaves_nothing(session: str, tmp_path: Path) -> None:
+    """`run` killed with SIGKILL mid-run (no chance to clean up): `down` removes everything."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    launcher = subprocess.Popen([*EMULATE, "run", f"session={session}", "network=wifi", "device=paper",
+                                 "devices=2", "--", "model.path=/nonexistent"], cwd=ROOT, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not (Path(os.environ["TPI_MPI_EMU_STATE_DIR"]) / f"{session}.json").exists():
+            assert launcher.poll() is None and time.monotonic() < deadline, "the session never came up"
+            time.sleep(0.05)
+        while netns.list_namespaces(session) == [] and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+    p = emulate(["down", f"session={session}"])
+    assert p.returncode == 0, p.stderr
+    assert sess.leftovers(session) == []
+
+
+@needs_shaping
+def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) -> None:
+    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
+    shards = split(model, tmp_path / "shards", 2)
+    p = emulate(["run", f"session={session}", "network=wifi", "device=paper", "devices=2", "timeout=120", "--",
+                 f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}", f"model.shards={shards}",
+                 "prompt_ids=[1,2,3]", "generation.max_new_tokens=4", f"output.json={tmp_path}/r.json",
+                 "output.results=null"], timeout=180)
+    assert p.returncode == 0, p.stderr
+    record = json.loads((tmp_path / "r.json").read_text())
+    assert record["links"] == "shaped" and record["generated_tokens"] == 4
+    assert record["emulation"] == {"network": "wifi", "device": "paper"}

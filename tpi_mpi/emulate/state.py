@@ -1,0 +1,63 @@
+"""The state file of an emulation session: everything `up` created, so that `down` can remove it, also
+after a crashed `up` or a killed run. Written before anything is created and updated as things are,
+atomically (temporary file, then rename).
+
+The names themselves are derived from the session name (`<session>-hub`, `<session>-r3`, cgroup
+directories `<session>`), so `down` also finds what a state file no longer lists.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import UserError
+
+STATE_DIR_ENV = "TPI_MPI_EMU_STATE_DIR"
+DEFAULT_STATE_DIR = "/run/tpi_mpi-emulate"
+SESSION_RE = re.compile(r"^[a-z][a-z0-9]{0,9}$")
+
+
+def state_dir() -> Path:
+    return Path(os.environ.get(STATE_DIR_ENV, DEFAULT_STATE_DIR))
+
+
+def check_session(session: str) -> str:
+    # Short, because interface and namespace names derive from it (IFNAMSIZ is 16).
+    if not SESSION_RE.match(session):
+        raise UserError(f"session={session!r}: use 1-10 lower-case letters and digits, starting with a letter")
+    return session
+
+
+def state_path(session: str) -> Path:
+    return state_dir() / f"{session}.json"
+
+
+def load(session: str) -> dict[str, Any] | None:
+    path = state_path(session)
+    if not path.is_file():
+        return None
+    data = json.loads(path.read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def save(session: str, state: dict[str, Any]) -> None:
+    path = state_path(session)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(state, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def remove(session: str) -> None:
+    state_path(session).unlink(missing_ok=True)

@@ -1,0 +1,91 @@
+"""Names the rank that died.
+
+MPICH's mpiexec (hydra) SIGKILLs every other rank the moment one rank dies, and prints only the dead
+process's pid: no rank lives long enough to say which rank it was. So rank 0 starts this small process
+outside mpiexec's reach (a session of its own) at start-up. It waits on a pidfd of every rank on rank 0's
+host (ranks on other hosts are not visible to it) and, when one exits, prints one line naming it, then
+exits itself: it never outlives rank 0.
+
+A rank that stops the job on purpose (tpi_mpi's own error line and MPI_Abort, or the normal end) first
+creates a marker file, so that the sentinel keeps quiet then. Standard library only: it starts in ~30 ms.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+_marker: Path | None = None  # this rank's path of the "stopping on purpose" marker, if a sentinel watches
+
+
+def start(comm: Any) -> None:
+    """Collective, once per process: rank 0 starts the sentinel for the ranks on its host."""
+    global _marker
+    me = (socket.gethostname(), os.getpid())
+    ranks = comm.gather(me, root=0)
+    marker = None
+    if comm.rank == 0 and hasattr(os, "pidfd_open"):
+        watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
+        marker = str(Path(tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")) / "stopping")
+        subprocess.Popen([sys.executable, "-m", "tpi_mpi.sentinel", json.dumps(watch), marker],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
+    marker = comm.bcast(marker, root=0)
+    _marker = Path(marker) if marker else None
+
+
+def stopping() -> None:
+    """This rank ends the job on purpose (an error it reports itself, or the normal end): keep quiet."""
+    if _marker is not None:
+        try:
+            _marker.touch()
+        except OSError:  # a rank on another host: the sentinel does not watch it anyway
+            pass
+
+
+def watch(ranks: dict[int, int], marker: Path) -> str | None:
+    """Block until a watched rank exits; the line to print, or None if the job was stopping on purpose."""
+    fds: dict[int, int] = {}
+    gone: list[int] = []
+    for r, pid in ranks.items():
+        try:
+            fds[os.pidfd_open(pid)] = r
+        except ProcessLookupError:
+            gone.append(r)
+    poller = select.poll()
+    for fd in fds:
+        poller.register(fd, select.POLLIN)
+    while not gone:
+        ready = sorted(fds[fd] for fd, _ in poller.poll())
+        for fd in [fd for fd, r in fds.items() if r in ready]:
+            poller.unregister(fd)
+        if marker.exists():  # a rank reported its own error, or the job ended: nothing to add
+            if 0 in ready:
+                return None
+            continue
+        gone = ready
+    names = ", ".join(f"rank {r} (pid {ranks[r]})" for r in gone)
+    return (f"tpi_mpi: error: {names} died without a word (killed by a signal, out of memory, or a crash "
+            "in native code); mpiexec stopped the other ranks")
+
+
+def main() -> None:
+    ranks = {int(r): pid for r, pid in json.loads(sys.argv[1]).items()}
+    marker = Path(sys.argv[2])
+    try:
+        line = watch(ranks, marker)
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    finally:
+        shutil.rmtree(marker.parent, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
