@@ -113,6 +113,7 @@ class Setting:
     algo: str = "star"
     window: int | None = None  # layers in memory per rank when streaming; None = all resident
     links: dict[str, LinkModel] = field(default_factory=dict)  # per algorithm; "bcast" and "p2p" too
+    emulated: LinkModel | None = None  # emulation.links=software: the modelled links, on top of `links`
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,34 @@ def _head(shape: ModelShape, dev: Device) -> float:
     return shape.vocab * shape.hidden * shape.bytes_per_param / dev.weight_bw  # rank 0 alone
 
 
+def per_pair_time(algo: str, n: int, nbytes: int, link: LinkModel) -> float:
+    """An allreduce over links modelled per pair of ranks (tpi_mpi/links.py, emulation.links=software):
+    messages to different peers do not queue behind each other, those on one link do."""
+    if n <= 1 or nbytes == 0:
+        return 0.0
+    hop = link.alpha + nbytes * link.beta
+    if algo == "star":
+        return 2 * hop
+    if algo == "ring":
+        return 2 * (n - 1) * (link.alpha + nbytes / n * link.beta)
+    if algo == "mesh":
+        return hop
+    if algo == "tree":
+        from .cost_model import tree_rounds
+
+        return tree_rounds(n) * hop
+    return 2 * hop  # mpi: not modelled by the software links (they apply to our algorithms only)
+
+
 def _allreduce(s: Setting, nbytes: int) -> float:
     link = _link(s, s.algo)
     if s.algo in CANDIDATES:
-        return allreduce_time(s.algo, s.n, nbytes, link)
-    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+        t = allreduce_time(s.algo, s.n, nbytes, link)
+    else:
+        t = link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+    if s.emulated is not None and s.algo != "mpi":
+        t += per_pair_time(s.algo, s.n, nbytes, s.emulated)
+    return t
 
 
 def _tp_forward(s: Setting, dev: Device, q: int) -> float:
@@ -456,8 +480,15 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     algo = cfg["comm"]["algo"]
     mem = cfg.get("memory", {})
     window = mem.get("window") if mem.get("resident") is False else None
+    emulated = None
+    emu = cfg.get("emulation") or {}
+    if emu.get("links") == "software" and emu.get("network"):
+        from .emulate.profiles import load_network
+
+        net = load_network(emu["network"]).default
+        emulated = LinkModel(net.latency_s, 8 / net.bandwidth_bit_s)
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
-                window=window if window is None else int(window), links=links_from(calib, n))
+                window=window if window is None else int(window), links=links_from(calib, n), emulated=emulated)
     dev = device_from(calib)
     baseline = record.get("baseline")
     if baseline == "transformers":
