@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -95,10 +96,11 @@ class Device:
     flops: float  # FLOP/s of matrix products (prefill)
     weight_bw: float  # bytes/s of weights through a matrix-vector product (decode)
     layer_overhead_s: float  # fixed cost per layer per forward pass (our decoder: Python, kernel starts, syncs)
-    disk_bw: float  # bytes/s reading layer files
+    disk_bw: float  # bytes/s reading layer files (cold: the memory scheduler evicts what it has used)
     base_rss: float  # bytes of a worker process before any weight is loaded
     base_rss_master: float  # the same for rank 0 (also Hydra, the tokenizer)
     host_cores: int | None = None
+    offload_bw: float | None = None  # bytes/s Accelerate reads its offloaded weights (None: disk_bw)
     forward_overhead_s: float = 0.0  # fixed cost per forward pass (embedding, head, sampling, protocol)
     hf_layer_overhead_s: float | None = None  # the same for HF transformers' modules (None: as ours)
     hf_forward_overhead_s: float | None = None
@@ -217,14 +219,18 @@ def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -
                       master, master)
 
 
-def predict_accelerate(s: Setting, dev: Device, max_memory: float) -> Prediction:
-    """HF with the layers over `max_memory` read from disk each forward pass (Accelerate's disk offload)."""
+def predict_accelerate(s: Setting, dev: Device, max_memory: float, resident_bytes: float | None = None,
+                       transient_bytes: float | None = None) -> Prediction:
+    """HF with what does not fit `max_memory` read from disk each forward pass (Accelerate's disk offload).
+    resident_bytes: what Accelerate's device_map kept in memory, where known (it places whole modules, so
+    often less than the budget); transient_bytes: the most it holds of an offloaded module at once (one
+    weight: its hooks load them one at a time); default: the budget, and one layer."""
     sh = s.shape
     base = predict_transformers(s, dev)
-    offloaded = max(0.0, sh.total_bytes - max_memory)
-    read = offloaded / dev.disk_bw
-    resident = min(float(sh.total_bytes), max_memory)
-    peak = dev.base_rss_master + resident + sh.layer_bytes + sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1)
+    resident = min(float(sh.total_bytes), max_memory) if resident_bytes is None else resident_bytes
+    read = (sh.total_bytes - resident) / (dev.offload_bw or dev.disk_bw)
+    transient = sh.layer_bytes if transient_bytes is None else transient_bytes
+    peak = dev.base_rss_master + resident + transient + sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1)
     return Prediction(base.ttft_s + read, base.token_latency_s + read, peak, peak)
 
 
@@ -338,8 +344,9 @@ def measure_overheads(workdir: Path, tokens: int = 24) -> dict[str, float]:
     return out
 
 
-def measure_disk(size: int = 256 << 20) -> float:
-    """Bytes/s reading a fresh file whose pages were evicted from the page cache (our own file only)."""
+def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
+    """Bytes/s reading a fresh file whose pages were evicted from the page cache (our own file only), and
+    reading it again from the page cache."""
     with tempfile.NamedTemporaryFile(dir=".", prefix=".perfmodel-disk-") as f:
         block = os.urandom(1 << 20)
         for _ in range(size >> 20):
@@ -347,11 +354,14 @@ def measure_disk(size: int = 256 << 20) -> float:
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        with open(f.name, "rb", buffering=0) as r:
-            while r.read(1 << 24):
-                pass
-        return size / (time.perf_counter() - t0)
+        speeds = []
+        for _ in range(2):  # cold, then warm
+            t0 = time.perf_counter()
+            with open(f.name, "rb", buffering=0) as r:
+                while r.read(1 << 24):
+                    pass
+            speeds.append(size / (time.perf_counter() - t0))
+        return speeds[0], speeds[1]
 
 
 ALGOS = ("star", "ring", "mesh", "tree", "mpi")
@@ -427,7 +437,7 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     calib: dict[str, Any] = {"cores": cores, "loadavg_before": os.getloadavg()}
     calib["compute_all_cores"] = measure_compute(cores)
     calib["compute_1_thread"] = measure_compute(1)
-    calib["disk_bw"] = measure_disk()
+    calib["disk_bw"], calib["disk_bw_warm"] = measure_disk()
     with tempfile.TemporaryDirectory(prefix="perfmodel-") as d:
         calib["overheads"] = measure_overheads(Path(d))
     links: dict[str, dict[str, Any]] = {}
@@ -459,7 +469,9 @@ def device_from(calib: dict[str, Any]) -> Device:
                   hf_layer_overhead_s=o.get("hf_layer_overhead_s"),
                   hf_forward_overhead_s=o.get("hf_forward_overhead_s"),
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
-                  host_cores=calib["cores"])
+                  host_cores=calib["cores"],
+                  # Accelerate's offloaded weights stay in the page cache here (nothing evicts them)
+                  offload_bw=calib.get("disk_bw_warm"))
 
 
 def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
@@ -470,6 +482,27 @@ def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
     near = min(sizes, key=lambda s: (abs(s - n), s))
     fits = calib["links"][str(near)]
     return {k: LinkModel(**v) for k, v in fits.items() if k != "raw_s"}
+
+
+def _device_map_bytes(model: Path, device_map: dict[str, str] | None) -> tuple[float | None, float | None]:
+    """Bytes of the checkpoint's tensors Accelerate kept in memory, and its largest offloaded tensor."""
+    if not device_map:
+        return None, None
+    from safetensors import safe_open
+
+    resident, largest = 0.0, 0.0
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                nbytes = float(FP32 * math.prod(sl.get_shape()))
+                where = next((v for k, v in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
+                              if k == "" or name == k or name.startswith(k + ".")), "cpu")
+                if where == "disk":
+                    largest = max(largest, nbytes)
+                else:
+                    resident += nbytes
+    return resident, largest
 
 
 def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
@@ -497,7 +530,9 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
         from .config import size_bytes
 
         cap = cfg["accelerate"]["max_memory"]
-        return predict_accelerate(s, dev, size_bytes(cap, "accelerate.max_memory") if cap else float("inf"))
+        resident, transient = _device_map_bytes(Path(cfg["model"]["path"]), record["ranks"][0].get("device_map"))
+        return predict_accelerate(s, dev, size_bytes(cap, "accelerate.max_memory") if cap else float("inf"),
+                                  resident, transient)
     if baseline == "pipeline":
         return predict_pipeline(s, dev)
     return predict_tp(s, dev)
