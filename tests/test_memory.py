@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import SCRIPTS, mpirun
+from conftest import SCRIPTS, mpirun, run_tpi
 from safetensors.torch import load_file, save_file
 from test_run_cli import hf_greedy
 
@@ -29,8 +29,10 @@ from tpi_mpi.memplan import (
     cgroup_memory_limit,
     cgroup_memory_peak,
     plan_memory,
+    plan_rank_memory,
 )
 from tpi_mpi.prefetch import LayerPrefetcher
+from tpi_mpi.shards import open_rank_shard
 from tpi_mpi.split import split
 
 MB = 2**20
@@ -224,6 +226,24 @@ def test_same_tokens_for_every_window_and_partial_residency(model: Path, tmp_pat
             assert all(got[f"bytes_read_{i}"][r] >= NEW * block_bytes[r] for r in range(2)), spec
     assert str(got["mode_0"]) == "resident" and str(got["mode_4"]) == "partial"
     assert (got["streamed_4"] == 8 - 3).all()
+
+
+def test_streaming_refuses_a_dtype_cast(model: Path, tmp_path: Path) -> None:
+    shard = open_rank_shard(split(model, tmp_path / "shards", 1), 0, 1)
+    with pytest.raises(UserError, match="streams weights as stored on disk .*float32.*model.dtype=auto"):
+        plan_rank_memory(shard, MemoryConfig(resident=False, window=2), torch.float16, True)
+    assert plan_rank_memory(shard, MemoryConfig(resident=False, window=2), None, True).window == 2
+
+
+def test_run_with_a_budget_too_small_is_one_clear_line(model: Path, tmp_path: Path) -> None:
+    shards = split(model, tmp_path / "shards", 2)
+    proc = run_tpi(2, [f"model.shards={shards}", f"prompt_ids={PROMPT}", "memory=budget", "memory.budget=1MB",
+                       f"output.json={tmp_path}/r.json", "output.results=null"], tmp_path, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "memory.budget=1MB (1 MiB) is too small: the smallest workable budget is" in errors[0]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r.json").exists()
 
 
 # --- in a memory cgroup --------------------------------------------------------------------------------------

@@ -72,13 +72,11 @@ class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None,
-                 plan: MemoryPlan = RESIDENT):
-        """`links`: emulation.links=software; `plan` (memplan.plan_rank_memory): which blocks stay in memory,
-        how many are streamed at once."""
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT):
+        """`plan` (memplan.plan_rank_memory): which blocks stay in memory, how many are streamed at once."""
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm, wire, links)
+        self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
         self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
         self.plan = plan
         files = shard.block_files()
@@ -88,9 +86,9 @@ class Engine:
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
-        self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
         self.passes = 0
         self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
+        self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
 
     def _pass_done(self) -> None:
         self.passes += 1
@@ -116,6 +114,7 @@ class Engine:
         return self.decoder.forward(x, start)
 
     def close(self) -> None:
+        """Stop the watchdog and the prefetcher's thread (both idempotent)."""
         self.watchdog.close()
         self.blocks.close()
 
@@ -157,13 +156,12 @@ class Worker(Engine):
         """Run forward passes as the master asks, until it says stop."""
         first = True
         while True:
-            # Not watched before the first pass: rank 0 may still be loading its tokenizer.
+            # Not watched before the first pass: rank 0 may still be loading its embedding and head.
             with self.watchdog("bcast of the header", watch=not first):
                 self.comm.Bcast(self.header, root=0)
             first = False
             op, q_len, start, capacity = (int(v) for v in self.header)
             if op == OP_STOP:
-                self.close()
                 return
             x = np.empty((q_len, self.hidden_size), dtype=np.float32)
             t0 = time.perf_counter()
@@ -177,8 +175,7 @@ class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None,
-                 plan: MemoryPlan = RESIDENT):
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT):
         super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan)
         t0 = time.perf_counter()
         self.cast = DTYPES[dtype]
@@ -248,7 +245,6 @@ class Master(Engine):
         self.header[:] = (OP_STOP, 0, 0, 0)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
-        self.close()
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -25,7 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .engine import DTYPES, OP_FORWARD, OP_STOP, Master
 from .models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
-from .prefetch import Weights, cast_block
+from .prefetch import ResidentBlocks
 from .shards import RankShard
 
 TAG_HEADER, TAG_HIDDEN = 11, 12
@@ -49,15 +49,12 @@ class Stage:
         self.cfg = hf_config(shard.config)
         self.layer_range = layer_ranges(shard.num_layers, comm.size)[comm.rank]
         windows = sliding_windows(self.cfg)
-        hd = shard.plan.head_dim
-        self.layers: list[ShardedLayer] = []
-        self.weights: list[tuple[Weights, Weights]] = []  # (attention, FFN) of each layer, all in memory
-        for i in range(*self.layer_range):
-            a, f = (cast_block(shard.block(i, kind), DTYPES[dtype]) for kind in ("attn", "ffn"))
-            q, k = a["q_proj.weight"], a["k_proj.weight"]
-            self.layers.append(ShardedLayer(q.shape[0] // hd, k.shape[0] // hd, hd, self.cfg.rms_norm_eps,
-                                            windows[i], q.dtype))
-            self.weights.append((a, f))
+        first, end = self.layer_range
+        self.blocks = ResidentBlocks({(i, k): shard.tensor_file(i, k) for i in range(first, end)
+                                     for k in ("attn", "ffn")}, DTYPES[dtype])
+        self.layers = {i: ShardedLayer.from_header(shard.tensor_file(i, "attn"), self.cfg, shard.plan.head_dim,
+                                                   windows[i], DTYPES[dtype])
+                       for i in range(first, end)}
         self.rotary = LlamaRotaryEmbedding(self.cfg)
         self.hidden_size = self.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
@@ -105,16 +102,18 @@ class Stage:
         q_len = x.shape[0]
         if start == 0:
             self.capacity = capacity
-            for layer in self.layers:
+            for layer in self.layers.values():
                 layer.reset_cache(capacity)
         if start + q_len > self.capacity:
             raise RuntimeError(f"KV cache holds {self.capacity} positions, asked for {start + q_len}")
         if self.layers:
             positions = torch.arange(start, start + q_len).unsqueeze(0)
-            cos, sin = self.rotary(x.to(self.layers[0].dtype), positions)
-            for layer, (a, f) in zip(self.layers, self.weights, strict=True):  # the whole layer: nothing to allreduce
-                x = x + layer.attention(a, x.to(layer.dtype), start, cos, sin).float()
-                x = x + layer.ffn(f, x.to(layer.dtype)).float()
+            cos, sin = self.rotary(x.to(next(iter(self.layers.values())).dtype), positions)
+            for i, layer in self.layers.items():  # the whole layer: nothing to allreduce
+                with self.blocks.block(i, "attn") as a:
+                    x = x + layer.attention(a, x.to(layer.dtype), start, cos, sin).float()
+                with self.blocks.block(i, "ffn") as f:
+                    x = x + layer.ffn(f, x.to(layer.dtype)).float()
         self.compute_s += time.perf_counter() - t0
         return x
 

@@ -102,8 +102,9 @@ class LayerPrefetcher:
         self.dtype = dtype
         self.stats = StreamStats()
         self.resident: dict[BlockKey, Weights] = {}
+        streamed_set = set(streamed)
         for key in files:
-            if key not in set(streamed):
+            if key not in streamed_set:
                 self.resident[key], n = load_block(files[key], dtype)
                 self.stats.bytes_read += n
         self.held = 0  # streamed blocks in memory: taken a buffer, not yet released

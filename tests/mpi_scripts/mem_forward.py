@@ -65,6 +65,7 @@ for i, spec in enumerate(specs):
     else:
         engine = Worker(comm, shard, "star", plan=plan)
         engine.serve()
+    engine.close()  # the prefetcher's thread and buffers go before the next plan's
     stats = engine.blocks.stats
     rows = comm.gather((stats.max_blocks_held, plan.window, len(plan.streamed), stats.bytes_read), root=0)
     if comm.rank == 0:

@@ -20,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply
 
 from ..prefetch import BlockSource, Weights
 from ..shards import RankShard
+from ..tensorfile import TensorFile
 from ..watchdog import Watchdog
 
 AllreduceFn = Callable[[np.ndarray], None]
@@ -73,6 +74,14 @@ class ShardedLayer:
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
 
+    @classmethod
+    def from_header(cls, attn: TensorFile, cfg: Any, head_dim: int, window: int | None,
+                    dtype: torch.dtype | None) -> ShardedLayer:
+        """Shaped from the layer's attention block header (its heads), nothing of the weights read."""
+        q, k = (attn.entries[f"{n}_proj.weight"] for n in ("q", "k"))
+        return cls(q.shape[0] // head_dim, k.shape[0] // head_dim, head_dim, cfg.rms_norm_eps, window,
+                   dtype or q.torch_dtype)
+
     def reset_cache(self, capacity: int) -> None:
         shape = (1, self.n_kv, capacity, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
@@ -122,12 +131,9 @@ class ShardedDecoder:
         self.blocks = blocks
         self.watchdog = watchdog or Watchdog(None, None)  # names the allreduce that stalls
         windows = sliding_windows(self.cfg)
-        hd = shard.plan.head_dim
-        self.layers = []
-        for i in range(shard.num_layers):
-            q, k = (shard.tensor_file(i, "attn").entries[f"{n}_proj.weight"] for n in ("q", "k"))
-            self.layers.append(ShardedLayer(q.shape[0] // hd, k.shape[0] // hd, hd, self.cfg.rms_norm_eps,
-                                            windows[i], dtype or q.torch_dtype))
+        self.layers = [ShardedLayer.from_header(shard.tensor_file(i, "attn"), self.cfg, shard.plan.head_dim,
+                                                windows[i], dtype)
+                       for i in range(shard.num_layers)]
         self.rotary = LlamaRotaryEmbedding(self.cfg)
         self.capacity = 0
 
