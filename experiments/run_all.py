@@ -39,13 +39,13 @@ def prompt_ids(n: int) -> list[int]:
     return [3 + (i * 7919 + 13) % 497 for i in range(n)]
 
 
-def load_sweeps(names: list[str] | None) -> dict[str, dict[str, Any]]:
-    files = {p.stem: p for p in sorted((HERE / "sweeps").glob("*.yaml"))}
+def load_sweeps(names: list[str] | None, sweeps_dir: Path = HERE / "sweeps") -> dict[str, dict[str, Any]]:
+    files = {p.stem: p for p in sorted(sweeps_dir.glob("*.yaml"))}
     order = [n for n in SWEEP_ORDER if n in files] + sorted(set(files) - set(SWEEP_ORDER))
     if names:
         unknown = [n for n in names if n not in files]
         if unknown:
-            raise SystemExit(f"unknown sweep {unknown[0]!r}: choose from {', '.join(order)}")
+            raise SystemExit(f"unknown sweep {unknown[0]!r} in {sweeps_dir}: choose from {', '.join(order)}")
         order = [n for n in order if n in names]
     return {n: yaml.safe_load(files[n].read_text()) for n in order}
 
@@ -79,6 +79,23 @@ def ensure_model(out: Path, name: str) -> Path:
     return path
 
 
+def ensure_splits(out: Path, model: Path, sizes: set[int]) -> None:
+    """Split before the runs, where tpi_mpi.run would look (model.cache_dir): a run that splits on first use
+    would count the split's memory in rank 0's peak."""
+    from types import SimpleNamespace
+
+    from tpi_mpi.run import shard_dir
+    from tpi_mpi.split import split
+
+    cfg = SimpleNamespace(model=SimpleNamespace(shards=None, path=str(model), dtype="auto", ratios=None,
+                                                cache_dir=str(out / "shards")))
+    for n in sorted(sizes):
+        d = shard_dir(cfg, n)
+        if not d.is_dir():  # split renames into place only when complete
+            print(f"splitting {model.name} for N={n} ...", file=sys.stderr, flush=True)
+            split(model, d, n, None, "auto")
+
+
 def weight_bytes(model: Path) -> int:
     return sum(f.stat().st_size for f in model.glob("*.safetensors"))
 
@@ -90,13 +107,15 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
         f"prompt_ids=[{','.join(map(str, prompt_ids(a.prompt_tokens)))}]",
         f"generation.max_new_tokens={a.new_tokens}", "generation.stop_on_eos=false", "logging.quiet=true",
         f"output.results={sweep_dir / 'records.jsonl'}", "output.json=null", f"model.cache_dir={out / 'shards'}",
-        f"logging.wandb={'true' if a.wandb else 'false'}", f"logging.wandb_group={name}",
+        f"logging.wandb={'true' if a.wandb else 'false'}", f"logging.wandb_group={name}", f"threads={a.threads}",
     ]
     repeats = ",".join(str(i) for i in range(1, a.repeats + 1))
     cmds = []
     i = 0
     for model_name in sweep["models"]:
         model = ensure_model(out, model_name) if not a.dry_run else out / "models" / model_name
+        if not a.dry_run:  # N=1 too: baseline=pipeline reads whole layers from the world-size-1 split
+            ensure_splits(out, model, {1} | {n for run in sweep["runs"] for n in run["ranks"]})
         for run in sweep["runs"]:
             for n in run["ranks"]:
                 i += 1
@@ -146,20 +165,25 @@ def run_mpirun(cmd: list[str], log: Path, prefix: str, timeout: float) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__.splitlines()[0])
-    p.add_argument("--sweeps", default=None, help="comma-separated (default: all in experiments/sweeps)")
+    p.add_argument("--sweeps", default=None, help="comma-separated (default: all in the sweeps folder)")
+    p.add_argument("--sweeps-dir", default=str(HERE / "sweeps"), help="folder of sweep files")
     p.add_argument("--out", default="results/experiments", help="records, models, shards, figures' data")
     p.add_argument("--repeats", type=int, default=3, help="jobs per point (generation.seed=1..R)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per rank (default 1: a rank is a one-core device; more threads than "
+                        "free cores makes OpenMP spin on a loaded machine)")
     p.add_argument("--wandb", action="store_true", help="also log every run to wandb (offline by default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mpirun")
     p.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
     p.add_argument("--no-calibrate", action="store_true", help="keep OUT/calibration.json if there is one")
     p.add_argument("--no-figures", action="store_true")
+    p.add_argument("--figures", default="paper_figs/figures", help="where the figures and summary.md go")
     p.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
     a = p.parse_args(argv)
     out = Path(a.out).resolve()
-    sweeps = load_sweeps(a.sweeps.split(",") if a.sweeps else None)
+    sweeps = load_sweeps(a.sweeps.split(",") if a.sweeps else None, Path(a.sweeps_dir))
     t0 = time.monotonic()
     meta: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": len(os.sched_getaffinity(0)),
                             "loadavg_before": os.getloadavg(), "argv": sys.argv[1:], "sweeps": {}}
@@ -202,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     if not a.no_figures:
         from paper_figs.make_all import main as figures
 
-        figures(["--results", str(out)])
+        figures(["--results", str(out), "--figures", a.figures])
     print(f"done in {time.monotonic() - t0:.0f}s ({failed} mpirun(s) failed); records in {out}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -43,9 +43,10 @@ def main(argv: list[str] | None = None) -> int:
     made = []
     for script in SCRIPTS:
         made += script.make(results, out, meta, predict)
+    load = [meta.get(k, [float("nan")])[0] for k in ("loadavg_before", "loadavg_after")]
     summary = ["# Results summary", "", f"Records: `{results}`; machine: {meta.get('cores', '?')} cores; "
-               f"load average before/after: {meta.get('loadavg_before', ['?'])[0]} / "
-               f"{meta.get('loadavg_after', ['?'])[0]}; total {meta.get('seconds', 0):.0f} s.", "",
+               f"1-min load average before/after: {load[0]:.1f} / {load[1]:.1f}; total "
+               f"{meta.get('seconds', 0):.0f} s.", "",
                "## Tensor parallelism vs baselines", "", tables.baselines_table(results)]
     if predict is not None:
         summary += ["## Performance model vs measured points", "", tables.validation_table(results, predict)]

@@ -64,14 +64,16 @@ def paper_table(layer_overhead_s: float) -> str:
     lines = [f"Assumed per device: {a.device_flops / 1e9:.0f} GFLOP/s, {a.device_weight_bw / 1e9:.0f} GB/s through "
              f"matrix-vector products, disk {a.disk_bw / 1e9:.1f} GB/s, window {a.window}; links "
              f"{a.latency_s * 1e3:.0f} ms / {a.bandwidth_bit_s / 1e6:.0f} Mbit/s (8 devices) and 3 ms / 100 Mbit/s "
-             "(4 laptops, Wi-Fi); fp32 weights.", "",
+             f"(4 laptops, Wi-Fi); fp32 weights; Transformers and Accelerate on one device with "
+             f"{a.memory / 1e9:.0f} GB.", "",
              "| model | TP 8 dev. s/token pred / paper | TP 4 laptops Wi-Fi pred / paper | transformers pred / paper "
-             "| accelerate pred / paper | TTFT 8 dev. pred s | peak GB/device 8 dev. pred / paper |",
+             "| accelerate pred / paper | TTFT 8 dev. pred s | peak GB 8 dev. pred rank 0 / others / paper |",
              "|---|---|---|---|---|---|---|"]
     for r in predict_paper(a, layer_overhead_s):
         lines.append(f"| {r['model']} | {f(r['pred_tpi_8_s'])} / {f(r['paper_tpi_8_s'], '{:.0f}')} | "
                      f"{f(r['pred_tpi_4_wifi_s'])} / {f(r['paper_tpi_4_wifi_s'], '{:.0f}')} | "
                      f"{f(r['pred_transformers_s'])} / {f(r['paper_transformers_s'], '{:.0f}')} | "
                      f"{f(r['pred_accelerate_s'])} / {f(r['paper_accelerate_s'], '{:.0f}')} | "
-                     f"{f(r['pred_ttft_8_s'])} | {f(r['pred_peak_gb_8'])} / {f(r['paper_peak_gb_8'])} |")
+                     f"{f(r['pred_ttft_8_s'])} | {f(r['pred_peak_gb_8'])} / {f(r['pred_peak_worker_gb_8'])} / "
+                     f"{f(r['paper_peak_gb_8'])} |")
     return "\n".join(lines) + "\n"

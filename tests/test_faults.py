@@ -6,6 +6,7 @@ ranks are in the decode loop), then kills or stops one worker.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +19,7 @@ import pytest
 from conftest import kill_tree, start_mpirun
 
 from tpi_mpi.make_model import make_model
+from tpi_mpi.results import append_jsonl, write_json_atomic
 from tpi_mpi.split import split
 
 N = 3
@@ -37,7 +39,8 @@ class Run:
         self.proc = start_mpirun(N, [
             "-m", "tpi_mpi.run", f"hydra.run.dir={tmp}/hydra", f"model.path={shards['model']}",
             f"model.shards={shards['shards']}", "prompt_ids=[1,40,41]", "generation.max_new_tokens=4000",
-            "generation.stop_on_eos=false", "output.results=null", "threads=1", *extra])
+            "generation.stop_on_eos=false", f"output.results={tmp}/results.jsonl", f"output.json={tmp}/r.json",
+            "threads=1", *extra])
         self.text: list[str] = []
         self.streaming = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -104,7 +107,11 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in stderr.splitlines() if line.startswith("tpi_mpi: error:")]
 
 
-def test_killed_rank_is_named_and_every_rank_exits(run) -> None:  # type: ignore[no-untyped-def]
+def test_killed_rank_is_named_and_every_rank_exits(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    # Records of earlier runs, which the killed run must leave readable.
+    append_jsonl(tmp_path / "results.jsonl", {"run": 1})
+    append_jsonl(tmp_path / "results.jsonl", {"run": 2})
+    write_json_atomic(tmp_path / "r.json", {"run": 2})
     job = run()
     procs = job.processes()
     victim = job.rank(2)
@@ -117,6 +124,8 @@ def test_killed_rank_is_named_and_every_rank_exits(run) -> None:  # type: ignore
     assert f"rank 2 (pid {victim.pid}) died" in errors[0]
     assert "Traceback" not in stderr
     assert_nothing_left(procs)
+    assert (tmp_path / "results.jsonl").read_text().splitlines() == ['{"run": 1}', '{"run": 2}']
+    assert json.loads((tmp_path / "r.json").read_text()) == {"run": 2}
 
 
 def test_stalled_rank_trips_the_watchdog(run) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ Every field is documented in conf/*.yaml and the README. Validation errors are U
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -43,8 +44,23 @@ class CommConfig:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    resident: bool = True
+    resident: bool | str = True  # true: all in memory; false: stream every block; auto: as the budget allows
+    window: int | None = None  # streamed blocks in memory at once (the one computing included); null = 2
+    budget: str | int | None = None  # per rank, e.g. 1.5GB / 800MiB, or "cgroup" (its limit); resident=auto only
     kv_cache_tokens: int | None = None
+
+    @property
+    def budget_bytes(self) -> int | None:
+        """The budget in bytes; for budget=cgroup, the limit of this process's memory cgroup."""
+        if self.budget == "cgroup":
+            from .memplan import cgroup_memory_limit
+
+            limit = cgroup_memory_limit()
+            if limit is None:
+                raise UserError("memory.budget=cgroup but this process is in no memory cgroup with a limit: "
+                                "give the budget in bytes, e.g. memory.budget=1.5GB")
+            return limit
+        return None if self.budget is None else parse_bytes(self.budget)
 
 
 @dataclass(frozen=True)
@@ -118,6 +134,65 @@ class RunConfig:
                             "prompt": None, "prompt_ids": None})
 
 
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_bytes(value: str | int) -> int:
+    """1.5GB (decimal), 800MiB (binary), or a plain number of bytes."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    if not m or m.group(2).upper() not in _UNITS:
+        raise UserError(f"memory.budget={value!r} is not a size: write e.g. 1.5GB, 800MiB, 2000000000 or cgroup")
+    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+
+
+def _validate_memory(m: MemoryConfig) -> None:
+    if m.resident not in (True, False, "auto"):
+        raise UserError(f"memory.resident must be true, false or auto, got {m.resident!r}")
+    if m.kv_cache_tokens is not None and m.kv_cache_tokens < 1:
+        raise UserError(f"memory.kv_cache_tokens must be positive or null, got {m.kv_cache_tokens}")
+    if m.window is not None and (isinstance(m.window, bool) or not isinstance(m.window, int) or m.window < 1):
+        raise UserError(f"memory.window must be a positive integer or null, got {m.window!r}")
+    budget = None if m.budget == "cgroup" else m.budget_bytes  # a cgroup is the rank's own: checked there
+    if budget is not None and budget <= 0:
+        raise UserError(f"memory.budget must be positive, got {m.budget!r}")
+    if m.resident is True and (m.window is not None or m.budget is not None):
+        raise UserError("memory.resident=true keeps every block in memory: memory.window and memory.budget "
+                        "apply only to resident=false (window) or resident=auto (budget): set them to null")
+    if m.resident is False and m.budget is not None:
+        raise UserError("memory.resident=false streams every block through memory.window buffers; to fit a "
+                        "memory.budget (partly resident) use memory.resident=auto")
+    if m.resident == "auto" and m.budget is None:
+        raise UserError("memory.resident=auto needs memory.budget (e.g. memory.budget=1.5GB)")
+
+
+# What each annotation accepts from the command line, and how the error names it.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"), "None": ((type(None),), "null"),
+    "tuple[float, ...]": ((list, tuple), "a list of numbers"), "tuple[int, ...]": ((list, tuple), "a list of integers"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Hydra passes on what was typed (`threads=abc` gives a string): one line, not a TypeError later."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if not all(p in _KINDS for p in parts):
+        return  # a type this check does not know: validate() has the last word
+    for p in parts:
+        types = _KINDS[p][0]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            continue
+        if isinstance(value, (list, tuple)):
+            item = int if p == "tuple[int, ...]" else (int, float)
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                continue
+        return
+    raise UserError(f"{key} must be {' or '.join(_KINDS[p][1] for p in parts)}, got {value!r}")
+
+
 def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
@@ -126,6 +201,9 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
     if isinstance(data.get("verify_checksums"), bool):  # the older true/false
         data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
+    for f in fields(cls):
+        if f.name in data:
+            _check_type(f"{name}.{f.name}", data[f.name], str(f.type))
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -142,6 +220,9 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
+    for key in top:
+        if key in d:
+            _check_type(key, d[key], str(next(f.type for f in fields(RunConfig) if f.name == key)))
     ids = d.get("prompt_ids")
     cfg = RunConfig(
         **{name: _section(cls, d.get(name), name) for name, cls in sections.items()},
@@ -208,11 +289,7 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     if cfg.model.path is None and cfg.model.shards is None:
         raise UserError("no model: set model.path=HF_CHECKPOINT_DIR and/or model.shards=SPLIT_DIR")
-    if not cfg.memory.resident:
-        raise UserError("memory.resident=false (streaming weights from disk) is not available yet: "
-                        "set memory.resident=true")
-    if cfg.memory.kv_cache_tokens is not None and cfg.memory.kv_cache_tokens < 1:
-        raise UserError(f"memory.kv_cache_tokens must be positive or null, got {cfg.memory.kv_cache_tokens}")
+    _validate_memory(cfg.memory)
     if g.max_new_tokens < 0:
         raise UserError(f"generation.max_new_tokens must be >= 0, got {g.max_new_tokens}")
     if g.do_sample and g.temperature <= 0:

@@ -8,25 +8,32 @@ ids never leave it: workers only ever see hidden states.
 
 from __future__ import annotations
 
+import ctypes
 import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import psutil
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
+from . import tensorfile
 from .allreduce import CommStats, make_allreduce
 from .errors import UserError
 from .links import SoftwareLinks
+from .memplan import HEAD_CHUNK_BYTES, MemoryPlan, cgroup_memory_peak
 from .models.llama import ShardedDecoder, rms_norm
+from .prefetch import BlockSource, LayerPrefetcher, ResidentBlocks
 from .shards import RankShard
 from .watchdog import Watchdog
 
 OP_STOP, OP_FORWARD = 0, 1
+WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+RESIDENT = MemoryPlan("resident", 0, (), True)
 
 
 @dataclass
@@ -36,19 +43,59 @@ class RankTimes:
     bcast: CommStats = field(default_factory=CommStats)
 
 
+def _rss() -> tuple[int, int, int | None]:
+    """(peak, current) resident memory of this process in bytes, and the bytes malloc has handed out.
+
+    RSS hides a small leak: memory freed after loading stays resident and is reused first. The heap in
+    use (glibc's mallinfo2: small blocks + mmapped ones, which is where torch's tensors live) does not.
+    """
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss,
+            _heap_in_use())
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _heap_in_use() -> int | None:
+    try:
+        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
+    except AttributeError:
+        return None
+    mallinfo2.restype = _MallInfo2
+    info = mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
 class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None,
+                 plan: MemoryPlan = RESIDENT):
+        """`links`: emulation.links=software; `plan` (memplan.plan_rank_memory): which blocks stay in memory,
+        how many are streamed at once."""
         t0 = time.perf_counter()
         self.comm = comm
-        self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
+        self.allreduce = make_allreduce(algo, comm, wire, links)
         self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
-        self.decoder = ShardedDecoder(shard, self.allreduce, DTYPES[dtype], self.watchdog)
+        self.plan = plan
+        files = shard.block_files()
+        self.blocks: BlockSource = (ResidentBlocks(files, DTYPES[dtype]) if plan.mode == "resident" else
+                                    LayerPrefetcher(files, list(plan.streamed), plan.window, DTYPES[dtype]))
+        self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, DTYPES[dtype], self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.times = RankTimes(load_s=time.perf_counter() - t0)
+        self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
+        self.passes = 0
+        self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
+
+    def _pass_done(self) -> None:
+        self.passes += 1
+        if self.passes == WARMUP_PASSES:
+            self.rss_warm_bytes = _rss()
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -70,14 +117,22 @@ class Engine:
 
     def close(self) -> None:
         self.watchdog.close()
+        self.blocks.close()
 
     def rank_record(self) -> dict[str, Any]:
         ar, bc = self.allreduce.stats, self.times.bcast
         comm_s = ar.seconds + bc.seconds
         choices = getattr(self.allreduce, "choices", None)  # comm.algo=auto: what it picked per size
+        cgroup = cgroup_memory_peak()
         return {
             "rank": self.comm.rank,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _rss()[0],
+            "cgroup_peak_bytes": cgroup["peak_bytes"] if cgroup else None,
+            "cgroup": cgroup["cgroup"] if cgroup else None,
+            "disk_wait_s": self.blocks.stats.disk_wait_s,
+            "bytes_read": self.blocks.stats.bytes_read,
+            "bytes_read_load": self.bytes_read_load,
+            "memory": {**self.plan.to_json(), **self.blocks.stats.to_json()},
             "load_s": self.times.load_s,
             "compute_s": max(0.0, self.times.forward_s - comm_s),
             "comm_s": comm_s,
@@ -85,6 +140,13 @@ class Engine:
             "bytes_received": ar.bytes_received + bc.bytes_received,
             "allreduce": ar.to_json(),
             "bcast": bc.to_json(),
+            # Memory after warm-up and now (null if fewer passes): later growth would be a leak.
+            "peak_rss_warm_bytes": self.rss_warm_bytes[0] if self.rss_warm_bytes else None,
+            "rss_warm_bytes": self.rss_warm_bytes[1] if self.rss_warm_bytes else None,
+            "rss_bytes": _rss()[1],
+            "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
+            "heap_bytes": _rss()[2],
+            "forward_passes": self.passes,
             **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
                                    for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
         }
@@ -95,35 +157,52 @@ class Worker(Engine):
         """Run forward passes as the master asks, until it says stop."""
         first = True
         while True:
-            # Not watched before the first pass: rank 0 may still be loading its embedding and head.
+            # Not watched before the first pass: rank 0 may still be loading its tokenizer.
             with self.watchdog("bcast of the header", watch=not first):
                 self.comm.Bcast(self.header, root=0)
             first = False
             op, q_len, start, capacity = (int(v) for v in self.header)
             if op == OP_STOP:
+                self.close()
                 return
             x = np.empty((q_len, self.hidden_size), dtype=np.float32)
             t0 = time.perf_counter()
             self._bcast_hidden(x)
             self._layers(torch.from_numpy(x), start, capacity)
             self.times.forward_s += time.perf_counter() - t0
+            self._pass_done()
 
 
 class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None):
-        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links)
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None,
+                 plan: MemoryPlan = RESIDENT):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan)
         t0 = time.perf_counter()
-        cast = DTYPES[dtype]
-        self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
-        head = shard.master_file("head.safetensors")
-        self.norm = head["norm.weight"]
-        self.lm_head = self.embed if shard.tied_embeddings else head["lm_head.weight"]
-        if cast is not None:
-            self.embed, self.norm, self.lm_head = (t.to(cast) for t in (self.embed, self.norm, self.lm_head))
-        self.vocab_size = self.embed.shape[0]
+        self.cast = DTYPES[dtype]
+        stats = self.blocks.stats
+        # Only the embedding rows of the ids being embedded are ever read (tensorfile.read_rows).
+        self.embed_file = shard.master_tensor_file("embed.safetensors")
+        head_file = shard.master_tensor_file("head.safetensors")
+        self.norm, n = tensorfile.read_tensor(head_file, "norm.weight")
+        stats.bytes_read += n
+        self.head_source = ((self.embed_file, "embed_tokens.weight") if shard.tied_embeddings
+                            else (head_file, "lm_head.weight"))
+        self.vocab_size, hidden = self.head_source[0].entries[self.head_source[1]].shape
+        # lm_head: in memory, or read in vocabulary chunks of HEAD_CHUNK_BYTES into one reused buffer.
+        self.lm_head: torch.Tensor | None = None
+        self.head_buffer: torch.Tensor | None = None
+        if plan.head_resident:
+            self.lm_head, n = tensorfile.read_tensor(*self.head_source)
+            stats.bytes_read += n
+        else:
+            self.head_buffer = torch.empty(HEAD_CHUNK_BYTES, dtype=torch.uint8)
+        if self.cast is not None:
+            self.norm = self.norm.to(self.cast)
+            self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None
+        self.bytes_read_load = stats.bytes_read
         self.max_positions = self.decoder.cfg.max_position_embeddings
         self.eos_token_id = self.decoder.cfg.eos_token_id
         self.eps = self.decoder.cfg.rms_norm_eps
@@ -136,20 +215,40 @@ class Master(Engine):
         self.header[:] = (OP_FORWARD, len(ids), start, capacity)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
-        x = F.embedding(torch.tensor(ids), self.embed).float().contiguous()
+        rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
+        self.blocks.stats.bytes_read += n
+        x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
         if not all_logits:
             x = x[-1:]
         h = rms_norm(x.to(self.norm.dtype), self.norm, self.eps)
-        logits = F.linear(h, self.lm_head).float()
+        logits = self._logits(h)
         self.times.forward_s += time.perf_counter() - t0
+        self._pass_done()
         return logits if all_logits else logits[0]
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.lm_head is not None:
+            return F.linear(h, self.lm_head).float()
+        assert self.head_buffer is not None
+        file, name = self.head_source
+        rows = self.head_buffer.numel() // (h.shape[-1] * file.entries[name].torch_dtype.itemsize)
+        logits = torch.empty((h.shape[0], self.vocab_size), dtype=torch.float32)
+        stats = self.blocks.stats
+        for r0 in range(0, self.vocab_size, rows):
+            t0 = time.perf_counter()
+            w, n = tensorfile.read_rows(file, name, range(r0, min(r0 + rows, self.vocab_size)), self.head_buffer)
+            stats.disk_wait_s += time.perf_counter() - t0
+            stats.bytes_read += n
+            logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
+        return logits
 
     def stop(self) -> None:
         self.header[:] = (OP_STOP, 0, 0, 0)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
+        self.close()
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

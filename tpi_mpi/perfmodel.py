@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .cost_model import LinkModel
+from .cost_model import CANDIDATES, LinkModel
 from .cost_model import predict as allreduce_time
 
 FP32 = 4
@@ -88,8 +88,9 @@ class ModelShape:
 
 @dataclass(frozen=True)
 class Device:
-    """What one device can do. On a shared host, `host_ranks_share` says its F and W are shared by all
-    ranks placed on it (this machine); on real devices each rank has its own."""
+    """What one device (one rank, one torch thread here) can do. `host_cores`: the ranks share a host with
+    that many cores (this machine), so when more ranks compute at once than there are cores each gets its
+    share of a core; None: every rank is a device of its own."""
 
     flops: float  # FLOP/s of matrix products (prefill)
     weight_bw: float  # bytes/s of weights through a matrix-vector product (decode)
@@ -97,7 +98,7 @@ class Device:
     disk_bw: float  # bytes/s reading layer files
     base_rss: float  # bytes of a worker process before any weight is loaded
     base_rss_master: float  # the same for rank 0 (also Hydra, the tokenizer)
-    host_ranks_share: bool = True
+    host_cores: int | None = None
 
 
 @dataclass(frozen=True)
@@ -119,9 +120,14 @@ class Prediction:
     peak_bytes_worker: float
 
 
+def _share(dev: Device, active: int) -> float:
+    """How many ranks share each core while `active` ranks compute at once."""
+    return max(1.0, active / dev.host_cores) if dev.host_cores else 1.0
+
+
 def _compute(shape: ModelShape, q: int, n: int, dev: Device, active: int) -> float:
     """One layer's slice of 1/n of the work on one rank, while `active` ranks compute at once on the host."""
-    share = active if dev.host_ranks_share else 1
+    share = _share(dev, active)
     flops = 2 * q * shape.layer_params / n
     return max(flops / (dev.flops / share), shape.layer_bytes / n / (dev.weight_bw / share)) + dev.layer_overhead_s
 
@@ -130,20 +136,26 @@ def _link(s: Setting, name: str) -> LinkModel:
     return s.links.get(name) or s.links.get("default") or LinkModel(0.0, 0.0)
 
 
-def _head(shape: ModelShape, dev: Device, active: int) -> float:
-    share = active if dev.host_ranks_share else 1
-    return shape.vocab * shape.hidden * shape.bytes_per_param / (dev.weight_bw / share)
+def _head(shape: ModelShape, dev: Device) -> float:
+    return shape.vocab * shape.hidden * shape.bytes_per_param / dev.weight_bw  # rank 0 alone
+
+
+def _allreduce(s: Setting, nbytes: int) -> float:
+    link = _link(s, s.algo)
+    if s.algo in CANDIDATES:
+        return allreduce_time(s.algo, s.n, nbytes, link)
+    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
 
 
 def _tp_forward(s: Setting, dev: Device, q: int) -> float:
     sh, n = s.shape, s.n
     msg = q * sh.hidden * FP32
-    per_layer = _compute(sh, q, n, dev, n) + 2 * allreduce_time(s.algo, n, msg, _link(s, s.algo))
+    per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
     if s.window is not None:  # streaming: the disk reads overlap compute and communication
         per_layer = max(per_layer, sh.layer_bytes / n / dev.disk_bw)
     b = _link(s, "bcast")
     bcast = (b.alpha + (n - 1) * msg * b.beta) if n > 1 else 0.0
-    return bcast + sh.layers * per_layer + _head(sh, dev, 1)
+    return bcast + sh.layers * per_layer + _head(sh, dev)
 
 
 def _peak(s: Setting, dev: Device) -> tuple[float, float]:
@@ -158,10 +170,14 @@ def predict_tp(s: Setting, dev: Device) -> Prediction:
     return Prediction(_tp_forward(s, dev, s.prompt_tokens), _tp_forward(s, dev, 1), master, worker)
 
 
-def predict_transformers(s: Setting, dev: Device) -> Prediction:
+def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -> Prediction:
+    """HF on one device. With `memory` (the device's RAM) smaller than the model, the weights that do not fit
+    are evicted and read again from disk every forward pass (mmap'd safetensors under memory pressure)."""
     one = replace(s, n=1, window=None)
     master, _ = _peak(one, dev)
-    return Prediction(_tp_forward(one, dev, s.prompt_tokens), _tp_forward(one, dev, 1), master, master)
+    reread = max(0.0, master - memory) / dev.disk_bw if memory else 0.0
+    return Prediction(_tp_forward(one, dev, s.prompt_tokens) + reread, _tp_forward(one, dev, 1) + reread,
+                      master, master)
 
 
 def predict_accelerate(s: Setting, dev: Device, max_memory: float) -> Prediction:
@@ -176,16 +192,15 @@ def predict_accelerate(s: Setting, dev: Device, max_memory: float) -> Prediction
 
 
 def predict_pipeline(s: Setting, dev: Device) -> Prediction:
-    """One rank computes at a time; with threads = cores / N per rank on a shared host, each stage runs at
-    1/N of the host (the same share as when all N compute at once)."""
+    """One rank computes at a time (the others wait for their turn), so a stage has a core to itself."""
     sh, n = s.shape, s.n
 
     def forward(q: int) -> float:
         hop = _link(s, "p2p")
         msg = q * sh.hidden * FP32
-        per_layer_full = _compute(sh, q, 1, dev, n)  # whole layers, at the rank's share of the host
+        per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
         hops = n * (hop.alpha + msg * hop.beta) if n > 1 else 0.0
-        return sh.layers * per_layer_full + hops + _head(sh, dev, n)
+        return sh.layers * per_layer_full + hops + _head(sh, dev)
 
     layers_rank = -(-sh.layers // n)
     kv = sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1) * layers_rank / sh.layers
@@ -231,7 +246,7 @@ def measure_compute(threads: int) -> dict[str, float]:
             "o_proj.weight": torch.randn(64, 64)}
     ffn = {"post_norm.weight": torch.ones(64), "gate_proj.weight": torch.randn(128, 64),
            "up_proj.weight": torch.randn(128, 64), "down_proj.weight": torch.randn(64, 128)}
-    layer = ShardedLayer(attn, ffn, cfg, 16, None, None)
+    layer = ShardedLayer(4, 4, 16, 1e-5, None, torch.float32)
     layer.reset_cache(64)
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
@@ -241,8 +256,8 @@ def measure_compute(threads: int) -> dict[str, float]:
 
     def one_layer() -> None:
         with torch.inference_mode():
-            y = xs + layer.attention(xs, 3, cos, sin)
-            y + layer.ffn(y)
+            y = xs + layer.attention(attn, xs, 3, cos, sin)
+            y + layer.ffn(ffn, y)
 
     overhead = _median_time(one_layer, 200)
     return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}
@@ -331,7 +346,7 @@ def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
 
 
 def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int = 1024,
-              repeats: int = 40) -> dict[str, Any]:
+              repeats: int = 20) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     t0 = time.time()
     calib: dict[str, Any] = {"cores": cores, "loadavg_before": os.getloadavg()}
@@ -358,10 +373,11 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
 
 
 def device_from(calib: dict[str, Any]) -> Device:
-    c = calib["compute_all_cores"]
+    """A rank of the sweeps: one torch thread (experiments.run_all runs them with threads=1)."""
+    c = calib["compute_1_thread"]
     return Device(flops=c["flops"], weight_bw=c["weight_bw"], layer_overhead_s=c["layer_overhead_s"],
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
-                  host_ranks_share=True)
+                  host_cores=calib["cores"])
 
 
 def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
@@ -433,12 +449,13 @@ class PaperAssumptions:
     latency_s: float = 1e-3  # one-way link latency (conf/network/paper.yaml of the emulator issue)
     bandwidth_bit_s: float = 300e6
     window: int = 4  # the paper's sliding window (blocks), as we read it
+    memory: float = 8e9  # RAM of the one laptop that runs the Transformers and Accelerate baselines
 
 
 def predict_paper(assume: PaperAssumptions, layer_overhead_s: float) -> list[dict[str, Any]]:
     dev = Device(flops=assume.device_flops, weight_bw=assume.device_weight_bw, layer_overhead_s=layer_overhead_s,
                  disk_bw=assume.disk_bw, base_rss=assume.base_rss, base_rss_master=assume.base_rss,
-                 host_ranks_share=False)
+                 host_cores=None)
     link = LinkModel(assume.latency_s, 8 / assume.bandwidth_bit_s)
     links = {"star": link, "bcast": link, "p2p": link, "default": link}
     rows = []
@@ -448,14 +465,14 @@ def predict_paper(assume: PaperAssumptions, layer_overhead_s: float) -> list[dic
         home_link = LinkModel(3e-3, 8 / 100e6)  # Wi-Fi profile: 3 ms, 100 Mbit/s
         home = predict_tp(Setting(shape, 4, links={"star": home_link, "bcast": home_link}, window=assume.window),
                           dev)
-        hf = predict_transformers(Setting(shape, 1), dev)
-        acc = predict_accelerate(Setting(shape, 1), dev, max_memory=8e9 - assume.base_rss)
+        hf = predict_transformers(Setting(shape, 1), dev, memory=assume.memory)
+        acc = predict_accelerate(Setting(shape, 1), dev, max_memory=assume.memory - assume.base_rss)
         rows.append({"model": name, "params_b": shape.total_bytes / FP32 / 1e9,
                      "pred_tpi_8_s": klonet.token_latency_s, "paper_tpi_8_s": rep[2],
                      "pred_tpi_4_wifi_s": home.token_latency_s, "paper_tpi_4_wifi_s": rep[3],
                      "pred_transformers_s": hf.token_latency_s, "paper_transformers_s": rep[0],
                      "pred_accelerate_s": acc.token_latency_s, "paper_accelerate_s": rep[1],
-                     "pred_peak_gb_8": klonet.peak_bytes / 1e9,
+                     "pred_peak_gb_8": klonet.peak_bytes / 1e9, "pred_peak_worker_gb_8": klonet.peak_bytes_worker / 1e9,
                      "paper_peak_gb_8": PAPER_PEAK_MEMORY_70B_GB if name == "Llama 2-70B" else None,
                      "pred_ttft_8_s": klonet.ttft_s})
     return rows

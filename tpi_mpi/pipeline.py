@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .engine import DTYPES, OP_FORWARD, OP_STOP, Master
 from .models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
+from .prefetch import Weights, cast_block
 from .shards import RankShard
 
 TAG_HEADER, TAG_HIDDEN = 11, 12
@@ -48,9 +49,15 @@ class Stage:
         self.cfg = hf_config(shard.config)
         self.layer_range = layer_ranges(shard.num_layers, comm.size)[comm.rank]
         windows = sliding_windows(self.cfg)
-        self.layers = [ShardedLayer(shard.block(i, "attn"), shard.block(i, "ffn"), self.cfg,
-                                    shard.plan.head_dim, windows[i], DTYPES[dtype])
-                       for i in range(*self.layer_range)]
+        hd = shard.plan.head_dim
+        self.layers: list[ShardedLayer] = []
+        self.weights: list[tuple[Weights, Weights]] = []  # (attention, FFN) of each layer, all in memory
+        for i in range(*self.layer_range):
+            a, f = (cast_block(shard.block(i, kind), DTYPES[dtype]) for kind in ("attn", "ffn"))
+            q, k = a["q_proj.weight"], a["k_proj.weight"]
+            self.layers.append(ShardedLayer(q.shape[0] // hd, k.shape[0] // hd, hd, self.cfg.rms_norm_eps,
+                                            windows[i], q.dtype))
+            self.weights.append((a, f))
         self.rotary = LlamaRotaryEmbedding(self.cfg)
         self.hidden_size = self.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
@@ -105,9 +112,9 @@ class Stage:
         if self.layers:
             positions = torch.arange(start, start + q_len).unsqueeze(0)
             cos, sin = self.rotary(x.to(self.layers[0].dtype), positions)
-            for layer in self.layers:  # the whole layer: nothing to allreduce
-                x = x + layer.attention(x.to(layer.dtype), start, cos, sin).float()
-                x = x + layer.ffn(x.to(layer.dtype)).float()
+            for layer, (a, f) in zip(self.layers, self.weights, strict=True):  # the whole layer: nothing to allreduce
+                x = x + layer.attention(a, x.to(layer.dtype), start, cos, sin).float()
+                x = x + layer.ffn(f, x.to(layer.dtype)).float()
         self.compute_s += time.perf_counter() - t0
         return x
 

@@ -105,11 +105,16 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
                       "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
             except UserError as exc:
                 error = str(exc)
-    req = comm.Ibarrier()
-    while not req.Test():  # a blocking barrier would spin every waiting rank on a shared core
-        time.sleep(0.01)
+    wait_for_all(comm)
     agree_or_abort(comm, error)
     return path
+
+
+def wait_for_all(comm: MPI.Comm) -> None:
+    """A barrier that sleeps: a blocking one would spin every waiting rank on a shared core."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
 
 
 def job(comm: MPI.Comm, cfg: Any) -> None:
@@ -136,6 +141,7 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
+    plan = _memory_plan(comm, shard, cfg)
 
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
@@ -143,12 +149,14 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
         links = SoftwareLinks(comm.rank, comm.size, cfg.network)
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+        wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+    wait_for_all(comm)
     try:
         record = _generate(master, cfg, path)
     finally:
@@ -156,6 +164,20 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     master.close()
     record["ranks"] = comm.gather(master.rank_record(), root=0)
     _report(record, cfg)
+
+
+def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
+    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all."""
+    from .engine import DTYPES
+    from .memplan import plan_rank_memory
+
+    plan, error = None, None
+    try:
+        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
+    except UserError as exc:
+        error = str(exc)
+    agree_or_abort(comm, error)
+    return plan
 
 
 def _tokenizer(cfg: Any, shard_path: Path) -> Any:
@@ -220,7 +242,15 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "device": cfg.device.name if cfg.device else None,
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "slurm": _slurm_job(),
     }
+
+
+def _slurm_job() -> dict[str, str] | None:
+    """Which Slurm job (and array task) made this record, so that records collected in one file stay apart."""
+    keys = ("job_id", "array_job_id", "array_task_id", "job_nodelist", "ntasks")
+    job = {k: os.environ[f"SLURM_{k.upper()}"] for k in keys if f"SLURM_{k.upper()}" in os.environ}
+    return job or None
 
 
 def _report(record: dict[str, Any], cfg: Any) -> None:

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from .errors import UserError
 from .partition import ShardPlan
 from .split import FORMAT, block_file, file_digests, rank_dir
+from .tensorfile import TensorFile, parse_header
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,18 @@ class RankShard:
     def block(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / block_file(layer, kind)))
 
+    def tensor_file(self, layer: int, kind: str) -> TensorFile:
+        """The validated header of a layer block (nothing of the weights is read)."""
+        return parse_header(self.dir / block_file(layer, kind))
+
+    def block_files(self) -> dict[tuple[int, str], TensorFile]:
+        return {(i, k): self.tensor_file(i, k) for i in range(self.num_layers) for k in ("attn", "ffn")}
+
     def master_file(self, name: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / name))
+
+    def master_tensor_file(self, name: str) -> TensorFile:
+        return parse_header(self.dir / name)
 
 
 CHECKSUM_MODES = {"xxh3": "xxh3_128", "sha256": "sha256", "none": None}  # model.verify_checksums -> manifest key

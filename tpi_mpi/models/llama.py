@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from transformers import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
+from ..prefetch import BlockSource, Weights
 from ..shards import RankShard
 from ..watchdog import Watchdog
 
@@ -58,32 +59,28 @@ def attention_mask(q_len: int, start: int, kv_len: int, window: int | None) -> t
 
 
 class ShardedLayer:
-    """One decoder layer: this rank's attention heads and FFN columns, with its part of the KV cache."""
+    """One decoder layer: this rank's attention heads and FFN columns, with its part of the KV cache.
 
-    def __init__(self, attn: dict[str, torch.Tensor], ffn: dict[str, torch.Tensor], cfg: Any,
-                 head_dim: int, window: int | None, dtype: torch.dtype | None):
-        cast = (lambda t: t.to(dtype)) if dtype else (lambda t: t)
-        self.a = {k: cast(v) for k, v in attn.items()}
-        self.f = {k: cast(v) for k, v in ffn.items()}
-        self.eps = cfg.rms_norm_eps
-        self.head_dim = head_dim
-        self.n_heads = self.a["q_proj.weight"].shape[0] // head_dim
-        self.n_kv = self.a["k_proj.weight"].shape[0] // head_dim
+    The weights are not kept here: each call gets its block (`a`: attention, `f`: FFN) from the block
+    source, which holds them in memory or streams them from disk (prefetch.py)."""
+
+    def __init__(self, n_heads: int, n_kv: int, head_dim: int, eps: float, window: int | None,
+                 dtype: torch.dtype):
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, head_dim
+        self.eps = eps
         self.window = window
+        self.dtype = dtype
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.a["q_proj.weight"].dtype
 
     def reset_cache(self, capacity: int) -> None:
         shape = (1, self.n_kv, capacity, self.head_dim)
         self.k_cache = torch.zeros(shape, dtype=self.dtype)
         self.v_cache = torch.zeros(shape, dtype=self.dtype)
 
-    def attention(self, x: torch.Tensor, start: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        a, hd, q_len = self.a, self.head_dim, x.shape[0]
+    def attention(self, a: Weights, x: torch.Tensor, start: int, cos: torch.Tensor,
+                  sin: torch.Tensor) -> torch.Tensor:
+        hd, q_len = self.head_dim, x.shape[0]
         h = rms_norm(x, a["input_norm.weight"], self.eps)
         q = F.linear(h, a["q_proj.weight"], a.get("q_proj.bias"))
         k = F.linear(h, a["k_proj.weight"], a.get("k_proj.bias"))
@@ -106,8 +103,7 @@ class ShardedLayer:
         out = out.transpose(1, 2).reshape(q_len, self.n_heads * hd)
         return F.linear(out, a["o_proj.weight"], a.get("o_proj.bias"))
 
-    def ffn(self, x: torch.Tensor) -> torch.Tensor:
-        f = self.f
+    def ffn(self, f: Weights, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, f["post_norm.weight"], self.eps)
         gate = F.linear(h, f["gate_proj.weight"], f.get("gate_proj.bias"))
         up = F.linear(h, f["up_proj.weight"], f.get("up_proj.bias"))
@@ -117,17 +113,21 @@ class ShardedLayer:
 class ShardedDecoder:
     """All layers of one rank. forward() is called by every rank with the same hidden states."""
 
-    def __init__(self, shard: RankShard, allreduce: AllreduceFn, dtype: torch.dtype | None = None,
-                 watchdog: Watchdog | None = None):
+    def __init__(self, shard: RankShard, allreduce: AllreduceFn, blocks: BlockSource,
+                 dtype: torch.dtype | None = None, watchdog: Watchdog | None = None):
+        """`blocks`: where each layer's weights come from (prefetch.ResidentBlocks / LayerPrefetcher);
+        `dtype`: the compute dtype the blocks are cast to (None: as on disk)."""
         self.cfg = hf_config(shard.config)
         self.allreduce = allreduce
+        self.blocks = blocks
         self.watchdog = watchdog or Watchdog(None, None)  # names the allreduce that stalls
         windows = sliding_windows(self.cfg)
-        self.layers = [
-            ShardedLayer(shard.block(i, "attn"), shard.block(i, "ffn"), self.cfg, shard.plan.head_dim,
-                         windows[i], dtype)
-            for i in range(shard.num_layers)
-        ]
+        hd = shard.plan.head_dim
+        self.layers = []
+        for i in range(shard.num_layers):
+            q, k = (shard.tensor_file(i, "attn").entries[f"{n}_proj.weight"] for n in ("q", "k"))
+            self.layers.append(ShardedLayer(q.shape[0] // hd, k.shape[0] // hd, hd, self.cfg.rms_norm_eps,
+                                            windows[i], dtype or q.torch_dtype))
         self.rotary = LlamaRotaryEmbedding(self.cfg)
         self.capacity = 0
 
@@ -153,6 +153,11 @@ class ShardedDecoder:
         dtype = self.layers[0].dtype if self.layers else torch.float32
         cos, sin = self.rotary(x.to(dtype), positions)
         for i, layer in enumerate(self.layers):
-            x = x + self._sync(layer.attention(x.to(layer.dtype), start, cos, sin), i, "attn")
-            x = x + self._sync(layer.ffn(x.to(layer.dtype)), i, "ffn")
+            # A block is handed back as soon as its compute is done: the next read overlaps the allreduce.
+            with self.blocks.block(i, "attn") as a:
+                partial = layer.attention(a, x.to(layer.dtype), start, cos, sin)
+            x = x + self._sync(partial, i, "attn")
+            with self.blocks.block(i, "ffn") as f:
+                partial = layer.ffn(f, x.to(layer.dtype))
+            x = x + self._sync(partial, i, "ffn")
         return x

@@ -1,0 +1,176 @@
+"""docker/: what can be checked without a container engine (none runs here; see README "Docker emulation").
+
+- the build context: every file the Dockerfile COPYs exists and is not excluded by .dockerignore;
+- the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and
+  interpolation), and always a structural check of the devices (limits, NET_ADMIN, one slice each);
+- the entrypoint, run outside a container in dry-run mode: the tc netem commands, hostfile and mpirun
+  command it would run for each device of the compose file, and its one-line errors;
+- that mpirun command itself, run here with the ranks as separate processes talking TCP over loopback
+  (MPICH's OFI netmod, shared memory off) in place of ssh to separate containers.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from conftest import MPIRUN, ROOT
+
+from tpi_mpi.make_model import make_model
+from tpi_mpi.results import read_jsonl
+from tpi_mpi.split import split
+
+DOCKER = ROOT / "docker"
+COMPOSE = DOCKER / "compose.yaml"
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())  # safe_load resolves the `<<: *device` merge keys
+
+
+def launcher(services: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    [(name, svc)] = [(n, s) for n, s in services.items() if s["environment"]["DEVICE_ROLE"] == "launcher"]
+    return name, svc
+
+
+def entrypoint(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(DOCKER / "entrypoint.py")], env={"PATH": os.environ["PATH"], **env},
+                          capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
+
+
+def test_every_copied_file_is_in_the_build_context() -> None:
+    ignored = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+               if line.strip() and not line.startswith("#")]
+    copies = []
+    for line in (DOCKER / "Dockerfile").read_text().splitlines():
+        words = line.split()
+        if words and words[0] == "COPY" and not any(w.startswith("--from") for w in words):
+            copies += [w for w in words[1:-1] if not w.startswith("--")]
+    assert {"tpi_mpi", "conf", "pyproject.toml", "docker/entrypoint.py"} <= set(copies)
+    for src in copies:
+        assert (ROOT / src).exists(), f"Dockerfile copies {src}, which is not in the build context"
+        assert not any(fnmatch.fnmatch(src, pat) for pat in ignored), f".dockerignore excludes {src}"
+    for svc in compose()["services"].values():  # every service builds from the repository root
+        assert (COMPOSE.parent / svc["build"]["context"]).resolve() == ROOT
+        assert (ROOT / svc["build"]["dockerfile"]).resolve() == DOCKER / "Dockerfile"
+
+
+def test_compose_config_with_a_client() -> None:
+    """The real compose tool validates the file against its schema (it needs no engine for `config`)."""
+    if shutil.which("docker") and subprocess.run(["docker", "compose", "version"], capture_output=True,
+                                                 timeout=30).returncode == 0:
+        cmd = ["docker", "compose"]
+    elif shutil.which("docker-compose"):
+        cmd = ["docker-compose"]
+    else:
+        pytest.skip("no compose client (docker compose plugin or Debian's docker-compose) to validate with")
+    proc = subprocess.run([*cmd, "-f", str(COMPOSE), "config"], capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr
+    resolved = yaml.safe_load(proc.stdout)
+    assert sorted(resolved["services"]) == sorted(compose()["services"])
+
+
+def test_compose_devices_have_limits_net_admin_and_one_slice_each() -> None:
+    services = compose()["services"]
+    name, svc = launcher(services)
+    hosts = svc["environment"]["DEVICES"].split(",")
+    assert hosts[0] == name == svc["hostname"], "rank 0 (the launcher) must come first in DEVICES"
+    assert sorted(hosts) == sorted(s["hostname"] for s in services.values()), "DEVICES must list every device"
+    assert set(svc["depends_on"]) == set(services) - {name}
+    args = shlex.split(svc["environment"]["TPI_ARGS"])
+    assert "model.shards=/shards" in args
+    for rank, host in enumerate(hosts):
+        dev = next(s for s in services.values() if s["hostname"] == host)
+        assert "NET_ADMIN" in dev["cap_add"]
+        assert dev["mem_limit"] and dev["memswap_limit"] == dev["mem_limit"] and 0 < float(dev["cpus"])
+        assert f"./shards/rank_{rank}:/shards/rank_{rank}:ro" in dev["volumes"], f"{host} must see only rank_{rank}"
+        assert not any("/shards/rank_" in v and f"rank_{rank}:" not in v for v in dev["volumes"])
+        assert set(dev["networks"]) == {"devnet"}
+    assert compose()["networks"]["devnet"]["internal"] is True
+
+
+@pytest.mark.parametrize("name", ["device0", "device1", "device2", "device3"])
+def test_entrypoint_dry_run_for_each_device(name: str) -> None:
+    services = compose()["services"]
+    env = {k: str(v) for k, v in services[name]["environment"].items()}
+    proc = entrypoint({**env, "DRY_RUN": "1"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    delay, rate = env["LINK_DELAY_MS"], env["LINK_RATE_MBIT"]
+    assert lines[0] == f"+ tc qdisc replace dev eth0 root netem delay {delay}ms rate {rate}mbit"
+    if env["DEVICE_ROLE"] == "device":
+        assert lines[1:] == ["+ /usr/sbin/sshd -D -e"]
+        return
+    assert lines[1] == "+ /usr/sbin/sshd"
+    hosts = env["DEVICES"].split(",")
+    start = lines.index(next(line for line in lines if line.startswith("# ")))
+    assert lines[start + 1:start + 1 + len(hosts)] == [f"{h}:1" for h in hosts]
+    cmd = shlex.split(lines[-1][2:])
+    assert cmd[:6] == ["mpirun", "-launcher", "ssh", "-f", lines[start][2:], "-n"] and cmd[6] == str(len(hosts))
+    assert cmd[cmd.index("python"):][:3] == ["python", "-m", "tpi_mpi.run"]
+    assert 'prompt=Once upon a time' in cmd  # the quoted override stays one argument
+    genv = {cmd[i + 1]: cmd[i + 2] for i, w in enumerate(cmd) if w == "-genv"}
+    assert genv["FI_PROVIDER"] == "tcp" and genv["MPIR_CVAR_CH4_NETMOD"] == "ofi" and genv["FI_TCP_IFACE"] == "eth0"
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({"LINK_DELAY_MS": "5", "LINK_JITTER_MS": "1", "LINK_LOSS_PCT": "0.5"},
+     "+ tc qdisc replace dev eth0 root netem delay 5ms 1ms loss 0.5%"),
+    ({"LINK_RATE_MBIT": "1000", "DEVICE_IFACE": "eth1"}, "+ tc qdisc replace dev eth1 root netem rate 1000mbit"),
+    ({"LINK_DELAY_MS": "0", "LINK_RATE_MBIT": "0"}, "+ /usr/sbin/sshd -D -e"),  # unshaped: no tc at all
+])
+def test_entrypoint_netem_options(env: dict[str, str], expected: str) -> None:
+    proc = entrypoint({"DEVICE_ROLE": "device", "DRY_RUN": "1", **env})
+    assert proc.returncode == 0 and proc.stdout.splitlines()[0] == expected, proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"LINK_DELAY_MS": "fast"}, "LINK_DELAY_MS='fast' is not a number"),
+    ({"LINK_RATE_MBIT": "-1"}, "LINK_RATE_MBIT=-1 is negative"),
+    ({"LINK_JITTER_MS": "1"}, "LINK_JITTER_MS needs LINK_DELAY_MS"),
+    ({"LINK_LOSS_PCT": "120"}, "LINK_LOSS_PCT=120 is over 100"),
+    ({"DEVICE_ROLE": "master"}, "DEVICE_ROLE='master': choose device or launcher"),
+    ({"DEVICE_ROLE": "launcher"}, "DEVICES is empty"),
+    ({"DEVICE_ROLE": "launcher", "DEVICES": "a,b,a"}, "DEVICES=a,b,a names a device twice"),
+])
+def test_entrypoint_bad_settings_one_line(env: dict[str, str], message: str) -> None:
+    proc = entrypoint({"DRY_RUN": "1", **env})
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and message in proc.stderr, proc.stderr
+
+
+def test_launcher_command_runs_outside_a_container(tmp_path: Path) -> None:
+    """device0's mpirun command, started here: ssh across containers becomes local processes, eth0 becomes lo,
+    MPIR_CVAR_NOLOCAL=1 keeps MPICH off shared memory so the ranks talk TCP as the devices would."""
+    services = compose()["services"]
+    _, svc = launcher(services)
+    env = {k: str(v) for k, v in svc["environment"].items()}
+    n = len(env["DEVICES"].split(","))
+    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=7)
+    split(model, tmp_path / "shards", n)
+    args = env["TPI_ARGS"].replace("/shards", str(tmp_path / "shards")).replace("/results", str(tmp_path / "results"))
+    args = args.replace("max_new_tokens=32", "max_new_tokens=4")
+    proc = entrypoint({**env, "DRY_RUN": "1", "DEVICE_IFACE": "lo", "TPI_ARGS": args})
+    assert proc.returncode == 0, proc.stderr
+    cmd = shlex.split(proc.stdout.splitlines()[-1][2:])
+    assert cmd[1:5] == ["-launcher", "ssh", "-f", "/tmp/tpi_hostfile"]
+    cmd = [MPIRUN, *cmd[5:]]
+    cmd[cmd.index("python")] = sys.executable
+    try:
+        run = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "MPIR_CVAR_NOLOCAL": "1"}, capture_output=True,
+                             text=True, timeout=180, stdin=subprocess.DEVNULL, start_new_session=True)
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"{shlex.join(cmd)} hung for 180 s:\n{exc.stderr}")
+    assert run.returncode == 0, run.stderr[-3000:]
+    [rec] = read_jsonl(tmp_path / "results" / "docker.jsonl")
+    assert rec["world_size"] == n and rec["generated_tokens"] == 4 and rec["config"]["prompt"] == "Once upon a time"
+    assert rec["shards"] == str(tmp_path / "shards") and rec["hydra_output_dir"] == str(tmp_path / "results" / "hydra")

@@ -1,0 +1,205 @@
+"""Which of a rank's weights stay in memory and how many streamed blocks it holds at once.
+
+From memory.resident / window / budget (config.MemoryConfig), the block sizes (from the safetensors
+headers, nothing read yet), the KV cache, an estimate of the activations, and a fixed overhead measured
+now (the process's resident memory before any weight is loaded: interpreter, torch, MPI):
+
+    resident=true   every block in memory
+    resident=false  every block streamed through `window` buffers (default 2: one computing, one reading)
+    resident=auto   everything in memory if it fits the budget; else the window (lowered to 1 if that is all
+                    that fits) and, once the window is full size, with what is left as many blocks resident
+                    as fit, largest reads first (master's lm_head, then FFN blocks, then attention blocks),
+                    spread evenly over the layers so that the reader has resident blocks' compute time to get
+                    ahead.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .config import MemoryConfig
+from .errors import UserError
+from .prefetch import BlockKey
+from .tensorfile import READ_CHUNK_BYTES
+
+DEFAULT_WINDOW = 2
+# lm_head is streamed in vocabulary chunks of this many bytes when it is not resident.
+HEAD_CHUNK_BYTES = 32 * 1024 * 1024
+# Allocator slack, MPI buffers and torch temporaries beyond the estimate of activations.
+SLACK_BYTES = 48 * 1024 * 1024
+
+
+def current_rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    mode: str  # "resident" | "stream" | "partial"
+    window: int  # streamed blocks in memory at once (0 when nothing is streamed)
+    streamed: tuple[BlockKey, ...]  # in forward order
+    head_resident: bool  # master only: lm_head kept in memory (else streamed in vocabulary chunks)
+    parts: dict[str, int] = field(default_factory=dict)  # predicted bytes by what they hold
+
+    @property
+    def predicted_bytes(self) -> int:
+        return sum(self.parts.values())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mode": self.mode, "window": self.window, "streamed_blocks": len(self.streamed),
+                "head_resident": self.head_resident, "predicted_bytes": self.predicted_bytes,
+                "parts": dict(self.parts)}
+
+
+def _spread(keys: list[BlockKey], k: int) -> list[BlockKey]:
+    """k of the keys, evenly spaced."""
+    n = len(keys)
+    return [keys[(i * n) // k] for i in range(k)] if k else []
+
+
+def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str, int],
+                head_bytes: int = 0) -> MemoryPlan:
+    """`blocks`: bytes of each block in memory; `fixed`: what any plan needs (overhead, KV cache,
+    activations); `head_bytes`: the master's lm_head (0 on workers or with tied embeddings resident)."""
+    order = sorted(blocks)  # (layer, "attn") < (layer, "ffn"): forward order
+    total = sum(blocks.values())
+    head_stream = min(head_bytes, HEAD_CHUNK_BYTES)
+    base = dict(fixed)
+    if mem.resident is True:
+        return MemoryPlan("resident", 0, (), True, {**base, "resident_blocks": total, "head": head_bytes})
+    if mem.resident is False:
+        window = mem.window or DEFAULT_WINDOW
+        largest = max(blocks.values(), default=0)
+        return MemoryPlan("stream", window, tuple(order), False,
+                          {**base, "window": window * largest, "read_cache": READ_CHUNK_BYTES,
+                           "head": head_stream})
+    budget = mem.budget_bytes
+    assert budget is not None  # validated in config
+    if sum(base.values()) + total + head_bytes <= budget:
+        return MemoryPlan("resident", 0, (), True, {**base, "resident_blocks": total, "head": head_bytes})
+    largest = max(blocks.values(), default=0)
+    # The stream's fixed cost: its buffers, one read chunk of page cache, and the head read in chunks.
+    def stream_cost(w: int) -> int:
+        return w * largest + READ_CHUNK_BYTES + head_stream
+    smallest = sum(base.values()) + stream_cost(1)
+    if budget < smallest:
+        parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in base.items())
+        raise UserError(
+            f"memory.budget={mem.budget} ({fmt_bytes(budget)}) is too small: the smallest workable budget is "
+            f"{fmt_bytes(smallest)} ({smallest} bytes: one block of {fmt_bytes(largest)}, {parts}, "
+            f"read cache {fmt_bytes(READ_CHUNK_BYTES)}, lm_head chunk {fmt_bytes(head_stream)}): "
+            f"raise memory.budget to at least {smallest}")
+    target = mem.window or DEFAULT_WINDOW
+    window = target
+    while window > 1 and sum(base.values()) + stream_cost(window) > budget:
+        window -= 1
+    # Memory goes to the window first; blocks become resident only once it is full size, so that neither
+    # the window nor the resident blocks ever shrink as the budget grows.
+    left = budget - sum(base.values()) - stream_cost(window) if window == target else 0
+    head_resident = False
+    if 0 < head_bytes and head_bytes - head_stream <= left:
+        head_resident, left = True, left - (head_bytes - head_stream)
+    resident: list[BlockKey] = []
+    for kind in ("ffn", "attn"):
+        keys = [k for k in order if k[1] == kind]
+        size = max((blocks[k] for k in keys), default=0)
+        fit = min(len(keys), left // size) if size else len(keys)
+        resident += _spread(keys, int(fit))
+        left -= sum(blocks[k] for k in _spread(keys, int(fit)))
+    streamed = tuple(k for k in order if k not in set(resident))
+    if not streamed:  # everything fits once the window is not needed
+        return MemoryPlan("resident", 0, (), True, {**base, "resident_blocks": total, "head": head_bytes})
+    resident_bytes = sum(blocks[k] for k in resident)
+    return MemoryPlan("partial" if resident else "stream", window, streamed, head_resident,
+                      {**base, "resident_blocks": resident_bytes, "window": window * largest,
+                       "read_cache": READ_CHUNK_BYTES,
+                       "head": head_bytes if head_resident else head_stream})
+
+
+def _cgroup_read(v1_name: str, v2_name: str, proc_cgroup: str, root: str) -> dict[str, Any] | None:
+    """A memory file of this process's memory cgroup: v1 (`root`/memory/PATH/v1_name) or v2
+    (`root`/PATH/v2_name, or under `root`/unified in hybrid mounts). None when there is none readable or
+    the process is in the root cgroup."""
+    try:
+        lines = open(proc_cgroup).read().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        hid, controllers, path = line.split(":", 2)
+        if path == "/":
+            continue
+        if "memory" in controllers.split(","):
+            candidates = [(f"{root}/memory{path}/{v1_name}", "v1")]
+        elif hid == "0" and controllers == "":
+            candidates = [(f"{root}{path}/{v2_name}", "v2"), (f"{root}/unified{path}/{v2_name}", "v2")]
+        else:
+            continue
+        for file, version in candidates:
+            try:
+                text = open(file).read().strip()
+            except OSError:
+                continue
+            return {"cgroup": path, "version": version, "value": None if text == "max" else int(text)}
+    return None
+
+
+def cgroup_memory_peak(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> dict[str, Any] | None:
+    """Peak memory use of this process's memory cgroup (v1 memory.max_usage_in_bytes, v2 memory.peak)."""
+    found = _cgroup_read("memory.max_usage_in_bytes", "memory.peak", proc_cgroup, root)
+    return None if found is None else {"cgroup": found["cgroup"], "peak_bytes": found["value"]}
+
+
+def cgroup_memory_usage(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """What this process's memory cgroup is charged now (v1 memory.usage_in_bytes, v2 memory.current)."""
+    found = _cgroup_read("memory.usage_in_bytes", "memory.current", proc_cgroup, root)
+    return None if found is None else found["value"]
+
+
+def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> int | None:
+    """The memory limit of this process's memory cgroup, or None (none, or unlimited)."""
+    found = _cgroup_read("memory.limit_in_bytes", "memory.max", proc_cgroup, root)
+    if found is None or found["value"] is None or found["value"] >= 1 << 60:  # v1 writes "no limit" as ~2^63
+        return None
+    return int(found["value"])
+
+
+def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool) -> MemoryPlan:
+    """The plan of this rank, from its shard's headers and its memory use now (the fixed overhead)."""
+    files = shard.block_files()
+    if mem.resident is not True:
+        disk = {e.torch_dtype for tf in files.values() for e in tf.entries.values()}
+        if dtype is not None and disk != {dtype}:
+            raise UserError(f"memory.resident={str(mem.resident).lower()} streams weights as stored on disk "
+                            f"({', '.join(sorted(str(d).removeprefix('torch.') for d in disk))}), model.dtype "
+                            "asks for another: set model.dtype=auto, or split with --dtype")
+    item = 4 if dtype is None else dtype.itemsize
+    first = files[(0, "attn")].entries if files else {}
+    if first and dtype is None:
+        item = first["q_proj.weight"].torch_dtype.itemsize
+    cfg = shard.config
+    kv_tokens = mem.kv_cache_tokens or cfg["max_position_embeddings"]
+    hidden = cfg["hidden_size"]
+    kv_cols = first["k_proj.weight"].shape[0] if first else 0
+    q_cols = first["q_proj.weight"].shape[0] if first else 0
+    ffn_cols = files[(0, "ffn")].entries["gate_proj.weight"].shape[0] if files else 0
+    kv = shard.num_layers * 2 * kv_cols * kv_tokens * item
+    # fp32 residual stream and its copies, q/k/v, the FFN's three intermediates, per position (prefill).
+    act = kv_tokens * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
+    head = 0
+    if is_master:
+        vocab = cfg["vocab_size"]
+        act += vocab * 4 * 3  # logits of the last position, their softmax and sort when sampling
+        head = vocab * hidden * item
+    # The overhead in the budget's own terms: against a cgroup's limit, what the cgroup is charged now (it
+    # does not count library pages another process loaded first, which the RSS does).
+    overhead = (cgroup_memory_usage() if mem.budget == "cgroup" else None) or current_rss_bytes()
+    fixed = {"overhead": overhead, "kv_cache": kv, "activations": act, "slack": SLACK_BYTES}
+    blocks = {k: tf.data_bytes for k, tf in files.items()}
+    return plan_memory(mem, blocks, fixed, head)
