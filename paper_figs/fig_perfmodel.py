@@ -25,7 +25,7 @@ SWEEPS = ("devices", "algos", "baselines", "links", "window")
 def point_key(sweep: str, r: dict[str, Any]) -> tuple[Any, ...]:
     cfg = r["config"]
     return (sweep, model_name(r), r["world_size"], r.get("baseline"), r.get("comm_algo"),
-            cfg.get("memory", {}).get("window"), str(cfg.get("network", "")))
+            cfg.get("memory", {}).get("window"), str((cfg.get("emulation") or {}).get("network") or ""))
 
 
 def validation_rows(results: Path, predict: Any) -> list[dict[str, Any]]:
@@ -41,7 +41,8 @@ def validation_rows(results: Path, predict: Any) -> list[dict[str, Any]]:
                 continue
             seen.add(key[1:])
             pred = predict(recs[0])
-            row = {"sweep": key[0], "model": key[1], "n": key[2], "impl": key[3] or "tp", "algo": key[4],
+            row = {"sweep": key[0], "model": key[1], "n": key[2], "impl": key[3] or "tp",
+                   "algo": key[4] if not key[6] else f"{key[4]} {key[6]}",
                    "ttft_ms": median(recs, lambda r: r["ttft_s"]) * MS, "pred_ttft_ms": pred.ttft_s * MS,
                    "tok_ms": median(recs, token_latency) * MS, "pred_tok_ms": pred.token_latency_s * MS,
                    "peak_mib": median(recs, peak_rss) / MIB, "pred_peak_mib": pred.peak_bytes / MIB}

@@ -24,12 +24,28 @@ def kill_tree(proc: subprocess.Popen) -> None:
         procs = [*top.children(recursive=True), top]  # collected first: once mpirun dies they are orphans
     except psutil.NoSuchProcess:
         return
+    # tpi_mpi's sentinel exits by itself once the ranks are gone, removing its marker directory.
+    sentinels = [p for p in procs if _is_sentinel(p)]
     for p in procs:
-        try:
-            p.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs[:-1], timeout=10)
+        if p not in sentinels:
+            _kill(p)
+    psutil.wait_procs([p for p in procs[:-1] if p not in sentinels], timeout=10)
+    for p in psutil.wait_procs(sentinels, timeout=5)[1]:
+        _kill(p)
+
+
+def _is_sentinel(p: psutil.Process) -> bool:
+    try:
+        return "tpi_mpi.sentinel" in p.cmdline()
+    except psutil.Error:
+        return False
+
+
+def _kill(p: psutil.Process) -> None:
+    try:
+        p.kill()
+    except psutil.NoSuchProcess:
+        pass
 
 
 def start_mpirun(n: int, args: list[str], cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -84,6 +84,14 @@ def session(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
         assert root_namespace_snapshot() == before
 
 
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A 2-layer tiny model and its split for 2 ranks, shared by the generation tests."""
+    root = tmp_path_factory.mktemp("emu")
+    model = make_model(root / "tiny", "tiny", "llama", layers=2, seed=3)
+    return model, split(model, root / "shards", 2)
+
+
 # --- profiles (no root) ---------------------------------------------------------------------------------
 
 def test_every_profile_loads() -> None:
@@ -117,6 +125,13 @@ def test_unknown_profile_and_no_root_message() -> None:
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "unknown network='nonesuch'" in p.stderr
 
 
+def test_without_root_one_line_pointing_to_the_software_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError) as e:
+        sess.up("tnoroot", 2, load_network("wifi"), [load_device("paper")] * 2)
+    assert "need root" in str(e.value) and "emulation.links=software" in str(e.value) and "\n" not in str(e.value)
+
+
 # --- software link model (no root) ------------------------------------------------------------------------
 
 def test_software_links_deliver_after_latency_plus_bytes(tmp_path: Path) -> None:
@@ -130,16 +145,16 @@ def test_software_links_deliver_after_latency_plus_bytes(tmp_path: Path) -> None
     assert abs(link["bandwidth_bit_s"] / 50e6 - 1) <= TOLERANCE
 
 
-def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tmp_path: Path) -> None:
-    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
-    shards = split(model, tmp_path / "shards", 2)
+def test_software_links_in_a_run_are_labelled_and_slow_the_allreduce(tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model, shards = tiny
     p = mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}",
                    f"model.shards={shards}", "prompt_ids=[1,2,3]", "generation.max_new_tokens=4",
                    f"output.json={tmp_path}/r.json", "output.results=null", "emulation.links=software",
-                   "emulation.network=4g"], timeout=120)
+                   "network=4g"], timeout=120)
     assert p.returncode == 0, p.stderr
     record = json.loads((tmp_path / "r.json").read_text())
-    assert record["links"] == "software" and record["emulation"]["network"] == "4g"
+    assert record["links"] == "software" and record["network"] == "4g"
+    assert record["config"]["network"]["default"]["latency_s"] == 0.025
     ar = record["ranks"][1]["allreduce"]
     # star on 2 ranks: each allreduce is a message there and one back, 25 ms each way on 4g
     assert ar["seconds"] >= ar["calls"] * 2 * 0.025
@@ -216,9 +231,28 @@ def test_killed_launcher_then_down_leaves_nothing(session: str, tmp_path: Path) 
 
 
 @needs_shaping
-def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) -> None:
-    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=3)
-    shards = split(model, tmp_path / "shards", 2)
+def test_ctrl_c_tears_down(session: str) -> None:
+    """Ctrl-C (SIGINT) to `run` while its ranks start: it stops mpirun and removes everything itself."""
+    launcher = subprocess.Popen([*EMULATE, "run", f"session={session}", "network=wifi", "device=paper",
+                                 "devices=2", "--", "model.path=/nonexistent"], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.endswith("-r1") for n in netns.list_namespaces(session)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the session never came up"
+            time.sleep(0.05)
+        launcher.send_signal(signal.SIGINT)
+        _, err = launcher.communicate(timeout=60)
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    assert launcher.returncode != 0
+    assert sess.leftovers(session) == [], err
+
+
+@needs_shaping
+def test_generation_on_shaped_links_is_labelled(session: str, tiny: tuple[Path, Path], tmp_path: Path) -> None:
+    model, shards = tiny
     p = emulate(["run", f"session={session}", "network=wifi", "device=paper", "devices=2", "timeout=120", "--",
                  f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}", f"model.shards={shards}",
                  "prompt_ids=[1,2,3]", "generation.max_new_tokens=4", f"output.json={tmp_path}/r.json",
@@ -226,4 +260,30 @@ def test_generation_on_shaped_links_is_labelled(session: str, tmp_path: Path) ->
     assert p.returncode == 0, p.stderr
     record = json.loads((tmp_path / "r.json").read_text())
     assert record["links"] == "shaped" and record["generated_tokens"] == 4
-    assert record["emulation"] == {"network": "wifi", "device": "paper"}
+    assert (record["network"], record["device"]) == ("wifi", "paper")
+
+
+# --- cgroup v2 (files only: this host's v2 hierarchy has no memory controller) ----------------------------
+
+def test_cgroup_v2_limits_are_written_where_v2_wants_them(tmp_path: Path) -> None:
+    """The v2 backend against a fake hierarchy: memory.max, memory.swap.max, cpu.max, io.max, the
+    controllers enabled for the children, and the OOM count read from memory.events."""
+    root = tmp_path / "cg"
+    rank_dir = root / "sess" / "r0"
+    rank_dir.mkdir(parents=True)
+    (root / "cgroup.controllers").write_text("cpu io memory pids\n")
+    for name in ("memory.swap.max", "cpu.max", "io.max"):  # files the kernel would provide
+        (rank_dir / name).write_text("max\n")
+    backend = cgroups.Backend(2, {"": root})
+    dev = load_device("raspberry-pi-4", {"disk_read": "40MB"})
+    notes = cgroups.create(backend, "sess", 0, dev, str(ROOT))
+    assert (rank_dir / "memory.max").read_text() == str(4 * 2**30)
+    assert (rank_dir / "memory.swap.max").read_text() == "0"
+    assert (rank_dir / "cpu.max").read_text() == "100000 100000"
+    assert (root / "sess" / "cgroup.subtree_control").read_text() in ("+memory", "+cpu", "+io")  # last write
+    if cgroups._block_device(str(ROOT)) is None:
+        assert any("disk read rate not applied" in n for n in notes)
+    else:
+        assert re.fullmatch(r"\d+:\d+ rbps=40000000", (rank_dir / "io.max").read_text())
+    (rank_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
+    assert cgroups.oom_kills(backend, "sess", 0) == 1

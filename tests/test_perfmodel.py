@@ -97,3 +97,13 @@ def test_paper_predictions_cover_the_models() -> None:
     assert 65 < r70["params_b"] < 72
     assert r70["pred_peak_gb_8"] < PAPER_SHAPES["Llama 2-70B"].total_bytes / 8 / 1e9 / 4  # the window at work
     assert all(r["pred_tpi_8_s"] > 0 and r["pred_ttft_8_s"] >= r["pred_tpi_8_s"] for r in rows.values())
+
+
+def test_software_links_add_their_hops() -> None:
+    lat = 5e-3
+    base = Setting(SHAPE, 4, algo="star")
+    emu = replace(base, emulated=LinkModel(lat, 0.0))
+    extra = predict_tp(emu, DEV).token_latency_s - predict_tp(base, DEV).token_latency_s
+    assert extra == pytest.approx(SHAPE.layers * 2 * 2 * lat)  # 2 allreduces per layer, 2 hops each (star)
+    ring = replace(emu, algo="ring")
+    assert predict_tp(ring, DEV).token_latency_s > predict_tp(emu, DEV).token_latency_s  # 2(N-1) hops

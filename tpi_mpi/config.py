@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .allreduce import ALGORITHMS, WIRE_DTYPES
+from .emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
 from .errors import UserError
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
@@ -103,8 +104,6 @@ LINK_MODES = ("none", "shaped", "software")
 @dataclass(frozen=True)
 class EmulationConfig:
     links: str = "none"  # none | shaped (set by `python -m tpi_mpi.emulate run`) | software (modelled here)
-    network: str | None = None  # conf/network profile: the modelled links (software), a label (shaped)
-    device: str | None = None  # conf/device profile(s): a label of the record (caps come from the emulator)
 
 
 @dataclass(frozen=True)
@@ -117,6 +116,10 @@ class RunConfig:
     output: OutputConfig
     accelerate: AccelerateConfig = AccelerateConfig()
     emulation: EmulationConfig = EmulationConfig()
+    # Hydra groups network=NAME / device=NAME (conf/network, conf/device): the modelled links of
+    # emulation.links=software, otherwise labels of the record (caps and shaped links: tpi_mpi.emulate).
+    network: NetworkProfile | None = None
+    device: DeviceProfile | None = None
     prompt: str | None = None
     prompt_ids: tuple[int, ...] | None = None
     threads: int | None = None
@@ -165,6 +168,31 @@ def _validate_memory(m: MemoryConfig) -> None:
         raise UserError("memory.resident=auto needs memory.budget (e.g. memory.budget=1.5GB)")
 
 
+# What each annotation accepts from the command line, and how the error names it.
+_KINDS: dict[str, tuple[tuple[type, ...], str]] = {
+    "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"), "None": ((type(None),), "null"),
+    "tuple[float, ...]": ((list, tuple), "a list of numbers"), "tuple[int, ...]": ((list, tuple), "a list of integers"),
+}
+
+
+def _check_type(key: str, value: Any, annotation: str) -> None:
+    """Hydra passes on what was typed (`threads=abc` gives a string): one line, not a TypeError later."""
+    parts = [p.strip() for p in annotation.split("|")]
+    if not all(p in _KINDS for p in parts):
+        return  # a type this check does not know: validate() has the last word
+    for p in parts:
+        types = _KINDS[p][0]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            continue
+        if isinstance(value, (list, tuple)):
+            item = int if p == "tuple[int, ...]" else (int, float)
+            if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
+                continue
+        return
+    raise UserError(f"{key} must be {' or '.join(_KINDS[p][1] for p in parts)}, got {value!r}")
+
+
 def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
     data = dict(data or {})
     known = {f.name for f in fields(cls)}
@@ -173,6 +201,9 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
         raise UserError(f"unknown key {name}.{unknown[0]}: known keys are {', '.join(sorted(known))}")
     if isinstance(data.get("verify_checksums"), bool):  # the older true/false
         data["verify_checksums"] = "sha256" if data["verify_checksums"] else "none"
+    for f in fields(cls):
+        if f.name in data:
+            _check_type(f"{name}.{f.name}", data[f.name], str(f.type))
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
     return cls(**data)
@@ -181,7 +212,7 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
 def build_config(d: dict[str, Any]) -> RunConfig:
     """From a plain dict (OmegaConf.to_container of the Hydra config)."""
     d = {k: v for k, v in d.items() if k != "hydra"}
-    top = {"prompt", "prompt_ids", "threads", "baseline"}
+    top = {"prompt", "prompt_ids", "threads", "baseline", "network", "device"}
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
                 "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
                 "accelerate": AccelerateConfig,
@@ -189,6 +220,9 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
+    for key in top:
+        if key in d:
+            _check_type(key, d[key], str(next(f.type for f in fields(RunConfig) if f.name == key)))
     ids = d.get("prompt_ids")
     cfg = RunConfig(
         **{name: _section(cls, d.get(name), name) for name, cls in sections.items()},
@@ -196,6 +230,8 @@ def build_config(d: dict[str, Any]) -> RunConfig:
         prompt_ids=tuple(int(i) for i in ids) if ids is not None else None,
         threads=d.get("threads"),
         baseline=d.get("baseline"),
+        network=network_from_dict("custom", d["network"]) if d.get("network") else None,
+        device=device_from_dict("custom", d["device"]) if d.get("device") else None,
     )
     validate(cfg)
     return cfg
@@ -233,12 +269,9 @@ def _validate_emulation(cfg: RunConfig) -> None:
         raise UserError(f"unknown emulation.links={e.links!r}: choose one of {', '.join(LINK_MODES)}")
     if e.links != "software":
         return
-    if e.network is None:
+    if cfg.network is None:
         raise UserError("emulation.links=software models the links of a network profile: add "
-                        "emulation.network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
-    from .emulate.profiles import load_network
-
-    load_network(e.network)  # an unknown name is one line here, not an error on every rank later
+                        "network=wifi (or ethernet, 4g, paper: conf/network/*.yaml)")
     if cfg.comm.algo == "mpi":
         raise UserError("emulation.links=software cannot see inside MPI_Allreduce (comm.algo=mpi): choose "
                         "comm.algo=star, ring, mesh, tree or auto")

@@ -105,11 +105,16 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
                       "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
             except UserError as exc:
                 error = str(exc)
-    req = comm.Ibarrier()
-    while not req.Test():  # a blocking barrier would spin every waiting rank on a shared core
-        time.sleep(0.01)
+    wait_for_all(comm)
     agree_or_abort(comm, error)
     return path
+
+
+def wait_for_all(comm: MPI.Comm) -> None:
+    """A barrier that sleeps: a blocking one would spin every waiting rank on a shared core."""
+    req = comm.Ibarrier()
+    while not req.Test():
+        time.sleep(0.01)
 
 
 def job(comm: MPI.Comm, cfg: Any) -> None:
@@ -140,19 +145,18 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
-        from .emulate.profiles import load_network
         from .links import SoftwareLinks
 
-        links = SoftwareLinks(comm.rank, comm.size, load_network(cfg.emulation.network))
+        links = SoftwareLinks(comm.rank, comm.size, cfg.network)
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links,
-                        plan=plan)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+        wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links,
-                    plan=plan)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+    wait_for_all(comm)
     try:
         record = _generate(master, cfg, path)
     finally:
@@ -234,7 +238,8 @@ def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
         "baseline": cfg.baseline,
         # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
         "links": cfg.emulation.links,
-        "emulation": {"network": cfg.emulation.network, "device": cfg.emulation.device},
+        "network": cfg.network.name if cfg.network else None,  # profile names; their figures are in `config`
+        "device": cfg.device.name if cfg.device else None,
         "shards": str(shard_path),
         "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "slurm": _slurm_job(),

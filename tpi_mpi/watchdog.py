@@ -48,6 +48,7 @@ class Watchdog:
         self.counts: dict[str, int] = {}
         self.current: Op | None = None
         self._pending: Op | None = None
+        self._sent: MPI.Request | None = None  # a worker's report to rank 0, kept alive while in flight
         self._thread: threading.Thread | None = None
         if comm is None or not self.timeout_s or comm.size == 1:
             return
@@ -90,7 +91,8 @@ class Watchdog:
 
     def _report(self, op: Op) -> None:
         """A worker: tell rank 0 where it is stuck, then wait for rank 0 to stop the job."""
-        self.comm.send((op.seq, op.describe()), dest=0, tag=_TAG)
+        # Nonblocking: with rank 0 stopped or its link cut, even a small send might not complete.
+        self._sent = self.comm.isend((op.seq, op.describe()), dest=0, tag=_TAG)
         # Rank 0 waits up to grace_s for the reports; then one more second, staggered so that the lowest
         # rank speaks first if rank 0 is silent (its MPI_Abort takes the others down).
         deadline = time.monotonic() + self.grace_s + 1.0 + 0.2 * self.world.rank

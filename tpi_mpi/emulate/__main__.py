@@ -127,7 +127,7 @@ def cmd_up(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int:
     st = sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"), str(opts.get("disk_path", ".")))
     _describe(st)
     print(f"\nrun:  mpirun -n {devices} python -m tpi_mpi.emulate.rank --session {session} -- python -m tpi_mpi.run "
-          f"emulation.links=shaped emulation.network={network.name} emulation.device={devs[0].name} ...\n"
+          f"emulation.links=shaped network={network.name} device={devs[0].name} threads=1 ...\n"
           f"then: python -m tpi_mpi.emulate down session={session}")
     return 0
 
@@ -185,8 +185,11 @@ def cmd_run(opts: dict[str, Any], overrides: dict[str, dict[str, Any]], rest: li
     _with_signals_as_exit()
     sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"), str(opts.get("disk_path", ".")))
     try:
-        labels = ["emulation.links=shaped", f"emulation.network={network.name}",
-                  f"emulation.device={','.join(sorted({d.name for d in devs}))}"]
+        # The record says what it ran on: the same profiles, with the same overrides.
+        labels = ["emulation.links=shaped", f"network={network.name}",
+                  *(f"network.{k}={v}" for k, v in overrides["network"].items())]
+        if len({d.name for d in devs}) == 1:
+            labels += [f"device={devs[0].name}", *(f"device.{k}={v}" for k, v in overrides["device"].items())]
         if not any(r.startswith("threads=") for r in rest):
             # MPICH on the wire sees each rank as alone on its node, so tpi_mpi.run would give every rank
             # all the cores; they all share this host's.

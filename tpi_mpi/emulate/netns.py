@@ -73,7 +73,7 @@ def _shape(ns: str, dev: str, bit_s: float, delay_s: float | None) -> None:
         return
     in_ns(ns, "tc", "qdisc", "add", "dev", dev, "root", "handle", "1:", "netem", "delay", f"{delay_s * 1e6:.0f}us",
           "limit", "100000")
-    in_ns(ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:", "handle", "2:", *tbf)
+    in_ns(ns, "tc", "qdisc", "add", "dev", dev, "parent", "1:1", "handle", "2:", *tbf)  # netem's one child
 
 
 def create(session: str, devices: int, net: NetworkProfile, use_netem: bool) -> None:

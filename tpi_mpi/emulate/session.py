@@ -24,7 +24,7 @@ from .profiles import DeviceProfile, NetworkProfile
 
 NEEDS_ROOT = ("emulated devices need root (network namespaces, tc, iptables, cgroups); without root use the "
               "software link model: mpirun -n N python -m tpi_mpi.run emulation.links=software "
-              "emulation.network=wifi")
+              "network=wifi")
 
 
 def _check_tools(use_netem: bool) -> None:
