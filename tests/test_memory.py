@@ -29,6 +29,7 @@ from tpi_mpi.memplan import (
     _spread,
     cgroup_memory_limit,
     cgroup_memory_peak,
+    cgroup_memory_usage,
     plan_memory,
     plan_rank_memory,
 )
@@ -188,6 +189,9 @@ def test_cgroup_files_are_found(tmp_path: Path, version: str) -> None:
         (d / "memory.peak").write_text("123456\n")
         (d / "memory.max").write_text("500000000\n")
         assert cgroup_memory_limit(str(proc), str(tmp_path)) == 500_000_000
+        (d / "memory.current").write_text("300000000\n")
+        (d / "memory.stat").write_text("anon 200000000\nfile 100000000\ninactive_file 60000000\n")
+        assert cgroup_memory_usage(str(proc), str(tmp_path)) == 240_000_000  # the working set
     assert cgroup_memory_peak(str(proc), str(tmp_path)) == {"cgroup": "/jobs/r0", "peak_bytes": 123456}
     proc.write_text("0::/\n")
     assert cgroup_memory_peak(str(proc), str(tmp_path)) is None
