@@ -42,7 +42,7 @@ def cluster() -> Iterator[LocalSlurm]:
         yield slurm
     finally:
         slurm.stop()
-    assert not root.exists()
+    assert not root.exists() and not slurm.leftover_pids()
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ and Debian's slurm-wlm and munge.
 
     python -m tpi_mpi.local_slurm --dir /tmp/slurm     # prints `export SLURM_CONF=...`; Ctrl-C stops it
 
-Used by tests/test_slurm.py as a session fixture.
+Used by tests/test_slurm.py as a fixture (one cluster for the module).
 """
 
 from __future__ import annotations
@@ -240,21 +240,33 @@ class LocalSlurm:
 
         self._wait(empty, timeout, "jobs did not end after scancel")
 
-    def _kill_leftovers(self) -> None:
-        """Kill what our daemons left: slurmstepd (it carries MARKER) and job processes (our SLURM_CONF and
-        a job id). A shell that merely exported our SLURM_CONF has no job id and is left alone."""
+    def leftover_pids(self) -> list[int]:
+        """Processes of this cluster (after stop(): what the daemons left): slurmstepd (it carries MARKER)
+        and job processes (our SLURM_CONF and a job id). A shell that merely exported our SLURM_CONF has no
+        job id and is not one of them."""
         marker = f"{MARKER}={self.root}".encode()
         conf = f"SLURM_CONF={self.conf}".encode()
+        pids = []
         for proc in Path("/proc").iterdir():
             if not proc.name.isdigit() or int(proc.name) == os.getpid():
                 continue
             try:
                 env = (proc / "environ").read_bytes().split(b"\0")
-                if marker in env or (conf in env and any(v.startswith(b"SLURM_JOB_ID=") for v in env)):
-                    os.kill(int(proc.name), signal.SIGKILL)
-            except (OSError, ValueError):
+            except OSError:  # ended meanwhile
                 continue
+            if marker in env or (conf in env and any(v.startswith(b"SLURM_JOB_ID=") for v in env)):
+                pids.append(int(proc.name))
+        return pids
 
+    def _kill_leftovers(self) -> None:
+        deadline = time.monotonic() + 10
+        while (pids := self.leftover_pids()) and time.monotonic() < deadline:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+            time.sleep(0.1)  # until they are gone: a killed process lingers until the kernel tears it down
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
