@@ -1,5 +1,6 @@
-"""Bad config values: one clear line each, non-zero exit, no traceback. The tables list every case tried;
-add a row to extend them (test_run_cli.py's BAD_INPUT has the cases about shards, ratios and prompts)."""
+"""Bad config values: one clear line each, non-zero exit, no traceback. The tables list every case tried:
+run config values, split command lines, emulated devices, runs under mpirun. Add a row to extend them
+(test_run_cli.py's BAD_INPUT has the cases about shards, ratios and prompts)."""
 
 from __future__ import annotations
 
@@ -27,8 +28,10 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("model.ratios", "abc", "model.ratios must be a list of numbers or null, got 'abc'"),
     ("model.ratios", ["a", 0.5], "model.ratios must be a list of numbers or null"),
     ("memory.kv_cache_tokens", 0, "memory.kv_cache_tokens must be positive or null"),
-    ("memory.resident", "maybe", "memory.resident must be true, false or auto"),
-    ("memory.window", 0, "memory.window must be a positive integer or null"),
+    ("memory.resident", "maybe", "memory.resident must be true, false or auto, got 'maybe'"),
+    ("memory.window", -1, "memory.window must be a positive integer or null, got -1"),
+    ("memory.window", 0, "memory.window must be a positive integer or null, got 0"),
+    ("memory.window", "two", "memory.window must be an integer or null, got 'two'"),
     ("memory.budget", "lots", "memory.budget='lots' is not a size"),
     ("generation.max_new_tokens", -1, "generation.max_new_tokens must be >= 0"),
     ("generation.max_new_tokens", 1.5, "generation.max_new_tokens must be an integer, got 1.5"),
@@ -95,12 +98,38 @@ def test_bad_split_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert not (tmp_path / "out").exists()
 
 
+# Emulated devices (`python -m tpi_mpi.emulate up|run|check ...`): (arguments, what the one line must say).
+# Profiles are checked before anything is set up, so these need neither root nor a session.
+BAD_DEVICES: list[tuple[list[str], str]] = [
+    (["devices=0"], "devices=0: at least 1"),
+    (["devices=-3"], "devices=-3: at least 1"),
+    (["devices=many"], "devices=many: a number"),
+    (["device.cpus=4096"], "cpus=4096 is more than this machine's"),
+    (["device.memory=64TiB"], "is more than this machine's"),
+    (["device.memory=1MiB"], "is below 16 MiB"),
+    (["device.cpus=-1"], "device.cpus must be > 0"),
+    (["device=phone,laptop", "devices=3"], "names 2 profiles for devices=3"),
+    (["network.bandwidth_mbit=0"], "network.bandwidth_mbit must be > 0"),
+    (["colour=red"], "unknown key 'colour'"),
+]
+
+
+@pytest.mark.parametrize("args,message", BAD_DEVICES, ids=[" ".join(a) for a, _ in BAD_DEVICES])
+def test_bad_device_is_one_clear_line(capsys: pytest.CaptureFixture[str], args: list[str], message: str) -> None:
+    from tpi_mpi.emulate.__main__ import main
+
+    assert main(["up", "session=relbad", *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("tpi_mpi: error: ") and message in err[0], err
+
+
 # Under mpirun: (ranks, overrides, what the one line must say). Every rank must exit, none with a traceback.
 BAD_RUNS: list[tuple[int, list[str], str]] = [
     (3, ["comm.algo=foo"], "unknown comm.algo='foo'"),
     (2, ["comm.timeout_s=abc"], "comm.timeout_s must be a number or null"),
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),
+    (2, ["memory.resident=false", "memory.window=-1"], "memory.window must be a positive integer or null"),
 ]
 
 

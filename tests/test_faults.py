@@ -40,10 +40,16 @@ class Run:
             "-m", "tpi_mpi.run", f"hydra.run.dir={tmp}/hydra", f"model.path={shards['model']}",
             f"model.shards={shards['shards']}", "prompt_ids=[1,40,41]", "generation.max_new_tokens=4000",
             "generation.stop_on_eos=false", f"output.results={tmp}/results.jsonl", f"output.json={tmp}/r.json",
-            "threads=1", *extra])
+            "threads=1", *extra], env={"TMPDIR": str(self.tmpdir(tmp))})
         self.text: list[str] = []
         self.streaming = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
+
+    @staticmethod
+    def tmpdir(tmp: Path) -> Path:
+        """The ranks' TMPDIR, where the sentinel keeps its marker directory until the job is over."""
+        (tmp / "ranks_tmp").mkdir(exist_ok=True)
+        return tmp / "ranks_tmp"
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -97,10 +103,11 @@ def run(shards: dict[str, Path], tmp_path: Path):  # type: ignore[no-untyped-def
         r.close()
 
 
-def assert_nothing_left(procs: list[psutil.Process]) -> None:
+def assert_nothing_left(procs: list[psutil.Process], tmp: Path) -> None:
     # The sentinel prints its line and exits on its own: give it a moment, bounded.
     gone, alive = psutil.wait_procs(procs, timeout=5)
     assert not alive, f"left behind: {[(p.pid, p.cmdline()) for p in alive]}"
+    assert not list(Run.tmpdir(tmp).glob("tpi_mpi-sentinel-*")), "the sentinel's marker directory was left behind"
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -123,12 +130,12 @@ def test_killed_rank_is_named_and_every_rank_exits(run, tmp_path: Path) -> None:
     assert len(errors) == 1, stderr[-3000:]
     assert f"rank 2 (pid {victim.pid}) died" in errors[0]
     assert "Traceback" not in stderr
-    assert_nothing_left(procs)
+    assert_nothing_left(procs, tmp_path)
     assert (tmp_path / "results.jsonl").read_text().splitlines() == ['{"run": 1}', '{"run": 2}']
     assert json.loads((tmp_path / "r.json").read_text()) == {"run": 2}
 
 
-def test_stalled_rank_trips_the_watchdog(run) -> None:  # type: ignore[no-untyped-def]
+def test_stalled_rank_trips_the_watchdog(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     timeout_s = 3
     job = run(f"comm.timeout_s={timeout_s}")
     procs = job.processes()
@@ -148,10 +155,10 @@ def test_stalled_rank_trips_the_watchdog(run) -> None:  # type: ignore[no-untype
     assert "rank 1 did not arrive" in errors[0]
     assert any(op in errors[0] for op in ("allreduce #", "bcast of hidden states #", "bcast of the header #"))
     assert "Traceback" not in stderr
-    assert_nothing_left(procs)
+    assert_nothing_left(procs, tmp_path)
 
 
-def test_stalled_rank_zero_is_reported_by_a_worker(run) -> None:  # type: ignore[no-untyped-def]
+def test_stalled_rank_zero_is_reported_by_a_worker(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     job = run("comm.timeout_s=3")
     procs = job.processes()
     master = job.rank(0)
@@ -164,7 +171,7 @@ def test_stalled_rank_zero_is_reported_by_a_worker(run) -> None:  # type: ignore
     assert took < 3 + 10 and job.proc.returncode != 0
     errors = error_lines(stderr)
     assert errors and "rank 0 did not answer" in errors[0], stderr[-3000:]
-    assert_nothing_left(procs)
+    assert_nothing_left(procs, tmp_path)
 
 
 def test_mpirun_timeout_kills_every_rank() -> None:
@@ -176,3 +183,16 @@ def test_mpirun_timeout_kills_every_rank() -> None:
         mpirun(2, ["-c", f"import time; from mpi4py import MPI; time.sleep(300)  # {marker}"], timeout=3)
     left = [p for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     assert not left, left
+
+
+def test_normal_end_leaves_no_sentinel_behind(shards: dict[str, Path], tmp_path: Path) -> None:
+    from conftest import mpirun
+
+    proc = mpirun(N, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={shards['model']}",
+                      f"model.shards={shards['shards']}", "prompt_ids=[1,40,41]", "generation.max_new_tokens=4",
+                      "output.results=null", "threads=1"], env={"TMPDIR": str(Run.tmpdir(tmp_path))}, timeout=120)
+    assert proc.returncode == 0 and "tpi_mpi: error" not in proc.stderr, proc.stderr[-3000:]
+    left = [p for p in psutil.process_iter(["cmdline"]) if str(tmp_path) in " ".join(p.info["cmdline"] or [])]
+    psutil.wait_procs(left, timeout=5)  # the sentinel exits right after rank 0
+    assert not any(p.is_running() for p in left)
+    assert not list(Run.tmpdir(tmp_path).glob("tpi_mpi-sentinel-*"))

@@ -7,15 +7,18 @@ host (ranks on other hosts are not visible to it) and, when one exits, prints on
 exits itself: it never outlives rank 0.
 
 A rank that stops the job on purpose (tpi_mpi's own error line and MPI_Abort, or the normal end) first
-creates a marker file, so that the sentinel keeps quiet then. Standard library only: it starts in ~30 ms.
+creates a marker file, so that the sentinel keeps quiet then; rank 0 removes the marker's directory when
+it exits normally, which the sentinel also takes as "on purpose". Standard library only: it starts in ~30 ms.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -34,7 +37,11 @@ def start(comm: Any) -> None:
     marker = None
     if comm.rank == 0 and hasattr(os, "pidfd_open"):
         watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
-        marker = str(Path(tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")) / "stopping")
+        tmp = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
+        marker = str(Path(tmp) / "stopping")
+        # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
+        # else by the sentinel; a missing directory also means "stopping on purpose".
+        atexit.register(shutil.rmtree, tmp, True)
         subprocess.Popen([sys.executable, "-m", "tpi_mpi.sentinel", json.dumps(watch), marker],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     marker = comm.bcast(marker, root=0)
@@ -66,7 +73,7 @@ def watch(ranks: dict[int, int], marker: Path) -> str | None:
         ready = sorted(fds[fd] for fd, _ in poller.poll())
         for fd in [fd for fd, r in fds.items() if r in ready]:
             poller.unregister(fd)
-        if marker.exists():  # a rank reported its own error, or the job ended: nothing to add
+        if marker.exists() or not marker.parent.exists():  # a rank reported its error, or the job ended
             if 0 in ready:
                 return None
             continue
@@ -79,6 +86,7 @@ def watch(ranks: dict[int, int], marker: Path) -> str | None:
 def main() -> None:
     ranks = {int(r): pid for r, pid in json.loads(sys.argv[1]).items()}
     marker = Path(sys.argv[2])
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # clean up below when a batch system ends the job
     try:
         line = watch(ranks, marker)
         if line:

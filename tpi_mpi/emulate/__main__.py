@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from ..errors import UserError
 from . import session as sess
 from . import state
@@ -80,12 +82,28 @@ def profiles(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> tupl
         devices = int(opts.get("devices", 8))
     except ValueError:
         raise UserError(f"devices={opts['devices']}: a number") from None
+    if devices < 1:
+        raise UserError(f"devices={devices}: at least 1 (one rank per device)")
     network = load_network(str(opts.get("network", "wifi")), overrides["network"])
     names = str(opts.get("device", "paper")).split(",")
     if len(names) not in (1, devices):
         raise UserError(f"device= names {len(names)} profiles for devices={devices}: give one, or one per device")
     per = [load_device(n, overrides["device"]) for n in names]
+    for d in per:
+        check_fits_machine(d)
     return devices, network, per * devices if len(per) == 1 else per
+
+
+def check_fits_machine(d: DeviceProfile) -> None:
+    """A cap larger than this machine would not cap anything: the emulated device would be this host."""
+    cores = len(os.sched_getaffinity(0))
+    ram = psutil.virtual_memory().total
+    if d.cpus is not None and d.cpus > cores:
+        raise UserError(f"device {d.name}: cpus={d.cpus:g} is more than this machine's {cores} cores: "
+                        "lower device.cpus")
+    if d.memory_bytes is not None and d.memory_bytes > ram:
+        raise UserError(f"device {d.name}: memory={d.memory_bytes / 2**30:.1f} GiB is more than this machine's "
+                        f"{ram / 2**30:.1f} GiB: lower device.memory")
 
 
 def _mpirun() -> str:
