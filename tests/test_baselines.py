@@ -79,7 +79,7 @@ def test_accelerate_offloads_under_budget_and_equals_hf(model: dict[str, object]
     (["baseline=transformers"], 2, "runs on one process: start it with mpirun -n 1"),
     (["baseline=pipeline"], 6, "needs at least one layer per rank"),
     (["baseline=bogus"], 1, "unknown baseline='bogus'"),
-    (["baseline=accelerate", "accelerate.max_memory=lots"], 1, "is not a memory size"),
+    (["baseline=accelerate", "accelerate.max_memory=lots"], 1, "is not a size"),
     (["baseline=pipeline", "model.ratios=[0.5,0.5]"], 2, "set model.ratios=null"),
 ])
 def test_bad_input_one_line(model: dict[str, object], tmp_path: Path, extra: list[str], n: int,

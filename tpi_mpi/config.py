@@ -6,13 +6,13 @@ Every field is documented in conf/*.yaml and the README. Validation errors are U
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .allreduce import ALGORITHMS, WIRE_DTYPES
 from .emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
 from .errors import UserError
+from .units import parse_size
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -88,7 +88,7 @@ class LoggingConfig:
 class AccelerateConfig:
     """baseline=accelerate only: HF Accelerate big-model inference with disk offload."""
 
-    max_memory: str | None = None  # memory budget of the one device, e.g. "200MB"; null = no cap
+    max_memory: str | int | None = None  # memory budget of the one device, e.g. "200MB"; null = no cap
     offload_folder: str = "offload"  # where Accelerate writes weights it offloads to disk
 
 
@@ -134,18 +134,9 @@ class RunConfig:
                             "prompt": None, "prompt_ids": None})
 
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_bytes(value: str | int) -> int:
-    """1.5GB (decimal), 800MiB (binary), or a plain number of bytes."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise UserError(f"memory.budget={value!r} is not a size: write e.g. 1.5GB, 800MiB, 2000000000 or cgroup")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
+    """memory.budget: 1.5GB (decimal), 800MiB (binary), or a plain number of bytes."""
+    return parse_size(value, "memory.budget", "1.5GB, 800MiB, 2000000000 or cgroup")
 
 
 def _validate_memory(m: MemoryConfig) -> None:
@@ -315,14 +306,9 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
         raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
 def size_bytes(text: str | int, key: str) -> int:
-    """'200MB', '1.5GB', '512MiB' or a plain number of bytes."""
-    import re
-
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
-    if not m or m.group(2).upper() not in _SIZE_UNITS or float(m.group(1)) <= 0:
-        raise UserError(f"{key}={text!r} is not a memory size: write e.g. 200MB, 1.5GB or 512MiB")
-    return int(float(m.group(1)) * _SIZE_UNITS[m.group(2).upper()])
+    """A positive memory size: '200MB', '1.5GB', '512MiB' or a plain number of bytes."""
+    n = parse_size(text, key, "200MB, 1.5GB or 512MiB")
+    if n <= 0:
+        raise UserError(f"{key}={text!r} is not a memory size: give a positive size, e.g. 200MB")
+    return n

@@ -156,7 +156,7 @@ class Worker(Engine):
         """Run forward passes as the master asks, until it says stop."""
         first = True
         while True:
-            # Not watched before the first pass: rank 0 may still be loading its embedding and head.
+            # Not watched before the first pass: rank 0 may still be loading its tokenizer.
             with self.watchdog("bcast of the header", watch=not first):
                 self.comm.Bcast(self.header, root=0)
             first = False

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import subprocess
@@ -94,11 +95,15 @@ class Device:
 
     flops: float  # FLOP/s of matrix products (prefill)
     weight_bw: float  # bytes/s of weights through a matrix-vector product (decode)
-    layer_overhead_s: float  # fixed cost per layer per forward pass
-    disk_bw: float  # bytes/s reading layer files
+    layer_overhead_s: float  # fixed cost per layer per forward pass (our decoder: Python, kernel starts, syncs)
+    disk_bw: float  # bytes/s reading layer files (cold: the memory scheduler evicts what it has used)
     base_rss: float  # bytes of a worker process before any weight is loaded
     base_rss_master: float  # the same for rank 0 (also Hydra, the tokenizer)
     host_cores: int | None = None
+    offload_bw: float | None = None  # bytes/s Accelerate reads its offloaded weights (None: disk_bw)
+    forward_overhead_s: float = 0.0  # fixed cost per forward pass (embedding, head, sampling, protocol)
+    hf_layer_overhead_s: float | None = None  # the same for HF transformers' modules (None: as ours)
+    hf_forward_overhead_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -110,6 +115,7 @@ class Setting:
     algo: str = "star"
     window: int | None = None  # layers in memory per rank when streaming; None = all resident
     links: dict[str, LinkModel] = field(default_factory=dict)  # per algorithm; "bcast" and "p2p" too
+    emulated: LinkModel | None = None  # emulation.links=software: the modelled links, on top of `links`
 
 
 @dataclass(frozen=True)
@@ -129,7 +135,8 @@ def _compute(shape: ModelShape, q: int, n: int, dev: Device, active: int) -> flo
     """One layer's slice of 1/n of the work on one rank, while `active` ranks compute at once on the host."""
     share = _share(dev, active)
     flops = 2 * q * shape.layer_params / n
-    return max(flops / (dev.flops / share), shape.layer_bytes / n / (dev.weight_bw / share)) + dev.layer_overhead_s
+    # CPU time, overheads included, stretched by the number of ranks per core
+    return share * (max(flops / dev.flops, shape.layer_bytes / n / dev.weight_bw) + dev.layer_overhead_s)
 
 
 def _link(s: Setting, name: str) -> LinkModel:
@@ -140,11 +147,34 @@ def _head(shape: ModelShape, dev: Device) -> float:
     return shape.vocab * shape.hidden * shape.bytes_per_param / dev.weight_bw  # rank 0 alone
 
 
+def per_pair_time(algo: str, n: int, nbytes: int, link: LinkModel) -> float:
+    """An allreduce over links modelled per pair of ranks (tpi_mpi/links.py, emulation.links=software):
+    messages to different peers do not queue behind each other, those on one link do."""
+    if n <= 1 or nbytes == 0:
+        return 0.0
+    hop = link.alpha + nbytes * link.beta
+    if algo == "star":
+        return 2 * hop
+    if algo == "ring":
+        return 2 * (n - 1) * (link.alpha + nbytes / n * link.beta)
+    if algo == "mesh":
+        return hop
+    if algo == "tree":
+        from .cost_model import tree_rounds
+
+        return tree_rounds(n) * hop
+    return 2 * hop  # mpi: not modelled by the software links (they apply to our algorithms only)
+
+
 def _allreduce(s: Setting, nbytes: int) -> float:
     link = _link(s, s.algo)
     if s.algo in CANDIDATES:
-        return allreduce_time(s.algo, s.n, nbytes, link)
-    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+        t = allreduce_time(s.algo, s.n, nbytes, link)
+    else:
+        t = link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+    if s.emulated is not None and s.algo != "mpi":
+        t += per_pair_time(s.algo, s.n, nbytes, s.emulated)
+    return t
 
 
 def _tp_forward(s: Setting, dev: Device, q: int) -> float:
@@ -155,7 +185,15 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
         per_layer = max(per_layer, sh.layer_bytes / n / dev.disk_bw)
     b = _link(s, "bcast")
     bcast = (b.alpha + (n - 1) * msg * b.beta) if n > 1 else 0.0
-    return bcast + sh.layers * per_layer + _head(sh, dev)
+    return bcast + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
+
+
+def _hf_device(dev: Device) -> Device:
+    """HF transformers runs its own modules: their fixed costs where calibrated."""
+    return replace(dev, layer_overhead_s=dev.hf_layer_overhead_s if dev.hf_layer_overhead_s is not None
+                   else dev.layer_overhead_s,
+                   forward_overhead_s=dev.hf_forward_overhead_s if dev.hf_forward_overhead_s is not None
+                   else dev.forward_overhead_s)
 
 
 def _peak(s: Setting, dev: Device) -> tuple[float, float]:
@@ -174,20 +212,25 @@ def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -
     """HF on one device. With `memory` (the device's RAM) smaller than the model, the weights that do not fit
     are evicted and read again from disk every forward pass (mmap'd safetensors under memory pressure)."""
     one = replace(s, n=1, window=None)
+    dev = _hf_device(dev)
     master, _ = _peak(one, dev)
     reread = max(0.0, master - memory) / dev.disk_bw if memory else 0.0
     return Prediction(_tp_forward(one, dev, s.prompt_tokens) + reread, _tp_forward(one, dev, 1) + reread,
                       master, master)
 
 
-def predict_accelerate(s: Setting, dev: Device, max_memory: float) -> Prediction:
-    """HF with the layers over `max_memory` read from disk each forward pass (Accelerate's disk offload)."""
+def predict_accelerate(s: Setting, dev: Device, max_memory: float, resident_bytes: float | None = None,
+                       transient_bytes: float | None = None) -> Prediction:
+    """HF with what does not fit `max_memory` read from disk each forward pass (Accelerate's disk offload).
+    resident_bytes: what Accelerate's device_map kept in memory, where known (it places whole modules, so
+    often less than the budget); transient_bytes: the most it holds of an offloaded module at once (one
+    weight: its hooks load them one at a time); default: the budget, and one layer."""
     sh = s.shape
     base = predict_transformers(s, dev)
-    offloaded = max(0.0, sh.total_bytes - max_memory)
-    read = offloaded / dev.disk_bw
-    resident = min(float(sh.total_bytes), max_memory)
-    peak = dev.base_rss_master + resident + sh.layer_bytes + sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1)
+    resident = min(float(sh.total_bytes), max_memory) if resident_bytes is None else resident_bytes
+    read = (sh.total_bytes - resident) / (dev.offload_bw or dev.disk_bw)
+    transient = sh.layer_bytes if transient_bytes is None else transient_bytes
+    peak = dev.base_rss_master + resident + transient + sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1)
     return Prediction(base.ttft_s + read, base.token_latency_s + read, peak, peak)
 
 
@@ -200,7 +243,7 @@ def predict_pipeline(s: Setting, dev: Device) -> Prediction:
         msg = q * sh.hidden * FP32
         per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
         hops = n * (hop.alpha + msg * hop.beta) if n > 1 else 0.0
-        return sh.layers * per_layer_full + hops + _head(sh, dev)
+        return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
 
     layers_rank = -(-sh.layers // n)
     kv = sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1) * layers_rank / sh.layers
@@ -263,8 +306,47 @@ def measure_compute(threads: int) -> dict[str, float]:
     return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}
 
 
-def measure_disk(size: int = 256 << 20) -> float:
-    """Bytes/s reading a fresh file whose pages were evicted from the page cache (our own file only)."""
+def measure_overheads(workdir: Path, tokens: int = 24) -> dict[str, float]:
+    """Fixed costs of a forward pass and of each layer, for our decoder and for HF transformers: decode
+    latency of the real code on one process (one thread) with 1 and with 4 layers of negligible size
+    (hidden 64); the difference over 3 layers is the per-layer cost, the rest the per-forward cost."""
+    import torch
+    from mpi4py import MPI
+    from transformers import AutoModelForCausalLM
+
+    from .baselines import HFRunner
+    from .engine import Master
+    from .make_model import make_model
+    from .shards import open_rank_shard
+    from .split import split
+
+    torch.set_num_threads(1)
+    shape = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 4}
+    decode: dict[str, dict[int, float]] = {"ours": {}, "hf": {}}
+    for layers in (1, 4):
+        model = make_model(workdir / f"m{layers}", "tiny", "llama", layers=layers, overrides=shape)
+        shard = open_rank_shard(split(model, workdir / f"s{layers}", 1), 0, 1)
+        runners: dict[str, Any] = {"ours": Master(MPI.COMM_SELF, shard, "star"),
+                   "hf": HFRunner(MPI.COMM_SELF, AutoModelForCausalLM.from_pretrained(model).eval(), 0.0, "hf")}
+        for name, r in runners.items():
+            times = []
+            r.forward([1, 2, 3, 4], 0, 4 + tokens)
+            for i in range(tokens):
+                t0 = time.perf_counter()
+                r.forward([5], 4 + i)
+                times.append(time.perf_counter() - t0)
+            decode[name][layers] = sorted(times)[len(times) // 2]
+    out = {}
+    for name, t in decode.items():
+        per_layer = max(0.0, (t[4] - t[1]) / 3)
+        out[f"{name}_layer_overhead_s"] = per_layer
+        out[f"{name}_forward_overhead_s"] = max(0.0, t[1] - per_layer)
+    return out
+
+
+def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
+    """Bytes/s reading a fresh file whose pages were evicted from the page cache (our own file only), and
+    reading it again from the page cache."""
     with tempfile.NamedTemporaryFile(dir=".", prefix=".perfmodel-disk-") as f:
         block = os.urandom(1 << 20)
         for _ in range(size >> 20):
@@ -272,11 +354,14 @@ def measure_disk(size: int = 256 << 20) -> float:
         f.flush()
         os.fsync(f.fileno())
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-        t0 = time.perf_counter()
-        with open(f.name, "rb", buffering=0) as r:
-            while r.read(1 << 24):
-                pass
-        return size / (time.perf_counter() - t0)
+        speeds = []
+        for _ in range(2):  # cold, then warm
+            t0 = time.perf_counter()
+            with open(f.name, "rb", buffering=0) as r:
+                while r.read(1 << 24):
+                    pass
+            speeds.append(size / (time.perf_counter() - t0))
+        return speeds[0], speeds[1]
 
 
 ALGOS = ("star", "ring", "mesh", "tree", "mpi")
@@ -352,7 +437,9 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     calib: dict[str, Any] = {"cores": cores, "loadavg_before": os.getloadavg()}
     calib["compute_all_cores"] = measure_compute(cores)
     calib["compute_1_thread"] = measure_compute(1)
-    calib["disk_bw"] = measure_disk()
+    calib["disk_bw"], calib["disk_bw_warm"] = measure_disk()
+    with tempfile.TemporaryDirectory(prefix="perfmodel-") as d:
+        calib["overheads"] = measure_overheads(Path(d))
     links: dict[str, dict[str, Any]] = {}
     for n in world_sizes:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -375,9 +462,16 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
 def device_from(calib: dict[str, Any]) -> Device:
     """A rank of the sweeps: one torch thread (experiments.run_all runs them with threads=1)."""
     c = calib["compute_1_thread"]
-    return Device(flops=c["flops"], weight_bw=c["weight_bw"], layer_overhead_s=c["layer_overhead_s"],
+    o = calib.get("overheads", {})
+    return Device(flops=c["flops"], weight_bw=c["weight_bw"],
+                  layer_overhead_s=o.get("ours_layer_overhead_s", c["layer_overhead_s"]),
+                  forward_overhead_s=o.get("ours_forward_overhead_s", 0.0),
+                  hf_layer_overhead_s=o.get("hf_layer_overhead_s"),
+                  hf_forward_overhead_s=o.get("hf_forward_overhead_s"),
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
-                  host_cores=calib["cores"])
+                  host_cores=calib["cores"],
+                  # Accelerate's offloaded weights stay in the page cache here (nothing evicts them)
+                  offload_bw=calib.get("disk_bw_warm"))
 
 
 def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
@@ -390,6 +484,27 @@ def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
     return {k: LinkModel(**v) for k, v in fits.items() if k != "raw_s"}
 
 
+def _device_map_bytes(model: Path, device_map: dict[str, str] | None) -> tuple[float | None, float | None]:
+    """Bytes of the checkpoint's tensors Accelerate kept in memory, and its largest offloaded tensor."""
+    if not device_map:
+        return None, None
+    from safetensors import safe_open
+
+    resident, largest = 0.0, 0.0
+    for f in model.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            for name in st.keys():
+                sl = st.get_slice(name)
+                nbytes = float(FP32 * math.prod(sl.get_shape()))
+                where = next((v for k, v in sorted(device_map.items(), key=lambda kv: -len(kv[0]))
+                              if k == "" or name == k or name.startswith(k + ".")), "cpu")
+                if where == "disk":
+                    largest = max(largest, nbytes)
+                else:
+                    resident += nbytes
+    return resident, largest
+
+
 def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     """What the model predicts for a measured run record (its model, N, baseline, algorithm, lengths)."""
     cfg = record["config"]
@@ -398,8 +513,15 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     algo = cfg["comm"]["algo"]
     mem = cfg.get("memory", {})
     window = mem.get("window") if mem.get("resident") is False else None
+    emulated = None
+    emu = cfg.get("emulation") or {}
+    if emu.get("links") == "software" and emu.get("network"):
+        from .emulate.profiles import load_network
+
+        net = load_network(emu["network"]).default
+        emulated = LinkModel(net.latency_s, 8 / net.bandwidth_bit_s)
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
-                window=window if window is None else int(window), links=links_from(calib, n))
+                window=window if window is None else int(window), links=links_from(calib, n), emulated=emulated)
     dev = device_from(calib)
     baseline = record.get("baseline")
     if baseline == "transformers":
@@ -408,7 +530,9 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
         from .config import size_bytes
 
         cap = cfg["accelerate"]["max_memory"]
-        return predict_accelerate(s, dev, size_bytes(cap, "accelerate.max_memory") if cap else float("inf"))
+        resident, transient = _device_map_bytes(Path(cfg["model"]["path"]), record["ranks"][0].get("device_map"))
+        return predict_accelerate(s, dev, size_bytes(cap, "accelerate.max_memory") if cap else float("inf"),
+                                  resident, transient)
     if baseline == "pipeline":
         return predict_pipeline(s, dev)
     return predict_tp(s, dev)

@@ -8,29 +8,19 @@ with equal links every rank-to-rank link has exactly the profile's latency and b
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..units import parse_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kmgt]?i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
-          "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30, "gib": 2**30, "ti": 2**40, "tib": 2**40}
-
-
 def parse_bytes(value: Any, what: str) -> int | None:
     """'4GiB', '512MiB', '3GB', 1024 -> bytes; None/'null' -> None."""
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none", "")):
         return None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return int(value)
-    m = _SIZE.match(str(value))
-    if not m or m.group(2).lower() not in _UNITS:
-        raise UserError(f"{what}={value!r} is not a size: write e.g. 4GiB, 512MiB or 3GB")
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    return parse_size(value, what, "4GiB, 512MiB or 3GB")
 
 
 def human_bytes(n: int | None) -> str:
