@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from ..errors import UserError
+from ..results import write_json_atomic
 
 STATE_DIR_ENV = "TPI_MPI_EMU_STATE_DIR"
 DEFAULT_STATE_DIR = "/run/tpi_mpi-emulate"
@@ -47,16 +47,7 @@ def load(session: str) -> dict[str, Any] | None:
 
 
 def save(session: str, state: dict[str, Any]) -> None:
-    path = state_path(session)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(state, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_json_atomic(state_path(session), state)  # a crash mid-write leaves the old state, never half
 
 
 def remove(session: str) -> None:
