@@ -24,7 +24,7 @@ demo: setup models/tiny
 	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.run model.path=models/tiny
 
 lint: setup
-	$(BIN)/ruff check tpi_mpi tests
+	$(BIN)/ruff check tpi_mpi tests experiments paper_figs
 	$(BIN)/mypy
 
 test: setup lint

@@ -72,3 +72,8 @@ def subtitle(meta: dict[str, Any], sweep: str) -> str:
     info = meta.get("sweeps", {}).get(sweep, {})
     load = info.get("loadavg_before")
     return f"{meta.get('cores', '?')} cores shared by all ranks" + (f", load avg {load[0]:.1f}" if load else "")
+
+
+def network_name(r: dict[str, Any]) -> str:
+    """The network profile of a record (`network=NAME`), or "" where it ran without one."""
+    return str(r.get("network") or (r["config"].get("emulation") or {}).get("network") or "")

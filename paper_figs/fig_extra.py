@@ -6,14 +6,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .common import MIB, MS, group, median, peak_rss, plt, records, save, subtitle, token_latency
+from .common import MIB, MS, group, median, network_name, peak_rss, plt, records, save, subtitle, token_latency
 
 
 def make(results: Path, out: Path, meta: dict[str, Any], predict: Any) -> list[Path]:
     paths: list[Path] = []
     links = records(results, "links")
     if links:
-        by = group(links, lambda r: (str(r["config"]["emulation"]["network"]), r["comm_algo"]))
+        by = group(links, lambda r: (network_name(r), r["comm_algo"]))
         nets = [n for n in ("ethernet", "paper", "wifi", "4g") if any(k[0] == n for k in by)]
         nets += sorted({k[0] for k in by} - set(nets))
         algos = sorted({k[1] for k in by})

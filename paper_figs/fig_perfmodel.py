@@ -12,6 +12,7 @@ from .common import (
     MS,
     median,
     model_name,
+    network_name,
     peak_rss,
     plt,
     records,
@@ -25,7 +26,7 @@ SWEEPS = ("devices", "algos", "baselines", "links", "window")
 def point_key(sweep: str, r: dict[str, Any]) -> tuple[Any, ...]:
     cfg = r["config"]
     return (sweep, model_name(r), r["world_size"], r.get("baseline"), r.get("comm_algo"),
-            cfg.get("memory", {}).get("window"), str((cfg.get("emulation") or {}).get("network") or ""))
+            cfg.get("memory", {}).get("window"), network_name(r))
 
 
 def validation_rows(results: Path, predict: Any) -> list[dict[str, Any]]:

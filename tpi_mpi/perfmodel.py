@@ -15,7 +15,7 @@ One forward pass of q tokens through L layers on N tensor-parallel ranks costs, 
 plus the broadcast of the embedded input and, on rank 0, embedding and lm_head. TTFT is one forward pass of
 the prompt, token latency one of a single token. Devices that share one host (this machine: N ranks on its
 cores) share its F and W: each of N ranks running at once gets 1/N of them, which is why on one host tensor
-parallelism cannot get faster than one process; they also share its disk, so streamed reads take B_l / D. Peak memory per device = the process's base RSS (Python,
+parallelism cannot get faster than one process. Peak memory per device = the process's base RSS (Python,
 torch, MPI) + resident weights (all of the rank's slices, or `window` layers' blocks when streaming) +
 rank 0's embedding and lm_head + the KV cache.
 
@@ -100,7 +100,6 @@ class Device:
     base_rss: float  # bytes of a worker process before any weight is loaded
     base_rss_master: float  # the same for rank 0 (also Hydra, the tokenizer)
     host_cores: int | None = None
-    shared_disk: bool = False  # the ranks read one host's disk: streamed bytes of all ranks share disk_bw
     offload_bw: float | None = None  # bytes/s Accelerate reads its offloaded weights (None: disk_bw)
     forward_overhead_s: float = 0.0  # fixed cost per forward pass (embedding, head, sampling, protocol)
     hf_layer_overhead_s: float | None = None  # the same for HF transformers' modules (None: as ours)
@@ -183,8 +182,7 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
     msg = q * sh.hidden * FP32
     per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
     if s.window is not None:  # streaming: the disk reads overlap compute and communication
-        readers = n if dev.shared_disk else 1  # emulated devices on one host take turns at its disk
-        per_layer = max(per_layer, sh.layer_bytes / n * readers / dev.disk_bw)
+        per_layer = max(per_layer, sh.layer_bytes / n / dev.disk_bw)
     b = _link(s, "bcast")
     bcast = (b.alpha + (n - 1) * msg * b.beta) if n > 1 else 0.0
     return bcast + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
@@ -471,7 +469,7 @@ def device_from(calib: dict[str, Any]) -> Device:
                   hf_layer_overhead_s=o.get("hf_layer_overhead_s"),
                   hf_forward_overhead_s=o.get("hf_forward_overhead_s"),
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
-                  host_cores=calib["cores"], shared_disk=True,
+                  host_cores=calib["cores"],
                   # Accelerate's offloaded weights stay in the page cache here (nothing evicts them)
                   offload_bw=calib.get("disk_bw_warm"))
 
@@ -516,12 +514,9 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     mem = cfg.get("memory", {})
     window = mem.get("window") if mem.get("resident") is False else None
     emulated = None
-    emu = cfg.get("emulation") or {}
-    if emu.get("links") == "software" and emu.get("network"):
-        from .emulate.profiles import load_network
-
-        net = load_network(emu["network"]).default
-        emulated = LinkModel(net.latency_s, 8 / net.bandwidth_bit_s)
+    if (cfg.get("emulation") or {}).get("links") == "software" and cfg.get("network"):
+        link = cfg["network"]["default"]  # the network=NAME profile as the run resolved it
+        emulated = LinkModel(link["latency_s"], 8 / link["bandwidth_bit_s"])
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
                 window=window if window is None else int(window), links=links_from(calib, n), emulated=emulated)
     dev = device_from(calib)
