@@ -83,8 +83,38 @@ class ModelShape:
     def total_bytes(self) -> int:
         return self.layers * self.layer_bytes + self.master_bytes
 
+    @property
+    def attn_bytes(self) -> int:
+        """One layer's attention block (q, k, v, o and its norm): the streamed unit with the FFN block."""
+        return (2 * self.hidden * (self.heads + self.kv_heads) * self.head_dim + self.hidden) * self.bytes_per_param
+
+    def window_bytes(self, window: int) -> int:
+        """Bytes of the first `window` streamed blocks in forward order (attention, FFN, attention, ...)."""
+        ffn = self.layer_bytes - self.attn_bytes
+        blocks = [self.attn_bytes, ffn] * self.layers
+        return sum(blocks[:window])
+
     def kv_bytes(self, tokens: int, n: int) -> float:
         return 2 * self.layers * self.kv_heads / n * self.head_dim * tokens * self.bytes_per_param
+
+
+@dataclass(frozen=True)
+class FixedCost:
+    """What a forward pass costs beyond moving the weights, measured with the real code on a model of negligible
+    size (hidden 128) with two layer counts: per pass (broadcast, embedding, head, sampling, the protocol) and
+    per layer (Python, kernel launches, the layer's 2 allreduces, waits for the slowest rank), for a decode
+    step (1 token) and a prefill (the prompt); both include what N ranks sharing the host's cores cost."""
+
+    pass_token_s: float
+    layer_token_s: float
+    pass_prefill_s: float
+    layer_prefill_s: float
+    probe_hidden: int = 128  # the allreduce messages the measurement already paid for
+
+    def forward(self, layers: int, prefill: bool) -> float:
+        if prefill:
+            return self.pass_prefill_s + layers * self.layer_prefill_s
+        return self.pass_token_s + layers * self.layer_token_s
 
 
 @dataclass(frozen=True)
@@ -104,6 +134,15 @@ class Device:
     forward_overhead_s: float = 0.0  # fixed cost per forward pass (embedding, head, sampling, protocol)
     hf_layer_overhead_s: float | None = None  # the same for HF transformers' modules (None: as ours)
     hf_forward_overhead_s: float | None = None
+    # Measured on this host (None: not calibrated, the formulas above apply):
+    # fixed costs of real runs on a model of negligible size, per world size: "N" -> impl/algo -> FixedCost
+    fixed: dict[int, dict[str, FixedCost]] | None = None
+    # how much longer a matrix-vector product takes while all N ranks compute at once ("all") or while the
+    # other N-1 ranks wait in MPI ("wait"), against one process alone: N -> factor
+    stretch_all: dict[int, float] | None = None
+    stretch_wait: dict[int, float] | None = None
+    # aggregate cold read bandwidth of k processes reading at once from one disk: k -> bytes/s
+    disk_bw_readers: dict[int, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,26 +205,113 @@ def per_pair_time(algo: str, n: int, nbytes: int, link: LinkModel) -> float:
     return 2 * hop  # mpi: not modelled by the software links (they apply to our algorithms only)
 
 
-def _allreduce(s: Setting, nbytes: int) -> float:
+def _allreduce_fit(s: Setting, nbytes: int) -> float:
+    """One allreduce through the calibrated links (alpha-beta fits of the probe)."""
     link = _link(s, s.algo)
     if s.algo in CANDIDATES:
-        t = allreduce_time(s.algo, s.n, nbytes, link)
-    else:
-        t = link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
-    if s.emulated is not None and s.algo != "mpi":
-        t += per_pair_time(s.algo, s.n, nbytes, s.emulated)
-    return t
+        return allreduce_time(s.algo, s.n, nbytes, link)
+    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+
+
+def _allreduce_emulated(s: Setting, nbytes: int) -> float:
+    """What the software links (emulation.links=software) add to one allreduce."""
+    if s.emulated is None or s.algo == "mpi":
+        return 0.0
+    return per_pair_time(s.algo, s.n, nbytes, s.emulated)
+
+
+def _allreduce(s: Setting, nbytes: int) -> float:
+    return _allreduce_fit(s, nbytes) + _allreduce_emulated(s, nbytes)
+
+
+def _bcast(s: Setting, nbytes: int) -> float:
+    b = _link(s, "bcast")
+    return (b.alpha + (s.n - 1) * nbytes * b.beta) if s.n > 1 else 0.0
+
+
+def interpolate(table: dict[int, float] | None, n: int, default: float) -> float:
+    """A quantity measured at some world sizes, at world size n: linear between the two nearest measured
+    sizes, the nearest one outside them; `default` where nothing was measured."""
+    if not table:
+        return default
+    sizes = sorted(table)
+    if n <= sizes[0]:
+        return table[sizes[0]]
+    if n >= sizes[-1]:
+        return table[sizes[-1]]
+    lo = max(k for k in sizes if k <= n)
+    hi = min(k for k in sizes if k >= n)
+    return table[lo] if hi == lo else table[lo] + (table[hi] - table[lo]) * (n - lo) / (hi - lo)
+
+
+def fixed_cost(dev: Device, n: int, key: str) -> tuple[FixedCost, bool] | None:
+    """The fixed costs of `key` ("tp:ALGO", "transformers", "accelerate") at world size n, interpolated
+    between the measured world sizes (tp:star where ALGO was not measured), and whether they were measured
+    with N > 1 (then they already include the allreduces of the probe's small messages)."""
+    if not dev.fixed:
+        return None
+    per_n = {k: v[key] for k, v in dev.fixed.items() if key in v}
+    if not per_n and key.startswith("tp:"):
+        per_n = {k: v["tp:star"] for k, v in dev.fixed.items() if "tp:star" in v}
+    if not per_n:
+        return None
+    if n > 1 and any(k > 1 for k in per_n):  # N = 1 has no communication: not one of the points for N > 1
+        per_n = {k: v for k, v in per_n.items() if k > 1}
+
+    def at_n(name: str) -> float:
+        return interpolate({k: getattr(v, name) for k, v in per_n.items()}, n, 0.0)
+
+    fc = FixedCost(at_n("pass_token_s"), at_n("layer_token_s"), at_n("pass_prefill_s"), at_n("layer_prefill_s"),
+                   probe_hidden=next(iter(per_n.values())).probe_hidden)
+    return fc, min(per_n) > 1 and n > 1
+
+
+def _weights_time(shape: ModelShape, q: int, n: int, dev: Device) -> float:
+    """One layer's slice of 1/n of the work on one rank with a core of its own."""
+    return max(2 * q * shape.layer_params / n / dev.flops, shape.layer_bytes / n / dev.weight_bw)
+
+
+def _stream_read(shape: ModelShape, n: int, dev: Device) -> float:
+    """One layer's 1/n read from disk by each of the n ranks at once (they share the one disk here)."""
+    if dev.disk_bw_readers and dev.host_cores:
+        return shape.layer_bytes / interpolate(dev.disk_bw_readers, n, dev.disk_bw)
+    return shape.layer_bytes / n / dev.disk_bw
 
 
 def _tp_forward(s: Setting, dev: Device, q: int) -> float:
     sh, n = s.shape, s.n
     msg = q * sh.hidden * FP32
-    per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
+    measured = fixed_cost(dev, n, "tp:" + s.algo)
+    if measured is None:  # not calibrated: a fixed cost per layer, stretched by the ranks per core
+        per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
+        if s.window is not None:  # streaming: the disk reads overlap compute and communication
+            per_layer = max(per_layer, _stream_read(sh, n, dev))
+        return _bcast(s, msg) + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
+    fixed, paid = measured
+    probe = q * fixed.probe_hidden * FP32 if paid else 0  # the messages the fixed costs already include
+    stretch = interpolate(dev.stretch_all, n, _share(dev, n))
+    # the bytes beyond the probe's: CPU work (copies, sums) too, so stretched like the products
+    more_bytes = stretch * max(0.0, _allreduce_fit(s, msg) - _allreduce_fit(s, probe))
+    per_layer = (stretch * _weights_time(sh, q, n, dev) + fixed.forward(1, q > 1) - fixed.forward(0, q > 1)
+                 + 2 * (more_bytes + _allreduce_emulated(s, msg)))
+    layers = sh.layers * per_layer
     if s.window is not None:  # streaming: the disk reads overlap compute and communication
-        per_layer = max(per_layer, sh.layer_bytes / n / dev.disk_bw)
-    b = _link(s, "bcast")
-    bcast = (b.alpha + (n - 1) * msg * b.beta) if n > 1 else 0.0
-    return bcast + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
+        read = sh.layers * _stream_read(sh, n, dev)
+        if q > 1:  # the prompt: the prefetcher filled the window at start-up, before the clock started
+            read *= 1 - sh.window_bytes(s.window) / (sh.layers * sh.layer_bytes)
+        layers = max(layers, read)
+    head = interpolate(dev.stretch_wait, n, 1.0) * _head(sh, dev)  # rank 0 alone, the others wait
+    more_bcast = stretch * max(0.0, _bcast(s, msg) - _bcast(s, probe))
+    return fixed.forward(0, q > 1) + more_bcast + layers + head
+
+
+def _one_process_forward(s: Setting, dev: Device, q: int, key: str) -> float | None:
+    """HF transformers or Accelerate on one process, where their fixed costs were measured."""
+    measured = fixed_cost(dev, 1, key)
+    if measured is None:
+        return None
+    sh = s.shape
+    return measured[0].forward(sh.layers, q > 1) + sh.layers * _weights_time(sh, q, 1, dev) + _head(sh, dev)
 
 
 def _hf_device(dev: Device) -> Device:
@@ -215,8 +341,11 @@ def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -
     dev = _hf_device(dev)
     master, _ = _peak(one, dev)
     reread = max(0.0, master - memory) / dev.disk_bw if memory else 0.0
-    return Prediction(_tp_forward(one, dev, s.prompt_tokens) + reread, _tp_forward(one, dev, 1) + reread,
-                      master, master)
+    ttft, tok = (_one_process_forward(one, dev, s.prompt_tokens, "transformers"),
+                 _one_process_forward(one, dev, 1, "transformers"))
+    if ttft is None or tok is None:
+        ttft, tok = _tp_forward(one, dev, s.prompt_tokens), _tp_forward(one, dev, 1)
+    return Prediction(ttft + reread, tok + reread, master, master)
 
 
 def predict_accelerate(s: Setting, dev: Device, max_memory: float, resident_bytes: float | None = None,
@@ -226,24 +355,41 @@ def predict_accelerate(s: Setting, dev: Device, max_memory: float, resident_byte
     often less than the budget); transient_bytes: the most it holds of an offloaded module at once (one
     weight: its hooks load them one at a time); default: the budget, and one layer."""
     sh = s.shape
-    base = predict_transformers(s, dev)
     resident = min(float(sh.total_bytes), max_memory) if resident_bytes is None else resident_bytes
-    read = (sh.total_bytes - resident) / (dev.offload_bw or dev.disk_bw)
     transient = sh.layer_bytes if transient_bytes is None else transient_bytes
     peak = dev.base_rss_master + resident + transient + sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1)
+    one = replace(s, n=1, window=None)
+    ttft, tok = (_one_process_forward(one, dev, s.prompt_tokens, "accelerate"),
+                 _one_process_forward(one, dev, 1, "accelerate"))
+    if ttft is not None and tok is not None:
+        # Calibrated: its hooks' fixed costs measured with everything offloaded; the offloaded weights come
+        # back through the page cache (nothing evicts them on this host), read once by the product itself
+        return Prediction(ttft, tok, peak, peak)
+    base = predict_transformers(s, dev)
+    read = (sh.total_bytes - resident) / (dev.offload_bw or dev.disk_bw)
     return Prediction(base.ttft_s + read, base.token_latency_s + read, peak, peak)
 
 
 def predict_pipeline(s: Setting, dev: Device) -> Prediction:
-    """One rank computes at a time (the others wait for their turn), so a stage has a core to itself."""
+    """One rank computes at a time (the others wait for their turn): a stage has a core to itself, less what
+    the waiting ranks take from it where they share the host's cores (calibrated: stretch_wait)."""
     sh, n = s.shape, s.n
 
+    measured = fixed_cost(dev, 1, "tp:star")
+
     def forward(q: int) -> float:
-        hop = _link(s, "p2p")
+        # one hop per stage; "relay": measured passing a message around all N ranks while the others poll
+        hop = s.links.get("relay") or _link(s, "p2p")
         msg = q * sh.hidden * FP32
-        per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
         hops = n * (hop.alpha + msg * hop.beta) if n > 1 else 0.0
-        return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
+        if measured is None:
+            per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
+            return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
+        # a stage is our decoder on one process (the fixed costs measured at N = 1), slowed by the N - 1
+        # ranks that wait for their turn in MPI (MPICH busy-polls) on the host's cores
+        stage = (measured[0].forward(sh.layers, q > 1) + sh.layers * _weights_time(sh, q, 1, dev)
+                 + _head(sh, dev))
+        return interpolate(dev.stretch_wait, n, 1.0) * stage + hops
 
     layers_rank = -(-sh.layers // n)
     kv = sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1) * layers_rank / sh.layers
@@ -364,7 +510,116 @@ def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
         return speeds[0], speeds[1]
 
 
+def measure_disk_readers(readers: tuple[int, ...] = (1, 2, 4, 8), size: int = 256 << 20) -> dict[int, float]:
+    """Aggregate bytes/s of k threads reading at once, each its own cold file (evicted with POSIX_FADV_DONTNEED,
+    our own files only): the streamed layers of N ranks are read by N processes at once from one disk. The
+    same bytes in all: max(readers) files of size / max(readers); k readers share them out."""
+    files = max(readers)
+    chunk = size // files
+    out: dict[int, float] = {}
+    with tempfile.TemporaryDirectory(dir=".", prefix=".perfmodel-disk-") as d:
+        paths = [Path(d) / f"f{i}" for i in range(files)]
+        block = os.urandom(1 << 20)
+        for path in paths:
+            with open(path, "wb") as f:
+                for _ in range(max(1, chunk >> 20)):
+                    f.write(block)
+                f.flush()
+                os.fsync(f.fileno())
+
+        def evict() -> None:
+            for path in paths:
+                fd = os.open(path, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+        def read(mine: list[Path]) -> None:
+            for path in mine:
+                with open(path, "rb", buffering=0) as r:
+                    while r.read(1 << 22):
+                        pass
+
+        import threading
+
+        total = sum(p.stat().st_size for p in paths)
+        for k in readers:
+            evict()
+            threads = [threading.Thread(target=read, args=(paths[i::k],)) for i in range(k)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            out[k] = total / (time.perf_counter() - t0)
+    return out
+
+
+def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...] = (1, 2, 4, 8),
+                        layers: tuple[int, int] = (1, 4), repeats: int = 3, prompt_tokens: int = 16,
+                        new_tokens: int = 16, timeout: float = 300) -> dict[str, Any]:
+    """Real runs (`mpirun -n N python -m tpi_mpi.run`, one torch thread per rank, as the sweeps) of models of
+    negligible size (hidden 128, 8 KV heads) with two layer counts: at N = 1 our decoder, HF transformers and
+    Accelerate (everything offloaded), at N > 1 every allreduce algorithm. Returns the median TTFT and token
+    latency p50 per world size, implementation and layer count."""
+    from .make_model import make_model
+
+    shape = {"hidden_size": PROBE_HIDDEN, "intermediate_size": 2 * PROBE_HIDDEN, "num_attention_heads": 8,
+             "num_key_value_heads": 8}
+    models = [make_model(workdir / f"fixed-l{n}", "tiny", "llama", layers=n, overrides=shape) for n in layers]
+    ids = ",".join(str(3 + i) for i in range(prompt_tokens))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    raw: dict[str, Any] = {}
+    for n in world_sizes:
+        results = workdir / f"fixed-n{n}.jsonl"
+        sweep = (["baseline=null,transformers,accelerate", "accelerate.max_memory=1KB",
+                  f"accelerate.offload_folder={workdir / 'offload'}"] if n == 1 else [f"comm={','.join(ALGOS)}"])
+        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m",
+               f"model.path={','.join(str(m) for m in models)}", f"model.cache_dir={workdir / 'shards'}",
+               f"prompt_ids=[{ids}]", f"generation.max_new_tokens={new_tokens}", "generation.stop_on_eos=false",
+               "logging.quiet=true", f"output.results={results}", "output.json=null", "threads=1",
+               *sweep, f"generation.seed={','.join(str(i + 1) for i in range(repeats))}",
+               f"hydra.sweep.dir={workdir / f'hydra-n{n}'}"]
+        print(f"calibrating fixed costs: {n} rank(s) ...", file=sys.stderr, flush=True)
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        if out.returncode != 0 or not results.is_file():
+            raise RuntimeError(f"fixed-cost runs on {n} ranks failed:\n{out.stderr[-2000:]}")
+        from .results import read_jsonl
+
+        points: dict[tuple[str, int], list[dict[str, Any]]] = {}
+        for r in read_jsonl(results):
+            key = r.get("baseline") or f"tp:{r['comm_algo']}"
+            n_layers = json.loads((Path(r["config"]["model"]["path"]) / "config.json").read_text())["num_hidden_layers"]
+            points.setdefault((key, n_layers), []).append(r)
+        per_n: dict[str, Any] = {}
+        for (key, n_layers), recs in sorted(points.items()):
+            ttft = sorted(r["ttft_s"] for r in recs)
+            tok = sorted(r["token_latency_s"]["p50"] for r in recs)
+            per_n.setdefault(key, {})[str(n_layers)] = {"ttft_s": ttft[len(ttft) // 2],
+                                                        "token_s": tok[len(tok) // 2]}
+        raw[str(n)] = per_n
+    return {"probe_hidden": PROBE_HIDDEN, "prompt_tokens": prompt_tokens, "raw": raw}
+
+
+def fit_fixed_costs(measured: dict[str, Any]) -> dict[int, dict[str, FixedCost]]:
+    """Per layer = the difference between the two layer counts over the layers added; per pass = the rest
+    (both at least 0: noise can make the difference negative)."""
+    out: dict[int, dict[str, FixedCost]] = {}
+    for n, per_key in measured["raw"].items():
+        for key, by_layers in per_key.items():
+            (l1, t1), (l2, t2) = sorted((int(k), v) for k, v in by_layers.items())[:2]
+            layer_tok = max(0.0, (t2["token_s"] - t1["token_s"]) / (l2 - l1))
+            layer_pre = max(0.0, (t2["ttft_s"] - t1["ttft_s"]) / (l2 - l1))
+            out.setdefault(int(n), {})[key] = FixedCost(
+                pass_token_s=max(0.0, t1["token_s"] - l1 * layer_tok), layer_token_s=layer_tok,
+                pass_prefill_s=max(0.0, t1["ttft_s"] - l1 * layer_pre), layer_prefill_s=layer_pre,
+                probe_hidden=int(measured.get("probe_hidden", PROBE_HIDDEN)))
+    return out
+
+
 ALGOS = ("star", "ring", "mesh", "tree", "mpi")
+PROBE_HIDDEN = 128  # hidden size of the fixed-cost probe's models: its layers cost next to nothing
 
 
 def _probe_links_rank(hidden: int, repeats: int) -> None:
@@ -381,7 +636,7 @@ def _probe_links_rank(hidden: int, repeats: int) -> None:
         import hydra  # noqa: F401
         from transformers import AutoTokenizer  # noqa: F401
     rss = comm.gather(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, root=0)
-    result: dict[str, Any] = {"base_rss": rss}
+    result: dict[str, Any] = {"base_rss": rss, **_probe_stretch(comm)}
     for q in (1, 16):
         buf = np.ones(q * hidden, dtype=np.float32)
         for algo in ALGOS:
@@ -410,8 +665,53 @@ def _probe_links_rank(hidden: int, repeats: int) -> None:
                 comm.Recv(buf, source=0)
             times.append(time.perf_counter() - t0)
         result.setdefault("p2p", {})[str(buf.nbytes)] = float(np.median(comm.bcast(times, root=1)))
+        times = []
+        for _ in range(repeats):  # around all ranks, 0 -> 1 -> ... -> N-1 -> 0, as pipeline stages hand on
+            comm.Barrier()
+            t0 = time.perf_counter()
+            if comm.rank == 0:
+                comm.Send(buf, dest=1)
+                comm.Recv(buf, source=comm.size - 1)
+            else:
+                comm.Recv(buf, source=comm.rank - 1)
+                comm.Send(buf, dest=(comm.rank + 1) % comm.size)
+            times.append(time.perf_counter() - t0)
+        result.setdefault("relay", {})[str(buf.nbytes)] = float(np.median(comm.bcast(times, root=0)))
     if comm.rank == 0:
         print("PROBE " + json.dumps(result), flush=True)
+
+
+def _probe_stretch(comm: Any, repeats: int = 5) -> dict[str, float]:
+    """Seconds of the matrix-vector products of measure_compute (4 x 45 MB, one thread) while every rank runs
+    them at once ("all": tensor parallelism) and while rank 0 runs them and the others wait in MPI ("wait":
+    a pipeline stage; MPICH's waiting ranks poll). all: the slowest rank's median, as an allreduce waits."""
+    import torch
+
+    torch.set_num_threads(1)
+    h, f = 2048, 5504
+    ws = [torch.randn(f, h) for _ in range(4)]
+    v = torch.randn(1, h)
+
+    def products() -> float:
+        t0 = time.perf_counter()
+        for m in ws:
+            torch.nn.functional.linear(v, m)
+        return time.perf_counter() - t0
+
+    products()  # warm-up
+    every = []
+    for _ in range(repeats):
+        comm.Barrier()
+        every.append(products())
+    slowest = max(comm.allgather(sorted(every)[len(every) // 2]))
+    alone = []
+    for _ in range(repeats):
+        comm.Barrier()
+        if comm.rank == 0:
+            alone.append(products())
+        comm.Barrier()  # the others wait here, polling
+    wait = comm.bcast(sorted(alone)[len(alone) // 2] if comm.rank == 0 else None, root=0)
+    return {"products_bytes": float(4 * f * h * FP32), "products_all_s": slowest, "products_wait_s": wait}
 
 
 def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
@@ -423,6 +723,8 @@ def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
     per_byte = LinkModel(0.0, 1.0)
     if algo in ("bcast", "p2p", "mpi"):  # one message per step, whatever N: alpha + m beta
         a_coef, b_coef = 1.0, float(n - 1 if algo == "bcast" else 1)
+    elif algo == "relay":  # N hops one after another: N (alpha + m beta)
+        a_coef, b_coef = float(n), float(n)
     else:
         a_coef, b_coef = predict(algo, n, 1, unit), predict(algo, n, 1, per_byte)
     beta = max(0.0, (t2 - t1) / ((m2 - m1) * b_coef))
@@ -431,7 +733,7 @@ def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
 
 
 def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int = 1024,
-              repeats: int = 20) -> dict[str, Any]:
+              repeats: int = 20, fixed_costs: bool = True) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     t0 = time.time()
     calib: dict[str, Any] = {"cores": cores, "loadavg_before": os.getloadavg()}
@@ -440,7 +742,9 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     calib["disk_bw"], calib["disk_bw_warm"] = measure_disk()
     with tempfile.TemporaryDirectory(prefix="perfmodel-") as d:
         calib["overheads"] = measure_overheads(Path(d))
+    calib["disk_bw_readers"] = {str(k): v for k, v in measure_disk_readers((1, *world_sizes)).items()}
     links: dict[str, dict[str, Any]] = {}
+    stretch: dict[str, dict[str, float]] = {"all": {"1": 1.0}, "wait": {"1": 1.0}}
     for n in world_sizes:
         env = {**os.environ, "HF_HUB_OFFLINE": "1"}
         out = subprocess.run([mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.perfmodel", "probe-links",
@@ -452,8 +756,16 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
         raw = json.loads(line[6:])
         rss = raw.pop("base_rss")
         calib["base_rss_master"], calib["base_rss"] = float(rss[0]), float(max(rss[1:]))
+        # one process alone would take products_bytes / weight_bw (measure_compute, same products)
+        alone = raw.pop("products_bytes") / calib["compute_1_thread"]["weight_bw"]
+        stretch["all"][str(n)] = max(1.0, raw.pop("products_all_s") / alone)
+        stretch["wait"][str(n)] = max(1.0, raw.pop("products_wait_s") / alone)
         links[str(n)] = {"raw_s": raw, **{k: asdict(fit_link(v, k, n)) for k, v in raw.items()}}
     calib["links"] = links
+    calib["stretch"] = stretch
+    if fixed_costs:
+        with tempfile.TemporaryDirectory(prefix="perfmodel-fixed-") as d:
+            calib["fixed_costs"] = measure_fixed_costs(mpirun, Path(d), (1, *world_sizes))
     calib["seconds"] = time.time() - t0
     calib["loadavg_after"] = os.getloadavg()
     return calib
@@ -471,17 +783,30 @@ def device_from(calib: dict[str, Any]) -> Device:
                   disk_bw=calib["disk_bw"], base_rss=calib["base_rss"], base_rss_master=calib["base_rss_master"],
                   host_cores=calib["cores"],
                   # Accelerate's offloaded weights stay in the page cache here (nothing evicts them)
-                  offload_bw=calib.get("disk_bw_warm"))
+                  offload_bw=calib.get("disk_bw_warm"),
+                  fixed=fit_fixed_costs(calib["fixed_costs"]) if "fixed_costs" in calib else None,
+                  stretch_all=_int_keys(calib.get("stretch", {}).get("all")),
+                  stretch_wait=_int_keys(calib.get("stretch", {}).get("wait")),
+                  disk_bw_readers=_int_keys(calib.get("disk_bw_readers")))
 
 
-def links_from(calib: dict[str, Any], n: int) -> dict[str, LinkModel]:
-    """The link fits measured at world size n (the nearest measured one)."""
+def _int_keys(table: dict[str, float] | None) -> dict[int, float] | None:
+    return {int(k): float(v) for k, v in table.items()} if table else None
+
+
+def links_from(calib: dict[str, Any], n: int, beta_from_smallest: bool = False) -> dict[str, LinkModel]:
+    """The link fits measured at world size n (the nearest measured one). beta_from_smallest: the cost per byte
+    from the smallest world size measured, where each rank has a core (oversubscribed ranks make the two-size
+    fit of beta noise; the fixed-cost model stretches the per-byte cost itself)."""
     sizes = sorted(int(k) for k in calib["links"])
     if not sizes or n < 2:
         return {}
     near = min(sizes, key=lambda s: (abs(s - n), s))
-    fits = calib["links"][str(near)]
-    return {k: LinkModel(**v) for k, v in fits.items() if k != "raw_s"}
+    fits = {k: LinkModel(**v) for k, v in calib["links"][str(near)].items() if k != "raw_s"}
+    if beta_from_smallest:
+        small = {k: LinkModel(**v) for k, v in calib["links"][str(sizes[0])].items() if k != "raw_s"}
+        fits = {k: replace(v, beta=small[k].beta) if k in small and k != "relay" else v for k, v in fits.items()}
+    return fits
 
 
 def _device_map_bytes(model: Path, device_map: dict[str, str] | None) -> tuple[float | None, float | None]:
@@ -518,7 +843,8 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
         link = cfg["network"]["default"]  # the network=NAME profile as the run resolved it
         emulated = LinkModel(link["latency_s"], 8 / link["bandwidth_bit_s"])
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
-                window=window if window is None else int(window), links=links_from(calib, n), emulated=emulated)
+                window=window if window is None else int(window),
+                links=links_from(calib, n, beta_from_smallest="fixed_costs" in calib), emulated=emulated)
     dev = device_from(calib)
     baseline = record.get("baseline")
     if baseline == "transformers":
