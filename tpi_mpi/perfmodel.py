@@ -510,6 +510,20 @@ def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
         return speeds[0], speeds[1]
 
 
+def run_mpirun(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Run one mpirun in its own process group; on timeout kill the group (mpirun and every rank), then raise."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
+                            env=env, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.communicate()
+        raise RuntimeError(f"timed out after {timeout:.0f} s: {' '.join(cmd[:6])} ...") from None
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def measure_disk_readers(readers: tuple[int, ...] = (1, 2, 4, 8), size: int = 256 << 20) -> dict[int, float]:
     """Aggregate bytes/s of k threads reading at once, each its own cold file (evicted with POSIX_FADV_DONTNEED,
     our own files only): the streamed layers of N ranks are read by N processes at once from one disk. The
@@ -569,7 +583,6 @@ def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...]
              "num_key_value_heads": 8}
     models = [make_model(workdir / f"fixed-l{n}", "tiny", "llama", layers=n, overrides=shape) for n in layers]
     ids = ",".join(str(3 + i) for i in range(prompt_tokens))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     raw: dict[str, Any] = {}
     for n in world_sizes:
         results = workdir / f"fixed-n{n}.jsonl"
@@ -582,7 +595,7 @@ def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...]
                *sweep, f"generation.seed={','.join(str(i + 1) for i in range(repeats))}",
                f"hydra.sweep.dir={workdir / f'hydra-n{n}'}"]
         print(f"calibrating fixed costs: {n} rank(s) ...", file=sys.stderr, flush=True)
-        out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL)
+        out = run_mpirun(cmd, timeout)
         if out.returncode != 0 or not results.is_file():
             raise RuntimeError(f"fixed-cost runs on {n} ranks failed:\n{out.stderr[-2000:]}")
         from .results import read_jsonl
@@ -746,10 +759,8 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     links: dict[str, dict[str, Any]] = {}
     stretch: dict[str, dict[str, float]] = {"all": {"1": 1.0}, "wait": {"1": 1.0}}
     for n in world_sizes:
-        env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-        out = subprocess.run([mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.perfmodel", "probe-links",
-                              "--hidden", str(hidden), "--repeats", str(repeats)],
-                             capture_output=True, text=True, timeout=300, env=env, stdin=subprocess.DEVNULL)
+        out = run_mpirun([mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.perfmodel", "probe-links",
+                          "--hidden", str(hidden), "--repeats", str(repeats)], 300)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), None)
         if line is None:
             raise RuntimeError(f"link probe on {n} ranks failed:\n{out.stderr[-2000:]}")
