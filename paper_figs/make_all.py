@@ -30,12 +30,13 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = json.loads((results / "meta.json").read_text()) if (results / "meta.json").is_file() else {}
     calib_path = results / "calibration.json"
     predict = None
-    overhead = 1e-3
+    overhead, fixed = 1e-3, None
     if calib_path.is_file():
-        from tpi_mpi.perfmodel import predict_record
+        from tpi_mpi.perfmodel import fit_fixed_costs, predict_record
 
         calib = json.loads(calib_path.read_text())
         overhead = calib["compute_1_thread"]["layer_overhead_s"]
+        fixed = fit_fixed_costs(calib["fixed_costs"]).get(1) if "fixed_costs" in calib else None
 
         def predict(rec: dict[str, Any]) -> Any:
             return predict_record(rec, calib)
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
                "## Tensor parallelism vs baselines", "", tables.baselines_table(results)]
     if predict is not None:
         summary += ["## Performance model vs measured points", "", tables.validation_table(results, predict)]
-    summary += ["## Performance model: the paper's settings", "", tables.paper_table(overhead)]
+    summary += ["## Performance model: the paper's settings", "", tables.paper_table(overhead, fixed)]
     skipped = {k: v["skipped"] for k, v in meta.get("sweeps", {}).items() if "skipped" in v}
     if skipped:
         summary += ["## Sweeps not run here", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]

@@ -54,7 +54,7 @@ def validation_table(results: Path, predict: Any) -> str:
     return "\n".join(lines) + "\n"
 
 
-def paper_table(layer_overhead_s: float) -> str:
+def paper_table(layer_overhead_s: float, fixed: Any = None) -> str:
     from tpi_mpi.perfmodel import PaperAssumptions, predict_paper
 
     def f(v: float | None, fmt: str = "{:.1f}") -> str:
@@ -69,7 +69,7 @@ def paper_table(layer_overhead_s: float) -> str:
              "| model | TP 8 dev. s/token pred / paper | TP 4 laptops Wi-Fi pred / paper | transformers pred / paper "
              "| accelerate pred / paper | TTFT 8 dev. pred s | peak GB 8 dev. pred rank 0 / others / paper |",
              "|---|---|---|---|---|---|---|"]
-    for r in predict_paper(a, layer_overhead_s):
+    for r in predict_paper(a, layer_overhead_s, fixed):
         lines.append(f"| {r['model']} | {f(r['pred_tpi_8_s'])} / {f(r['paper_tpi_8_s'], '{:.0f}')} | "
                      f"{f(r['pred_tpi_4_wifi_s'])} / {f(r['paper_tpi_4_wifi_s'], '{:.0f}')} | "
                      f"{f(r['pred_transformers_s'])} / {f(r['paper_transformers_s'], '{:.0f}')} | "

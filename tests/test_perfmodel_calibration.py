@@ -153,3 +153,18 @@ def test_fixed_cost_runs_on_one_and_two_ranks(tmp_path: Path) -> None:
                for per_n in raw.values() for v in per_n.values())
     fits = fit_fixed_costs(measured)
     assert fits[2]["tp:star"].forward(4, prefill=False) > 0
+
+
+def test_head_split_spreads_lm_head_and_adds_one_gather() -> None:
+    shape = PAPER_SHAPES["Llama 3.1-8B"]  # vocabulary 128256: lm_head is 2 GB in fp32
+    link = LinkModel(1e-3, 8 / 300e6)
+    links = {"star": link, "bcast": link}
+    dev = _device(host_cores=None)
+    master = predict_tp(Setting(shape, 8, links=links), dev)
+    split = predict_tp(Setting(shape, 8, links=links, head="split"), dev)
+    head = shape.vocab * shape.hidden * 4
+    assert master.peak_bytes - split.peak_bytes == pytest.approx(head * 7 / 8)
+    assert split.peak_bytes_worker - master.peak_bytes_worker == pytest.approx(head / 8)
+    gather = link.alpha + 7 * shape.vocab / 8 * 4 * link.beta
+    saved = head / dev.weight_bw * 7 / 8
+    assert master.token_latency_s - split.token_latency_s == pytest.approx(saved - gather, rel=1e-6)

@@ -1,27 +1,44 @@
 """Performance model: TTFT, token latency and peak memory per device, from the model's shapes, N, window,
 links, disk and compute, each calibrated by a short measurement on the machine at hand.
 
-    python -m tpi_mpi.perfmodel calibrate --out calib.json      # ~30 s: compute, memory, links, disk, RSS
+    python -m tpi_mpi.perfmodel calibrate --out calib.json      # ~3 min here: see `calibrate`
     python -m tpi_mpi.perfmodel paper --calibration calib.json  # the paper's settings, next to its numbers
 
-One forward pass of q tokens through L layers on N tensor-parallel ranks costs, per layer,
+One forward pass of q tokens (q = prompt: TTFT; q = 1: a token) through L layers on N tensor-parallel ranks:
 
-    compute  max(2 q P_l / N / F,  B_l / N / W) + o          P_l parameters, B_l bytes of one layer;
-                                                             F FLOP/s, W weight bytes/s of one device; o a
-                                                             fixed cost per layer (Python, kernel starts)
-    comm     2 allreduces of q * hidden * 4 bytes            alpha-beta (cost_model.py), per algorithm
-    disk     B_l / N / D when the layers stream from disk    overlapped with compute + comm (max, not sum)
+    T = P(N) + L * [ s(N) * max(2 q P_l / N / F,  B_l / N / W)          weights through one core
+                     + o(N)                                             fixed cost per layer
+                     + 2 * s(N) * (AR(q h 4 bytes) - AR(q h_p 4 bytes))  bigger messages than the probe's
+                     + 2 * AR_emulated(q h 4 bytes) ]                   software-modelled links, if any
+          + s_w(N) * V h 4 / W                                          rank 0's lm_head, the others wait
+    streamed layers (memory.window): the L layer terms become max(them, L B_l / D(N)), minus, for the
+    prompt, the first `window` blocks, which the prefetcher read at start-up
 
-plus the broadcast of the embedded input and, on rank 0, embedding and lm_head. TTFT is one forward pass of
-the prompt, token latency one of a single token. Devices that share one host (this machine: N ranks on its
-cores) share its F and W: each of N ranks running at once gets 1/N of them, which is why on one host tensor
-parallelism cannot get faster than one process. Peak memory per device = the process's base RSS (Python,
-torch, MPI) + resident weights (all of the rank's slices, or `window` layers' blocks when streaming) +
-rank 0's embedding and lm_head + the KV cache.
+    P(N), o(N)  fixed cost per pass and per layer (prefill and decode each): measured by real runs of
+                `tpi_mpi.run` with a model of negligible size (hidden h_p = 128) of 1 and of 4 layers at
+                N = 1, 2, 4, 8, for every allreduce algorithm; linear in N between them. They hold what
+                N ranks on C cores cost beyond the arithmetic: Python, kernel starts, the allreduces of small
+                messages, MPICH's waiting ranks polling on the cores the others compute on, context switches
+    s(N)        how much longer a rank's matrix-vector products take while all N ranks compute at once on
+                this host (measured by the link probe: 1 up to N = C cores, then about N / C)
+    s_w(N)      the same while the other N - 1 ranks wait in MPI (a pipeline stage, rank 0's head)
+    F, W        FLOP/s of a matrix product, bytes/s of weights through a matrix-vector product (one thread)
+    AR          alpha-beta fits of each allreduce (cost_model.py), alpha at N, beta at N = 2
+    D(N)        aggregate cold read bandwidth of N processes reading at once from the one disk here
+    P_l, B_l    parameters and bytes of one layer; V the vocabulary
 
-Baselines: `transformers` is N = 1 without communication; `accelerate` adds reading its offloaded bytes
-(everything over accelerate.max_memory) at D every forward pass; `pipeline` runs the stages one after
-another (one rank computes at a time), with one hop of q * hidden * 4 bytes per stage.
+On real devices (the paper's settings) there is no sharing: s = s_w = 1, P and o as measured on one process,
+allreduces over the paper's links, a disk per device (D = N x its bandwidth). Without a fixed-cost calibration
+(old calibration files) the per-layer cost is share(N) * (weights + o) + 2 AR with share = N / C.
+
+Peak memory per device = the process's base RSS (Python, torch, MPI) + resident weights (all of the rank's
+slices, or `window` layers' blocks when streaming) + rank 0's embedding and lm_head + the KV cache.
+
+Baselines: `transformers` and `accelerate` are one process: their fixed costs measured as above (accelerate
+with everything offloaded, as under the sweeps' budget) + the weights through one core; accelerate's offloaded
+weights come back from the page cache here (nothing evicts them), so they cost what resident ones do;
+`pipeline` runs the stages one after another: s_w(N) x (one process's fixed costs + whole layers) + N hops,
+a hop as measured passing a message around all N ranks ("relay").
 """
 
 from __future__ import annotations
@@ -155,6 +172,7 @@ class Setting:
     window: int | None = None  # layers in memory per rank when streaming; None = all resident
     links: dict[str, LinkModel] = field(default_factory=dict)  # per algorithm; "bcast" and "p2p" too
     emulated: LinkModel | None = None  # emulation.links=software: the modelled links, on top of `links`
+    head: str = "master"  # memory.head: "master" (rank 0 holds and computes lm_head) or "split" (by vocabulary)
 
 
 @dataclass(frozen=True)
@@ -184,6 +202,16 @@ def _link(s: Setting, name: str) -> LinkModel:
 
 def _head(shape: ModelShape, dev: Device) -> float:
     return shape.vocab * shape.hidden * shape.bytes_per_param / dev.weight_bw  # rank 0 alone
+
+
+def _head_time(s: Setting, dev: Device, stretch: float, stretch_wait: float) -> float:
+    """lm_head of the last token: rank 0 alone while the others wait (memory.head=master), or every rank its
+    vocab/N rows at once, then rank 0 gathers the logits (split: one more hop, (N-1) slices of vocab/N floats)."""
+    if s.head != "split" or s.n < 2:
+        return stretch_wait * _head(s.shape, dev)
+    b = _link(s, "bcast")
+    gather = b.alpha + (s.n - 1) * (s.shape.vocab / s.n * FP32) * b.beta
+    return stretch * _head(s.shape, dev) / s.n + gather
 
 
 def per_pair_time(algo: str, n: int, nbytes: int, link: LinkModel) -> float:
@@ -286,7 +314,7 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
         per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
         if s.window is not None:  # streaming: the disk reads overlap compute and communication
             per_layer = max(per_layer, _stream_read(sh, n, dev))
-        return _bcast(s, msg) + sh.layers * per_layer + _head(sh, dev) + dev.forward_overhead_s
+        return _bcast(s, msg) + sh.layers * per_layer + _head_time(s, dev, _share(dev, n), 1.0) + dev.forward_overhead_s
     fixed, paid = measured
     probe = q * fixed.probe_hidden * FP32 if paid else 0  # the messages the fixed costs already include
     stretch = interpolate(dev.stretch_all, n, _share(dev, n))
@@ -300,7 +328,7 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
         if q > 1:  # the prompt: the prefetcher filled the window at start-up, before the clock started
             read *= 1 - sh.window_bytes(s.window) / (sh.layers * sh.layer_bytes)
         layers = max(layers, read)
-    head = interpolate(dev.stretch_wait, n, 1.0) * _head(sh, dev)  # rank 0 alone, the others wait
+    head = _head_time(s, dev, stretch, interpolate(dev.stretch_wait, n, 1.0))
     more_bcast = stretch * max(0.0, _bcast(s, msg) - _bcast(s, probe))
     return fixed.forward(0, q > 1) + more_bcast + layers + head
 
@@ -326,7 +354,12 @@ def _peak(s: Setting, dev: Device) -> tuple[float, float]:
     sh, n = s.shape, s.n
     layers_held = sh.layers if s.window is None else min(s.window, sh.layers)
     worker = dev.base_rss + layers_held * sh.layer_bytes / n + sh.kv_bytes(s.prompt_tokens + s.new_tokens, n)
-    return worker - dev.base_rss + dev.base_rss_master + sh.master_bytes, worker
+    master_only = sh.master_bytes
+    if s.head == "split" and n > 1:  # every rank holds vocab/N rows of lm_head; rank 0 still the embedding
+        head_bytes = sh.vocab * sh.hidden * sh.bytes_per_param
+        worker += head_bytes / n
+        master_only -= head_bytes if not sh.tied else 0
+    return worker - dev.base_rss + dev.base_rss_master + master_only, worker
 
 
 def predict_tp(s: Setting, dev: Device) -> Prediction:
@@ -853,9 +886,11 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     if (cfg.get("emulation") or {}).get("links") == "software" and cfg.get("network"):
         link = cfg["network"]["default"]  # the network=NAME profile as the run resolved it
         emulated = LinkModel(link["latency_s"], 8 / link["bandwidth_bit_s"])
+    head = str(mem.get("head") or "master")  # absent in records from before the split: master
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
                 window=window if window is None else int(window),
-                links=links_from(calib, n, beta_from_smallest="fixed_costs" in calib), emulated=emulated)
+                links=links_from(calib, n, beta_from_smallest="fixed_costs" in calib), emulated=emulated,
+                head=head)
     dev = device_from(calib)
     baseline = record.get("baseline")
     if baseline == "transformers":
@@ -910,10 +945,15 @@ class PaperAssumptions:
     memory: float = 8e9  # RAM of the one laptop that runs the Transformers and Accelerate baselines
 
 
-def predict_paper(assume: PaperAssumptions, layer_overhead_s: float) -> list[dict[str, Any]]:
+def predict_paper(assume: PaperAssumptions, layer_overhead_s: float,
+                  fixed: dict[str, FixedCost] | None = None) -> list[dict[str, Any]]:
+    """fixed: the fixed costs measured here on one process (fit_fixed_costs(...)[1]): a device of its own
+    pays those, and the paper's links for its allreduces (no oversubscription, one disk per device). Accelerate
+    keeps reading its offloaded bytes from disk: on the paper's 8 GB laptop they do not stay in the page cache."""
+    one = {k: v for k, v in (fixed or {}).items() if k in ("tp:star", "transformers")}
     dev = Device(flops=assume.device_flops, weight_bw=assume.device_weight_bw, layer_overhead_s=layer_overhead_s,
                  disk_bw=assume.disk_bw, base_rss=assume.base_rss, base_rss_master=assume.base_rss,
-                 host_cores=None)
+                 host_cores=None, fixed={1: one} if one else None)
     link = LinkModel(assume.latency_s, 8 / assume.bandwidth_bit_s)
     links = {"star": link, "bcast": link, "p2p": link, "default": link}
     rows = []
@@ -943,7 +983,8 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--out", default="calibration.json")
     c.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
     pp = sub.add_parser("paper", help="predict the paper's settings next to its reported numbers")
-    pp.add_argument("--calibration", default=None, help="for the per-layer overhead (default: 1 ms)")
+    pp.add_argument("--calibration", default=None,
+                    help="for the fixed costs of one process (default: 1 ms per layer)")
     pl = sub.add_parser("probe-links", help=argparse.SUPPRESS)
     pl.add_argument("--hidden", type=int, default=1024)
     pl.add_argument("--repeats", type=int, default=40)
@@ -958,10 +999,12 @@ def main(argv: list[str] | None = None) -> int:
         write_json_atomic(a.out, calib)
         print(json.dumps({k: v for k, v in calib.items() if k != "links"}, indent=1))
         return 0
-    overhead = 1e-3
+    overhead, fixed = 1e-3, None
     if a.calibration:
-        overhead = json.loads(Path(a.calibration).read_text())["compute_1_thread"]["layer_overhead_s"]
-    for row in predict_paper(PaperAssumptions(), overhead):
+        calib = json.loads(Path(a.calibration).read_text())
+        overhead = calib["compute_1_thread"]["layer_overhead_s"]
+        fixed = fit_fixed_costs(calib["fixed_costs"]).get(1) if "fixed_costs" in calib else None
+    for row in predict_paper(PaperAssumptions(), overhead, fixed):
         print(json.dumps(row))
     return 0
 
