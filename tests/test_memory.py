@@ -160,6 +160,7 @@ def test_window_is_lowered_to_fit_and_resident_blocks_are_spread() -> None:
     ({"resident": "maybe"}, "true, false or auto"),
     ({"resident": "auto", "budget": "lots"}, "is not a size"),
     ({"resident": False, "window": 0}, "positive integer"),
+    ({"head": "workers"}, "memory.head must be split or master"),
 ])
 def test_memory_config_validation(memory: dict, message: str) -> None:
     with pytest.raises(UserError, match=message):
@@ -212,7 +213,7 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_same_tokens_for_every_window_and_partial_residency(model: Path, tmp_path: Path) -> None:
     shards = split(model, tmp_path / "shards", 2)
-    specs = ["resident", "stream:1", "stream:2", "stream:3", "partial:2:3"]
+    specs = ["resident", "stream:1", "stream:2", "stream:3", "partial:2:3", "stream:2@master"]
     out = tmp_path / "mem.npz"
     # small lm_head chunks so that the streamed head is read in several pieces
     proc = mpirun(2, [str(SCRIPTS / "mem_forward.py"), "--head-chunk=65536", str(shards), str(out), str(NEW),
@@ -231,6 +232,13 @@ def test_same_tokens_for_every_window_and_partial_residency(model: Path, tmp_pat
             assert all(got[f"bytes_read_{i}"][r] >= NEW * block_bytes[r] for r in range(2)), spec
     assert str(got["mode_0"]) == "resident" and str(got["mode_4"]) == "partial"
     assert (got["streamed_4"] == 8 - 3).all()
+    # lm_head streamed: split by vocabulary each rank reads its rows every pass; on the master rank 0 reads all
+    vocab, hidden = (json.loads((model / "config.json").read_text())[k] for k in ("vocab_size", "hidden_size"))
+    rows = [json.loads((shards / f"rank_{r}" / "manifest.json").read_text())["vocab_range"] for r in range(2)]
+    assert rows[0][0] == 0 and rows[0][1] == rows[1][0] and rows[1][1] == vocab
+    split_reads, master_reads = got["head_bytes_read_2"].tolist(), got["head_bytes_read_5"].tolist()
+    assert split_reads == [NEW * (v1 - v0) * hidden * 4 for v0, v1 in rows]  # one read of its rows per pass
+    assert master_reads == [NEW * vocab * hidden * 4, 0]
 
 
 def test_streaming_refuses_a_dtype_cast(model: Path, tmp_path: Path) -> None:

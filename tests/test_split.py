@@ -50,6 +50,12 @@ def test_round_trip(model: Path, tmp_path: Path) -> None:
         assert torch.equal(attn[0]["o_proj.bias"], src.get(p + "self_attn.o_proj.bias"))
         assert "o_proj.bias" not in attn[1] and "down_proj.bias" not in ffn[2]
         assert attn[0]["q_proj.weight"].shape[0] == 1 * 2 * 32  # 1.5 KV groups round to 1: 2 q heads of 32
+    # memory.head=split: every rank's rows of lm_head, in proportion to the ratios, the final norm with them
+    heads = [load_file(out / f"rank_{r}" / "head_slice.safetensors") for r in range(3)]
+    assert torch.equal(torch.cat([h["lm_head.weight"] for h in heads], 0), src.get("lm_head.weight"))
+    vocab = src.get("lm_head.weight").shape[0]
+    assert [m["vocab_range"] for m in manifests] == [[0, vocab // 2], [vocab // 2, 3 * vocab // 4], [3 * vocab // 4, vocab]]
+    assert all(torch.equal(h["norm.weight"], src.get("model.norm.weight")) for h in heads)
 
 
 def test_dtype_conversion(model: Path, tmp_path: Path) -> None:

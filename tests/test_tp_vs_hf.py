@@ -83,6 +83,22 @@ def test_matches_hf(models: dict[str, Path], tmp_path: Path, name: str, n: int, 
 
 
 
+@pytest.mark.parametrize("name,n,ratios", [("llama-gqa", 2, [0.7, 0.3]), ("qwen2-tied", 3, None)],
+                         ids=["llama-gqa-n2-uneven", "qwen2-tied-n3"])
+def test_head_on_master_matches_hf(models: dict[str, Path], tmp_path: Path, name: str, n: int,
+                                   ratios: list[float] | None) -> None:
+    """memory.head=master (rank 0 computes all the logits) equals HF as the default vocabulary split does."""
+    shards = split(models[name], tmp_path / "shards", n, ratios)
+    out = tmp_path / "tp.npz"
+    proc = mpirun(n, [str(SCRIPTS / "tp_forward.py"), "--head=master", str(shards), str(out), str(NEW_TOKENS),
+                      *map(str, PROMPT)], timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = np.load(out)
+    ref_logits, ref_tokens = hf_reference(models[name])
+    assert np.abs(got["logits"] - ref_logits).max() < 1e-4
+    assert got["tokens"].tolist() == ref_tokens
+
+
 ALGOS = ["star", "ring", "mesh", "tree", "mpi", "auto"]
 
 

@@ -48,6 +48,7 @@ class MemoryConfig:
     window: int | None = None  # streamed blocks in memory at once (the one computing included); null = 2
     budget: str | int | None = None  # per rank, e.g. 1.5GB / 800MiB, or "cgroup" (its limit); resident=auto only
     kv_cache_tokens: int | None = None
+    head: str = "split"  # lm_head: split by vocabulary over the ranks (rank 0 gathers logits), or all on the master
 
     @property
     def budget_bytes(self) -> int | None:
@@ -140,6 +141,8 @@ def parse_bytes(value: str | int) -> int:
 
 
 def _validate_memory(m: MemoryConfig) -> None:
+    if m.head not in ("split", "master"):
+        raise UserError(f"memory.head must be split or master, got {m.head!r}")
     if m.resident not in (True, False, "auto"):
         raise UserError(f"memory.resident must be true, false or auto, got {m.resident!r}")
     if m.kv_cache_tokens is not None and m.kv_cache_tokens < 1:

@@ -2,8 +2,11 @@
 
 Per forward pass the master broadcasts a small header (what to do, how many positions, from where)
 and then the embedded hidden states; every rank runs its slice of every layer (ShardedDecoder); the
-master alone holds the tokenizer, the embedding, the final norm and lm_head, so prompt text and token
-ids never leave it: workers only ever see hidden states.
+master alone holds the tokenizer and the embedding, so prompt text and token ids never leave it: workers
+only ever see hidden states. With memory.head=split (the default) every rank then turns the last hidden
+state into its vocabulary slice of the logits and the master gathers them and samples; a worker learns
+nothing it could not compute from the hidden state it already has. With memory.head=master the master
+alone holds lm_head and computes all the logits.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class RankTimes:
     load_s: float = 0.0
     forward_s: float = 0.0  # wall time inside forward passes, communication included
     bcast: CommStats = field(default_factory=CommStats)
+    gather: CommStats = field(default_factory=CommStats)  # the logits' slices (memory.head=split)
 
 
 def _rss() -> tuple[int, int, int | None]:
@@ -72,10 +76,14 @@ class Engine:
     """What every rank has: its decoder slice, the allreduce, and the broadcast from the master."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT):
-        """`plan` (memplan.plan_rank_memory): which blocks stay in memory, how many are streamed at once."""
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT,
+                 head: str = "split"):
+        """`plan` (memplan.plan_rank_memory): which blocks stay in memory, how many are streamed at once;
+        `head` (memory.head): split lm_head by vocabulary over the ranks, or keep it on the master."""
         t0 = time.perf_counter()
         self.comm = comm
+        self.head_mode = head
+        self.cast = DTYPES[dtype]
         self.allreduce = make_allreduce(algo, comm, wire, links)  # links: emulation.links=software
         self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
         self.plan = plan
@@ -84,11 +92,78 @@ class Engine:
                                     LayerPrefetcher(files, list(plan.streamed), plan.window, DTYPES[dtype]))
         self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, DTYPES[dtype], self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
-        self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
+        self.eps = self.decoder.cfg.rms_norm_eps
+        # op, q_len, start, kv capacity (when start == 0), positions whose logits are wanted
+        self.header = np.zeros(5, dtype=np.int64)
+        self.lm_head: torch.Tensor | None = None
+        self.head_buffer: torch.Tensor | None = None
+        if head == "split":
+            slice_file = shard.master_tensor_file("head_slice.safetensors")
+            self._load_head(slice_file, slice_file, "lm_head.weight")
+            # Rank 0 places each rank's slice of the logits; the ranges are fixed by the split.
+            self.vocab_ranges: list[tuple[int, int]] = comm.gather(shard.vocab_range, root=0) or []
         self.times = RankTimes(load_s=time.perf_counter() - t0)
         self.passes = 0
         self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
         self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
+
+    def _load_head(self, norm_file: Any, file: Any, name: str) -> None:
+        """The final norm, and lm_head (or this rank's rows of it): in memory if the plan keeps it there,
+        else read in vocabulary chunks of HEAD_CHUNK_BYTES into one reused buffer at every use."""
+        stats = self.blocks.stats
+        self.norm, n = tensorfile.read_tensor(norm_file, "norm.weight")
+        stats.add(bytes_read=n)
+        self.head_source = (file, name)
+        self.head_rows = file.entries[name].shape[0]
+        if self.plan.head_resident:
+            self.lm_head, n = tensorfile.read_tensor(file, name)
+            stats.add(head_bytes=n)
+        else:
+            self.head_buffer = torch.empty(HEAD_CHUNK_BYTES, dtype=torch.uint8)
+        if self.cast is not None:
+            self.norm = self.norm.to(self.cast)
+            self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        """h (positions, hidden) after the final norm -> logits (float32) of this rank's lm_head rows."""
+        if self.lm_head is not None:
+            return F.linear(h, self.lm_head).float()
+        assert self.head_buffer is not None
+        file, name = self.head_source
+        rows = self.head_buffer.numel() // (h.shape[-1] * file.entries[name].torch_dtype.itemsize)
+        logits = torch.empty((h.shape[0], self.head_rows), dtype=torch.float32)
+        stats = self.blocks.stats
+        for r0 in range(0, self.head_rows, rows):
+            t0 = time.perf_counter()
+            w, n = tensorfile.read_rows(file, name, range(r0, min(r0 + rows, self.head_rows)), self.head_buffer)
+            stats.add(head_bytes=n, wait_s=time.perf_counter() - t0)
+            logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
+        return logits
+
+    def _split_logits(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
+        """memory.head=split: this rank's slice of the logits of the last `rows` positions, gathered on rank 0
+        into the whole vocabulary (None on the others). One message per rank, one hop on a star."""
+        h = rms_norm(x[-rows:].to(self.norm.dtype), self.norm, self.eps)
+        part = np.ascontiguousarray(self._logits(h).numpy())
+        t0 = time.perf_counter()
+        s = self.times.gather
+        full = None
+        with self.watchdog("gather of the logits"):
+            if self.comm.rank == 0:
+                counts = [rows * (v1 - v0) for v0, v1 in self.vocab_ranges]
+                displs = np.cumsum([0, *counts[:-1]]).tolist()
+                flat = np.empty(sum(counts), dtype=np.float32)
+                self.comm.Gatherv(part, [flat, counts, displs, MPI.FLOAT], root=0)
+                full = torch.empty((rows, self.vocab_ranges[-1][1]), dtype=torch.float32)
+                for (v0, v1), d in zip(self.vocab_ranges, displs, strict=True):
+                    full[:, v0:v1] = torch.from_numpy(flat[d:d + rows * (v1 - v0)].reshape(rows, v1 - v0))
+                s.bytes_received += flat.nbytes - part.nbytes
+            else:
+                self.comm.Gatherv(part, None, root=0)
+                s.bytes_sent += part.nbytes
+        s.calls += 1
+        s.seconds += time.perf_counter() - t0
+        return full
 
     def _pass_done(self) -> None:
         self.passes += 1
@@ -119,8 +194,8 @@ class Engine:
         self.blocks.close()
 
     def rank_record(self) -> dict[str, Any]:
-        ar, bc = self.allreduce.stats, self.times.bcast
-        comm_s = ar.seconds + bc.seconds
+        ar, bc, ga = self.allreduce.stats, self.times.bcast, self.times.gather
+        comm_s = ar.seconds + bc.seconds + ga.seconds
         choices = getattr(self.allreduce, "choices", None)  # comm.algo=auto: what it picked per size
         cgroup = cgroup_memory_peak()
         return {
@@ -135,10 +210,12 @@ class Engine:
             "load_s": self.times.load_s,
             "compute_s": max(0.0, self.times.forward_s - comm_s),
             "comm_s": comm_s,
-            "bytes_sent": ar.bytes_sent + bc.bytes_sent,
-            "bytes_received": ar.bytes_received + bc.bytes_received,
+            "bytes_sent": ar.bytes_sent + bc.bytes_sent + ga.bytes_sent,
+            "bytes_received": ar.bytes_received + bc.bytes_received + ga.bytes_received,
             "allreduce": ar.to_json(),
             "bcast": bc.to_json(),
+            "gather": ga.to_json(),
+            "head": self.head_mode,
             # Memory after warm-up and now (null if fewer passes): later growth would be a leak.
             "peak_rss_warm_bytes": self.rss_warm_bytes[0] if self.rss_warm_bytes else None,
             "rss_warm_bytes": self.rss_warm_bytes[1] if self.rss_warm_bytes else None,
@@ -160,13 +237,16 @@ class Worker(Engine):
             with self.watchdog("bcast of the header", watch=not first):
                 self.comm.Bcast(self.header, root=0)
             first = False
-            op, q_len, start, capacity = (int(v) for v in self.header)
+            op, q_len, start, capacity, logit_rows = (int(v) for v in self.header)
             if op == OP_STOP:
                 return
             x = np.empty((q_len, self.hidden_size), dtype=np.float32)
             t0 = time.perf_counter()
             self._bcast_hidden(x)
-            self._layers(torch.from_numpy(x), start, capacity)
+            y = self._layers(torch.from_numpy(x), start, capacity)
+            if self.head_mode == "split":
+                with torch.inference_mode():
+                    self._split_logits(y, logit_rows)
             self.times.forward_s += time.perf_counter() - t0
             self._pass_done()
 
@@ -175,41 +255,27 @@ class Master(Engine):
     """Rank 0: also embeds token ids and turns the last hidden state into logits."""
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
-                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT):
-        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan)
+                 timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT,
+                 head: str = "split"):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan, head)
         t0 = time.perf_counter()
-        self.cast = DTYPES[dtype]
-        stats = self.blocks.stats
         # Only the embedding rows of the ids being embedded are ever read (tensorfile.read_rows).
         self.embed_file = shard.master_tensor_file("embed.safetensors")
-        head_file = shard.master_tensor_file("head.safetensors")
-        self.norm, n = tensorfile.read_tensor(head_file, "norm.weight")
-        stats.add(bytes_read=n)
-        self.head_source = ((self.embed_file, "embed_tokens.weight") if shard.tied_embeddings
-                            else (head_file, "lm_head.weight"))
-        self.vocab_size, hidden = self.head_source[0].entries[self.head_source[1]].shape
-        # lm_head: in memory, or read in vocabulary chunks of HEAD_CHUNK_BYTES into one reused buffer.
-        self.lm_head: torch.Tensor | None = None
-        self.head_buffer: torch.Tensor | None = None
-        if plan.head_resident:
-            self.lm_head, n = tensorfile.read_tensor(*self.head_source)
-            stats.add(bytes_read=n)
-        else:
-            self.head_buffer = torch.empty(HEAD_CHUNK_BYTES, dtype=torch.uint8)
-        if self.cast is not None:
-            self.norm = self.norm.to(self.cast)
-            self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None
-        self.bytes_read_load = stats.bytes_read
+        self.vocab_size = self.embed_file.entries["embed_tokens.weight"].shape[0]
+        if head == "master":
+            head_file = shard.master_tensor_file("head.safetensors")
+            self._load_head(head_file, *((self.embed_file, "embed_tokens.weight") if shard.tied_embeddings
+                                         else (head_file, "lm_head.weight")))
+        self.bytes_read_load = self.blocks.stats.bytes_read
         self.max_positions = self.decoder.cfg.max_position_embeddings
         self.eos_token_id = self.decoder.cfg.eos_token_id
-        self.eps = self.decoder.cfg.rms_norm_eps
         self.times.load_s += time.perf_counter() - t0
 
     @torch.inference_mode()
     def forward(self, ids: list[int], start: int, capacity: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32) of the last position, or of every position with all_logits."""
         t0 = time.perf_counter()
-        self.header[:] = (OP_FORWARD, len(ids), start, capacity)
+        self.header[:] = (OP_FORWARD, len(ids), start, capacity, len(ids) if all_logits else 1)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
         rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
@@ -217,31 +283,19 @@ class Master(Engine):
         x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
-        if not all_logits:
-            x = x[-1:]
-        h = rms_norm(x.to(self.norm.dtype), self.norm, self.eps)
-        logits = self._logits(h)
+        if self.head_mode == "split":
+            logits = self._split_logits(x, len(ids) if all_logits else 1)
+            assert logits is not None
+        else:
+            if not all_logits:
+                x = x[-1:]
+            logits = self._logits(rms_norm(x.to(self.norm.dtype), self.norm, self.eps))
         self.times.forward_s += time.perf_counter() - t0
         self._pass_done()
         return logits if all_logits else logits[0]
 
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        if self.lm_head is not None:
-            return F.linear(h, self.lm_head).float()
-        assert self.head_buffer is not None
-        file, name = self.head_source
-        rows = self.head_buffer.numel() // (h.shape[-1] * file.entries[name].torch_dtype.itemsize)
-        logits = torch.empty((h.shape[0], self.vocab_size), dtype=torch.float32)
-        stats = self.blocks.stats
-        for r0 in range(0, self.vocab_size, rows):
-            t0 = time.perf_counter()
-            w, n = tensorfile.read_rows(file, name, range(r0, min(r0 + rows, self.vocab_size)), self.head_buffer)
-            stats.add(bytes_read=n, wait_s=time.perf_counter() - t0)
-            logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
-        return logits
-
     def stop(self) -> None:
-        self.header[:] = (OP_STOP, 0, 0, 0)
+        self.header[:] = (OP_STOP, 0, 0, 0, 0)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
 

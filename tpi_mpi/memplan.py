@@ -45,7 +45,7 @@ class MemoryPlan:
     mode: str  # "resident" | "stream" | "partial"
     window: int  # streamed blocks in memory at once (0 when nothing is streamed)
     streamed: tuple[BlockKey, ...]  # in forward order
-    head_resident: bool  # master only: lm_head kept in memory (else streamed in vocabulary chunks)
+    head_resident: bool  # lm_head (or its vocabulary slice) kept in memory, else streamed in vocabulary chunks
     parts: dict[str, int] = field(default_factory=dict)  # predicted bytes by what they hold
 
     @property
@@ -67,7 +67,7 @@ def _spread(keys: list[BlockKey], k: int) -> list[BlockKey]:
 def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str, int],
                 head_bytes: int = 0) -> MemoryPlan:
     """`blocks`: bytes of each block in memory; `fixed`: what any plan needs (overhead, KV cache,
-    activations); `head_bytes`: the master's lm_head (0 on workers or with tied embeddings resident)."""
+    activations); `head_bytes`: this rank's lm_head or its vocabulary slice (0 if it holds none)."""
     order = sorted(blocks)  # (layer, "attn") < (layer, "ffn"): forward order
     total = sum(blocks.values())
     head_stream = min(head_bytes, HEAD_CHUNK_BYTES)
@@ -180,7 +180,10 @@ def cgroup_memory_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sy
 
 
 def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool) -> MemoryPlan:
-    """The plan of this rank, from its shard's headers and its memory use now (the fixed overhead)."""
+    """The plan of this rank, from its shard's headers and its memory use now (the fixed overhead).
+
+    With memory.head=split every rank holds its rows of lm_head (its vocabulary slice); with master only
+    rank 0 holds lm_head, all of it."""
     files = shard.block_files()
     if mem.resident is not True:
         disk = {e.torch_dtype for tf in files.values() for e in tf.entries.values()}
@@ -203,9 +206,12 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool)
     act = kv_tokens * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
     head = 0
     if is_master:
-        vocab = cfg["vocab_size"]
-        act += vocab * 4 * 3  # logits of the last position, their softmax and sort when sampling
-        head = vocab * hidden * item
+        act += cfg["vocab_size"] * 4 * 3  # logits of the last position, their softmax and sort when sampling
+    if mem.head == "split":
+        v0, v1 = shard.vocab_range
+        head = (v1 - v0) * hidden * item
+    elif is_master:
+        head = cfg["vocab_size"] * hidden * item
     # The overhead in the budget's own terms: against a cgroup's limit, what the cgroup is charged now (it
     # does not count library pages another process loaded first, which the RSS does).
     overhead = (cgroup_memory_usage() if mem.budget == "cgroup" else None) or current_rss_bytes()

@@ -53,18 +53,20 @@ class StreamStats:
     disk_wait_s: float = 0.0  # time the compute stood waiting for a block still being read
     bytes_read: int = 0  # weight bytes read from disk, start-up included
     blocks_read: int = 0
+    head_bytes_read: int = 0  # of those, lm_head's (or its vocabulary slice's)
     max_blocks_held: int = 0  # most streamed blocks in memory at once (never more than the window)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # reader thread and compute both add
 
-    def add(self, bytes_read: int = 0, wait_s: float = 0.0, blocks: int = 0) -> None:
+    def add(self, bytes_read: int = 0, wait_s: float = 0.0, blocks: int = 0, head_bytes: int = 0) -> None:
         with self.lock:
-            self.bytes_read += bytes_read
+            self.bytes_read += bytes_read + head_bytes
+            self.head_bytes_read += head_bytes
             self.disk_wait_s += wait_s
             self.blocks_read += blocks
 
     def to_json(self) -> dict[str, Any]:
         return {"disk_wait_s": self.disk_wait_s, "bytes_read": self.bytes_read, "blocks_read": self.blocks_read,
-                "max_blocks_held": self.max_blocks_held}
+                "head_bytes_read": self.head_bytes_read, "max_blocks_held": self.max_blocks_held}
 
 
 def cast_block(w: Weights, dtype: torch.dtype | None) -> Weights:

@@ -80,7 +80,10 @@ def shard_dir(cfg: Any, world_size: int) -> Path:
     if cfg.model.shards:
         return Path(cfg.model.shards)
     name = Path(cfg.model.path).resolve().name
-    tag = f"{name}-n{world_size}-{cfg.model.dtype}"
+    from .split import FORMAT
+
+    # The format's version is in the name: a split cached by an older tpi_mpi is split again, not reused.
+    tag = f"{name}-n{world_size}-{cfg.model.dtype}-v{FORMAT.rsplit('/', 1)[1]}"
     if cfg.model.ratios:
         tag += "-r" + "_".join(f"{r:g}" for r in cfg.model.ratios)
     return Path(cfg.model.cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]", "_", tag)
@@ -149,13 +152,15 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
         links = SoftwareLinks(comm.rank, comm.size, cfg.network)
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
+                        cfg.memory.head)
         wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan)
+    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
+                        cfg.memory.head)
     wait_for_all(comm)
     try:
         record = _generate(master, cfg, path)

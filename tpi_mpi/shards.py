@@ -26,6 +26,7 @@ class RankShard:
     plan: ShardPlan
     config: dict[str, Any]
     tied_embeddings: bool
+    vocab_range: tuple[int, int]  # this rank's rows of lm_head in head_slice.safetensors
 
     def block(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / block_file(layer, kind)))
@@ -85,4 +86,5 @@ def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_check
         dir=d, rank=rank, world_size=world_size, split_id=manifest["split_id"],
         num_layers=manifest["num_layers"], plan=ShardPlan.from_json(manifest["plan"]),
         config=config, tied_embeddings=manifest["tied_embeddings"],
+        vocab_range=(int(manifest["vocab_range"][0]), int(manifest["vocab_range"][1])),
     )

@@ -3,8 +3,10 @@
     python -m tpi_mpi.split --model models/tiny --out shards/tiny-4 --world-size 4 [--ratios .4,.2,.2,.2]
 
 Layout of OUT/rank_R/: manifest.json, config.json, one safetensors file per layer block
-(layer_0000.attn.safetensors, layer_0000.ffn.safetensors, ...); rank 0 also holds the embedding,
-final norm, lm_head and the tokenizer. A device needs only its own directory.
+(layer_0000.attn.safetensors, layer_0000.ffn.safetensors, ...), and head_slice.safetensors: the final norm
+and the rank's rows of lm_head (a slice of the vocabulary in proportion to the ratios, for memory.head=split).
+Rank 0 also holds the embedding, the whole final norm and lm_head (memory.head=master) and the tokenizer.
+A device needs only its own directory.
 """
 
 from __future__ import annotations
@@ -27,9 +29,9 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import UserError
-from .partition import ShardPlan, plan_shards
+from .partition import ShardPlan, largest_remainder, plan_shards, ranges
 
-FORMAT = "tpi_mpi.shards/1"
+FORMAT = "tpi_mpi.shards/2"  # 2: head_slice.safetensors on every rank
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -95,6 +97,9 @@ class CheckpointReader:
     def get(self, name: str) -> torch.Tensor:
         return self._file(name).get_tensor(name)
 
+    def shape(self, name: str) -> list[int]:
+        return list(self._file(name).get_slice(name).get_shape())
+
     def rows(self, name: str, start: int, end: int) -> torch.Tensor:
         return self._file(name).get_slice(name)[start:end]
 
@@ -155,6 +160,13 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
         for r in range(world_size):
             rank_dir(tmp, r).mkdir()
         _write_master(reader, rank_dir(tmp, 0), files[0], cast, tied, model_dir)
+        head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        vocab = ranges(largest_remainder(reader.shape(head_name)[0], list(plan.ratios)))
+        for r, (v0, v1) in enumerate(vocab):
+            files[r]["head_slice.safetensors"] = _write(
+                rank_dir(tmp, r) / "head_slice.safetensors",
+                {"norm.weight": reader.get("model.norm.weight"), "lm_head.weight": reader.rows(head_name, v0, v1)},
+                cast)
         t0 = time.time()
         for layer in range(config["num_hidden_layers"]):
             for r in range(world_size):
@@ -171,6 +183,7 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
                 "format": FORMAT, "split_id": split_id, "rank": r, "world_size": world_size,
                 "source": str(model_dir.resolve()), "dtype": dtype, "tied_embeddings": tied,
                 "num_layers": config["num_hidden_layers"], "plan": plan.to_json(), "files": files[r],
+                "vocab_range": list(vocab[r]),
             }
             (rank_dir(tmp, r) / "manifest.json").write_text(json.dumps(manifest, indent=1))
             (rank_dir(tmp, r) / "config.json").write_text(json.dumps(config, indent=1))

@@ -2,7 +2,7 @@
 W = 1..4 against the fully resident run and against the disk bound, and latency against memory.budget.
 
     nice -n 10 python -m tpi_mpi.bench.memory [--layers 4] [--world-size 8] [--new-tokens 4]
-        [--budget-points 5] [--workdir bench_out/memory] [--read-methods]
+        [--budget-points 5] [--workdir bench_out/memory] [--read-methods] [--disk-read 100MB]
 
 Makes (once) a random-weight llama2-70b checkpoint with --layers layers, fp16, and its split for N
 ranks in the workdir. Before every measurement the page cache is dropped (echo 3 > drop_caches; the
@@ -19,6 +19,15 @@ Memory at 80 layers: the peak RSS of the largest rank (master included) plus wha
 streaming (the KV cache: 80 - layers more layers of it); when resident, every layer's blocks too.
 The target of issue 3: token latency <= 1.2 x max(disk bound, resident latency) and <= 1.5 GB per device
 at 80 layers.
+
+Every streamed run splits lm_head by vocabulary over the ranks (memory.head=split, the default), and one
+run (W=2) keeps it on the master (memory.head=master), to compare the two.
+
+--disk-read RATE gives every rank a disk of its own at RATE bytes/s, as on the paper's testbed: each rank
+runs in an emulated device (python -m tpi_mpi.emulate run, device profile `paper` with that disk_read and
+no memory cap, network `ethernet`), whose blkio/io cgroup throttles its reads of the shards' disk (root
+needed). The bandwidths are then measured by readers in cgroups with the same throttle, one alone and N at
+once (each in its own), so the aggregate shows whether the host's disk still keeps up with all N.
 """
 
 from __future__ import annotations
@@ -81,14 +90,15 @@ def _read_dir(d: Path, buf: torch.Tensor) -> int:
     return n
 
 
+def _largest(d: Path) -> int:
+    return max(tensorfile.parse_header(f).data_bytes for f in d.glob("layer_*.safetensors"))
+
+
 def read_bandwidth(shards: Path, n: int) -> dict[str, float]:
     """Cold read bandwidth (bytes/s) of one reader (rank 1's blocks) and of n readers at once (each its
     rank's blocks), read as the prefetcher reads."""
-    def largest(d: Path) -> int:
-        return max(tensorfile.parse_header(f).data_bytes for f in d.glob("layer_*.safetensors"))
-
     dirs = [shards / f"rank_{r}" for r in range(n)]
-    bufs = [torch.empty(largest(d), dtype=torch.uint8) for d in dirs]
+    bufs = [torch.empty(_largest(d), dtype=torch.uint8) for d in dirs]
     drop_caches()
     t0 = time.perf_counter()
     single = _read_dir(dirs[min(1, n - 1)], bufs[0]) / (time.perf_counter() - t0)
@@ -105,6 +115,60 @@ def read_bandwidth(shards: Path, n: int) -> dict[str, float]:
     for t in threads:
         t.join()
     return {"single": single, "aggregate": sum(got) / (time.perf_counter() - t0)}
+
+
+def _throttled_reader(d: str, session: str, rank: int, go: Any, out: Any) -> None:
+    """In a process of its own: join rank's throttled cgroup, wait for the start, read d's blocks."""
+    from tpi_mpi.emulate import cgroups
+
+    backend, _ = cgroups.detect()
+    assert backend is not None
+    cgroups.join(backend, session, rank)
+    buf = torch.empty(_largest(Path(d)), dtype=torch.uint8)
+    go.wait()
+    t0 = time.perf_counter()
+    n = _read_dir(Path(d), buf)
+    out.put((n, t0, time.perf_counter()))
+
+
+def throttled_bandwidth(shards: Path, n: int, rate: int) -> dict[str, float]:
+    """As read_bandwidth, each reader in a cgroup of its own that throttles reads of the shards' disk to
+    `rate` (the emulator's device cgroups); the cgroups are removed afterwards, also on failure."""
+    import multiprocessing as mp
+
+    from tpi_mpi.emulate import cgroups
+    from tpi_mpi.emulate.profiles import DeviceProfile
+
+    backend, why = cgroups.detect()
+    if backend is None:
+        raise SystemExit(f"--disk-read needs a cgroup hierarchy: {why}")
+    session = f"tpibench{os.getpid()}"
+    device = DeviceProfile("bench", None, None, rate)
+    ctx = mp.get_context("spawn")
+    try:
+        for r in range(n):
+            notes = cgroups.create(backend, session, r, device, str(shards))
+            if notes:
+                raise SystemExit(f"--disk-read: {'; '.join(notes)}")
+        result = {}
+        for label, readers in (("single", [min(1, n - 1)]), ("aggregate", list(range(n)))):
+            drop_caches()
+            go, out = ctx.Event(), ctx.Queue()
+            procs = [ctx.Process(target=_throttled_reader, args=(str(shards / f"rank_{r}"), session, r, go, out))
+                     for r in readers]
+            for p in procs:
+                p.start()
+            time.sleep(2.0)  # not synchronisation: lets the readers import torch before the clock starts
+            go.set()
+            got = [out.get(timeout=900) for _ in procs]
+            for p in procs:
+                p.join()
+            result[label] = sum(g[0] for g in got) / (max(g[2] for g in got) - min(g[1] for g in got))
+        return result
+    finally:
+        left = cgroups.destroy(backend, session)
+        if left:
+            print(f"could not remove cgroups: {left}", file=sys.stderr)
 
 
 def read_methods(shards: Path, repeats: int = 5) -> None:
@@ -154,13 +218,19 @@ def read_methods(shards: Path, repeats: int = 5) -> None:
         print(f"| {name} | {t * 1e3:.0f} | {tf.data_bytes / t / 1e9:.2f} |")
 
 
-def run(shards: Path, n: int, overrides: list[str], new_tokens: int, tmp: Path) -> dict[str, Any] | str:
-    """One generation under mpirun; its record, or the error line."""
+def run(shards: Path, n: int, overrides: list[str], new_tokens: int, tmp: Path,
+        disk_read: int | None = None) -> dict[str, Any] | str:
+    """One generation under mpirun (through the emulator with --disk-read); its record, or the error line."""
     drop_caches()
     out = tmp / "r.json"
     out.unlink(missing_ok=True)
-    cmd = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, "-m", "tpi_mpi.run",
-           f"hydra.run.dir={tmp}/hydra", f"model.shards={shards}", f"prompt_ids={[3 + i * 37 for i in range(8)]}",
+    launch = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, "-m", "tpi_mpi.run"]
+    if disk_read is not None:
+        launch = [sys.executable, "-m", "tpi_mpi.emulate", "run", "network=ethernet", "device=paper",
+                  "device.memory=null", f"device.disk_read={disk_read}", f"devices={n}", f"disk_path={shards}",
+                  "session=tpibench", "--"]
+    cmd = [*launch, f"hydra.run.dir={tmp}/hydra", f"model.shards={shards}",
+           f"prompt_ids={[3 + i * 37 for i in range(8)]}",
            f"generation.max_new_tokens={new_tokens}", "generation.stop_on_eos=false", "logging.quiet=true",
            f"memory.kv_cache_tokens={KV_TOKENS}", f"output.json={out}", "output.results=null", *overrides]
     proc = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=900,
@@ -198,7 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--budget-points", type=int, default=5)
     p.add_argument("--workdir", default="bench_out/memory")
     p.add_argument("--read-methods", action="store_true", help="also compare the ways to read a block")
+    p.add_argument("--disk-read", default=None,
+                   help="give every rank a disk of its own at this many bytes/s, e.g. 100MB (emulated, root)")
     a = p.parse_args(argv)
+    from tpi_mpi.units import parse_size
+
+    disk_read = None if a.disk_read is None else parse_size(a.disk_read, "--disk-read", "100MB")
     workdir = Path(a.workdir)
     n, layers = a.world_size, a.layers
     shards = ensure_split(workdir, layers, n)
@@ -208,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.read_methods:
         read_methods(shards)
     load0 = os.getloadavg()[0]
-    bw = read_bandwidth(shards, n)
+    bw = read_bandwidth(shards, n) if disk_read is None else throttled_bandwidth(shards, n, disk_read)
     print(f"\ncold read bandwidth: one reader {bw['single'] / 1e9:.2f} GB/s, {n} readers at once "
           f"{bw['aggregate'] / 1e9:.2f} GB/s in all", file=sys.stderr, flush=True)
 
@@ -220,27 +295,28 @@ def main(argv: list[str] | None = None) -> int:
 
     rows: list[tuple[str, dict[str, Any]]] = []
     configs = [("resident", ["memory=resident"])] + [
-        (f"stream W={w}", ["memory=stream", f"memory.window={w}"]) for w in range(1, 5)]
+        (f"stream W={w}", ["memory=stream", f"memory.window={w}"]) for w in range(1, 5)] + [
+        ("stream W=2, lm_head on master", ["memory=stream", "memory.window=2", "memory.head=master"])]
     for label, over in configs:
         print(f"  {label} ...", file=sys.stderr, flush=True)
-        rec = run(shards, n, over, a.new_tokens, tmp)
+        rec = run(shards, n, over, a.new_tokens, tmp, disk_read)
         if isinstance(rec, str):
             print(f"  {label} failed: {rec}", file=sys.stderr)
             continue
         rows.append((label, summarise(rec, kv_layer_bytes, layers, block_bytes)))
 
     # The smallest workable budget, from the error a too small one gives; then up to all resident.
-    probe = run(shards, n, ["memory=budget", "memory.budget=1MB"], a.new_tokens, tmp)
+    probe = run(shards, n, ["memory=budget", "memory.budget=1MB"], a.new_tokens, tmp, disk_read)
     m = re.search(r"at least (\d+)", probe if isinstance(probe, str) else "")
     curve: list[tuple[int, dict[str, Any]]] = []
-    if m:
+    if m and a.budget_points > 1:
         smallest = int(m.group(1))
         resident = next((s for lbl, s in rows if lbl == "resident"), None)
         top = int(resident["peak_rss"] * 1.15) if resident else smallest * 2
         budgets = [smallest + (top - smallest) * i // (a.budget_points - 1) for i in range(a.budget_points)]
         for b in budgets:
             print(f"  budget {b / GiB:.2f} GiB ...", file=sys.stderr, flush=True)
-            rec = run(shards, n, ["memory=budget", f"memory.budget={b}"], a.new_tokens, tmp)
+            rec = run(shards, n, ["memory=budget", f"memory.budget={b}"], a.new_tokens, tmp, disk_read)
             if isinstance(rec, str):
                 print(f"  budget {b} failed: {rec}", file=sys.stderr)
                 continue
@@ -259,15 +335,18 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{PRESET} shapes, {layers} layers, fp16 on disk, N={n} on this machine, {a.new_tokens} new tokens "
           f"(median of the later tokens), KV cache {KV_TOKENS} positions; page cache dropped before each run: "
           f"{'yes' if cold else 'NO (not permitted)'}; load average {load0:.1f} -> {load1:.1f}; "
-          f"cold read {bw['single'] / 1e9:.2f} GB/s one reader, {bw['aggregate'] / 1e9:.2f} GB/s {n} readers; "
+          f"cold read {bw['single'] / 1e9:.2f} GB/s one reader, {bw['aggregate'] / 1e9:.2f} GB/s {n} readers"
+          f"{'' if disk_read is None else f' (each rank its own disk at {disk_read / 1e6:g} MB/s, emulated)'}; "
           f"tokens identical in every run: {same}\n")
-    print("| run | token s | / resident | disk bound s (per device / shared disk) | / max(shared bound, resident) "
-          "| read/token/rank MiB | disk wait/token s | peak RSS max MiB (master) | at 80 layers GiB |")
+    # The bound is the larger of the two disk bounds: each device's own reads, and what the host's one disk
+    # can deliver to all of them at once (the larger unless every rank has its own throttled disk).
+    print("| run | token s | / resident | disk bound s (per device / shared disk) | / max(disk bounds, resident) "
+          "| read/token/rank MiB (max) | disk wait/token s | peak RSS max MiB (master) | at 80 layers GiB |")
     print("|---|---|---|---|---|---|---|---|---|")
     for label, s in rows:
         dev, shared = bounds(s)
         print(f"| {label} | {s['token_s']:.2f} | {s['token_s'] / resident_s:.2f} | {dev:.2f} / {shared:.2f} | "
-              f"{s['token_s'] / max(shared, resident_s):.2f} | {s['bytes_per_token_max'] / MiB:.0f} | "
+              f"{s['token_s'] / max(dev, shared, resident_s):.2f} | {s['bytes_per_token_max'] / MiB:.0f} | "
               f"{s['disk_wait_per_token']:.2f} | {s['peak_rss'] / MiB:.0f} ({s['peak_rss_master'] / MiB:.0f}) | "
               f"{s['mem_80'] / GiB:.2f} |")
     if curve:
@@ -279,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{s['peak_rss'] / MiB:.0f} |")
     with open(workdir / "results.jsonl", "a") as f:
         for label, s in rows:
-            f.write(json.dumps({"run": label, **s, "bandwidth": bw, "layers": layers, "n": n}) + "\n")
+            f.write(json.dumps({"run": label, **s, "bandwidth": bw, "layers": layers, "n": n,
+                                "disk_read": disk_read}) + "\n")
         for b, s in curve:
             f.write(json.dumps({"run": f"budget={b}", **s, "bandwidth": bw, "layers": layers, "n": n}) + "\n")
     return 0
