@@ -20,8 +20,8 @@ streaming (the KV cache: 80 - layers more layers of it); when resident, every la
 The target of issue 3: token latency <= 1.2 x max(disk bound, resident latency) and <= 1.5 GB per device
 at 80 layers.
 
-Every streamed run splits lm_head by vocabulary over the ranks (memory.head=split, the default), and one
-run (W=2) keeps it on the master (memory.head=master), to compare the two.
+Every run splits lm_head by vocabulary over the ranks (memory.head=split, the default) but two, which keep
+it on the master (memory.head=master), resident and streamed with W=2, to compare the two.
 
 --disk-read RATE gives every rank a disk of its own at RATE bytes/s, as on the paper's testbed: each rank
 runs in an emulated device (python -m tpi_mpi.emulate run, device profile `paper` with that disk_read and
@@ -294,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     block_bytes = max(sum(f.stat().st_size for f in (shards / f"rank_{r}").glob("layer_0000.*")) for r in range(n))
 
     rows: list[tuple[str, dict[str, Any]]] = []
-    configs = [("resident", ["memory=resident"])] + [
+    configs = [("resident", ["memory=resident"]),
+               ("resident, lm_head on master", ["memory=resident", "memory.head=master"])] + [
         (f"stream W={w}", ["memory=stream", f"memory.window={w}"]) for w in range(1, 5)] + [
         ("stream W=2, lm_head on master", ["memory=stream", "memory.window=2", "memory.head=master"])]
     for label, over in configs:
