@@ -311,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     m = re.search(r"at least (\d+)", probe if isinstance(probe, str) else "")
     curve: list[tuple[int, dict[str, Any]]] = []
     if m and a.budget_points > 1:
-        smallest = int(m.group(1))
+        smallest = int(m.group(1)) + 16 * MiB  # the overhead, measured at each start, varies by a few MiB
         resident = next((s for lbl, s in rows if lbl == "resident"), None)
         top = int(resident["peak_rss"] * 1.15) if resident else smallest * 2
         budgets = [smallest + (top - smallest) * i // (a.budget_points - 1) for i in range(a.budget_points)]
