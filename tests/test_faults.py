@@ -84,6 +84,16 @@ class Run:
         assert self.proc.stderr is not None
         return took, self.proc.stderr.read()
 
+    def wait_with_rank_stopped(self, r: int, timeout: float) -> tuple[float, str]:
+        """SIGSTOP rank r, then wait as `wait` does; the rank is resumed if it outlives the job."""
+        stopped = self.rank(r)
+        stopped.send_signal(signal.SIGSTOP)
+        try:
+            return self.wait(timeout)
+        finally:
+            if stopped.is_running():
+                stopped.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
         kill_tree(self.proc)
         self.proc.communicate()
@@ -139,13 +149,7 @@ def test_stalled_rank_trips_the_watchdog(run, tmp_path: Path) -> None:  # type: 
     timeout_s = 3
     job = run(f"comm.timeout_s={timeout_s}")
     procs = job.processes()
-    victim = job.rank(1)
-    victim.send_signal(signal.SIGSTOP)
-    try:
-        took, stderr = job.wait(timeout=60)
-    finally:
-        if victim.is_running():
-            victim.send_signal(signal.SIGCONT)
+    took, stderr = job.wait_with_rank_stopped(1, timeout=60)
     # timeout + grace (timeout/2) + the thread's poll interval + start-up of the abort: well under 10 s
     assert took < timeout_s + 10, f"the watchdog took {took:.1f}s"
     assert job.proc.returncode != 0
@@ -161,13 +165,7 @@ def test_stalled_rank_trips_the_watchdog(run, tmp_path: Path) -> None:  # type: 
 def test_stalled_rank_zero_is_reported_by_a_worker(run, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     job = run("comm.timeout_s=3")
     procs = job.processes()
-    master = job.rank(0)
-    master.send_signal(signal.SIGSTOP)
-    try:
-        took, stderr = job.wait(timeout=60)
-    finally:
-        if master.is_running():
-            master.send_signal(signal.SIGCONT)
+    took, stderr = job.wait_with_rank_stopped(0, timeout=60)
     assert took < 3 + 10 and job.proc.returncode != 0
     errors = error_lines(stderr)
     assert errors and "rank 0 did not answer" in errors[0], stderr[-3000:]

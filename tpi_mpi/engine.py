@@ -119,7 +119,9 @@ class Engine:
             self.lm_head, n = tensorfile.read_tensor(file, name)
             stats.add(head_bytes=n)
         else:
-            self.head_buffer = torch.empty(HEAD_CHUNK_BYTES, dtype=torch.uint8)
+            entry = file.entries[name]
+            head_bytes = entry.shape[0] * entry.shape[1] * entry.torch_dtype.itemsize
+            self.head_buffer = torch.empty(min(HEAD_CHUNK_BYTES, head_bytes), dtype=torch.uint8)
         if self.cast is not None:
             self.norm = self.norm.to(self.cast)
             self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None

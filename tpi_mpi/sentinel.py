@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-_marker: Path | None = None  # this rank's path of the "stopping on purpose" marker, if a sentinel watches
+_marker: Path | None = None  # the sentinel's marker directory, if one watches: removed = "stopping on purpose"
 
 
 def start(comm: Any) -> None:
@@ -38,11 +38,10 @@ def start(comm: Any) -> None:
     marker = None
     if comm.rank == 0 and hasattr(os, "pidfd_open"):
         watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
-        tmp = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
-        marker = str(Path(tmp) / "stopping")
+        marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
         # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
-        # else by the sentinel; a missing directory also means "stopping on purpose".
-        atexit.register(shutil.rmtree, tmp, True)
+        # else by the sentinel; a missing directory means "stopping on purpose".
+        atexit.register(shutil.rmtree, marker, True)
         subprocess.Popen([sys.executable, "-m", "tpi_mpi.sentinel", json.dumps(watch), marker],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     marker = comm.bcast(marker, root=0)
@@ -54,7 +53,7 @@ def stopping() -> None:
 
     On another host than rank 0 the directory is not there, and the sentinel does not watch the rank."""
     if _marker is not None:
-        shutil.rmtree(_marker.parent, ignore_errors=True)
+        shutil.rmtree(_marker, ignore_errors=True)
 
 
 def watch(ranks: dict[int, int], marker: Path) -> str | None:
@@ -73,7 +72,7 @@ def watch(ranks: dict[int, int], marker: Path) -> str | None:
         ready = sorted(fds[fd] for fd, _ in poller.poll())
         for fd in [fd for fd, r in fds.items() if r in ready]:
             poller.unregister(fd)
-        if not marker.parent.exists():  # a rank stopped on purpose (its error line, or the normal end)
+        if not marker.exists():  # a rank stopped on purpose (its error line, or the normal end)
             if 0 in ready:
                 return None
             continue
@@ -92,7 +91,7 @@ def main() -> None:
         if line:
             print(line, file=sys.stderr, flush=True)
     finally:
-        shutil.rmtree(marker.parent, ignore_errors=True)
+        shutil.rmtree(marker, ignore_errors=True)
 
 
 if __name__ == "__main__":
