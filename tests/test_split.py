@@ -54,7 +54,8 @@ def test_round_trip(model: Path, tmp_path: Path) -> None:
     heads = [load_file(out / f"rank_{r}" / "head_slice.safetensors") for r in range(3)]
     assert torch.equal(torch.cat([h["lm_head.weight"] for h in heads], 0), src.get("lm_head.weight"))
     vocab = src.get("lm_head.weight").shape[0]
-    assert [m["vocab_range"] for m in manifests] == [[0, vocab // 2], [vocab // 2, 3 * vocab // 4], [3 * vocab // 4, vocab]]
+    halves = [0, vocab // 2, 3 * vocab // 4, vocab]
+    assert [m["vocab_range"] for m in manifests] == [[halves[r], halves[r + 1]] for r in range(3)]
     assert all(torch.equal(h["norm.weight"], src.get("model.norm.weight")) for h in heads)
 
 
