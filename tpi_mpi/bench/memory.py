@@ -346,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|---|---|---|")
     for label, s in rows:
         dev, shared = bounds(s)
-        print(f"| {label} | {s['token_s']:.2f} | {s['token_s'] / resident_s:.2f} | {dev:.2f} / {shared:.2f} | "
+        bound = f"{dev:.2f} / {shared:.2f}" if s["bytes_per_token_max"] >= MiB else "—"
+        print(f"| {label} | {s['token_s']:.2f} | {s['token_s'] / resident_s:.2f} | {bound} | "
               f"{s['token_s'] / max(dev, shared, resident_s):.2f} | {s['bytes_per_token_max'] / MiB:.0f} | "
               f"{s['disk_wait_per_token']:.2f} | {s['peak_rss'] / MiB:.0f} ({s['peak_rss_master'] / MiB:.0f}) | "
               f"{s['mem_80'] / GiB:.2f} |")
@@ -354,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         print("\n| memory.budget GiB | plan (rank 0) | token s | / resident | read/token/rank MiB | "
               "peak RSS max MiB |\n|---|---|---|---|---|---|")
         for b, s in curve:
-            print(f"| {b / GiB:.2f} | {s['mode']} W={s['window']} | {s['token_s']:.2f} | "
+            plan = s["mode"] if s["mode"] == "resident" else f"{s['mode']} W={s['window']}"
+            print(f"| {b / GiB:.2f} | {plan} | {s['token_s']:.2f} | "
                   f"{s['token_s'] / resident_s:.2f} | {s['bytes_per_token_max'] / MiB:.0f} | "
                   f"{s['peak_rss'] / MiB:.0f} |")
     with open(workdir / "results.jsonl", "a") as f:
