@@ -88,9 +88,9 @@ class Engine:
         self.watchdog = Watchdog(comm, timeout_s)  # a stalled collective aborts the job, naming it
         self.plan = plan
         files = shard.block_files()
-        self.blocks: BlockSource = (ResidentBlocks(files, DTYPES[dtype]) if plan.mode == "resident" else
-                                    LayerPrefetcher(files, list(plan.streamed), plan.window, DTYPES[dtype]))
-        self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, DTYPES[dtype], self.watchdog)
+        self.blocks: BlockSource = (ResidentBlocks(files, self.cast) if plan.mode == "resident" else
+                                    LayerPrefetcher(files, list(plan.streamed), plan.window, self.cast))
+        self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, self.cast, self.watchdog)
         self.hidden_size = self.decoder.cfg.hidden_size
         self.eps = self.decoder.cfg.rms_norm_eps
         # op, q_len, start, kv capacity (when start == 0), positions whose logits are wanted
@@ -142,11 +142,14 @@ class Engine:
             logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
         return logits
 
+    def _head_logits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
+        """The final norm and this rank's lm_head rows on the last `rows` positions of the last layer's output."""
+        return self._logits(rms_norm(x[-rows:].to(self.norm.dtype), self.norm, self.eps))
+
     def _split_logits(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
         """memory.head=split: this rank's slice of the logits of the last `rows` positions, gathered on rank 0
         into the whole vocabulary (None on the others). One message per rank, one hop on a star."""
-        h = rms_norm(x[-rows:].to(self.norm.dtype), self.norm, self.eps)
-        part = np.ascontiguousarray(self._logits(h).numpy())
+        part = np.ascontiguousarray(self._head_logits(x, rows).numpy())
         t0 = time.perf_counter()
         s = self.times.gather
         full = None
@@ -277,7 +280,8 @@ class Master(Engine):
     def forward(self, ids: list[int], start: int, capacity: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Logits (float32) of the last position, or of every position with all_logits."""
         t0 = time.perf_counter()
-        self.header[:] = (OP_FORWARD, len(ids), start, capacity, len(ids) if all_logits else 1)
+        wanted = len(ids) if all_logits else 1  # positions whose logits are computed
+        self.header[:] = (OP_FORWARD, len(ids), start, capacity, wanted)
         with self.watchdog("bcast of the header"):
             self.comm.Bcast(self.header, root=0)
         rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
@@ -285,13 +289,8 @@ class Master(Engine):
         x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
         self._bcast_hidden(x.numpy())
         x = self._layers(x, start, capacity)
-        if self.head_mode == "split":
-            logits = self._split_logits(x, len(ids) if all_logits else 1)
-            assert logits is not None
-        else:
-            if not all_logits:
-                x = x[-1:]
-            logits = self._logits(rms_norm(x.to(self.norm.dtype), self.norm, self.eps))
+        logits = self._split_logits(x, wanted) if self.head_mode == "split" else self._head_logits(x, wanted)
+        assert logits is not None
         self.times.forward_s += time.perf_counter() - t0
         self._pass_done()
         return logits if all_logits else logits[0]

@@ -117,15 +117,15 @@ def read_bandwidth(shards: Path, n: int) -> dict[str, float]:
     return {"single": single, "aggregate": sum(got) / (time.perf_counter() - t0)}
 
 
-def _throttled_reader(d: str, session: str, rank: int, go: Any, out: Any) -> None:
-    """In a process of its own: join rank's throttled cgroup, wait for the start, read d's blocks."""
+def _throttled_reader(d: str, session: str, rank: int, start: Any, out: Any) -> None:
+    """In a process of its own: join rank's throttled cgroup, wait for every reader, read d's blocks."""
     from tpi_mpi.emulate import cgroups
 
     backend, _ = cgroups.detect()
     assert backend is not None
     cgroups.join(backend, session, rank)
     buf = torch.empty(_largest(Path(d)), dtype=torch.uint8)
-    go.wait()
+    start.wait()  # a barrier: every reader has imported torch and allocated its buffer
     t0 = time.perf_counter()
     n = _read_dir(Path(d), buf)
     out.put((n, t0, time.perf_counter()))
@@ -153,13 +153,11 @@ def throttled_bandwidth(shards: Path, n: int, rate: int) -> dict[str, float]:
         result = {}
         for label, readers in (("single", [min(1, n - 1)]), ("aggregate", list(range(n)))):
             drop_caches()
-            go, out = ctx.Event(), ctx.Queue()
-            procs = [ctx.Process(target=_throttled_reader, args=(str(shards / f"rank_{r}"), session, r, go, out))
+            start, out = ctx.Barrier(len(readers)), ctx.Queue()
+            procs = [ctx.Process(target=_throttled_reader, args=(str(shards / f"rank_{r}"), session, r, start, out))
                      for r in readers]
             for p in procs:
                 p.start()
-            time.sleep(2.0)  # not synchronisation: lets the readers import torch before the clock starts
-            go.set()
             got = [out.get(timeout=900) for _ in procs]
             for p in procs:
                 p.join()
