@@ -7,7 +7,7 @@
 A sweep file lists `models` (from experiments/models.yaml) and `runs`; each run is one `mpirun -n N python
 -m tpi_mpi.run -m ...` per model and per value of `ranks` (the world size cannot change inside one Hydra
 multirun), whose Hydra multirun covers the run's `sweep` lists and the repeats (generation.seed=1..R, which
-greedy decoding ignores: a repeat costs no extra start-up). Every job appends its run record to
+greedy decoding ignores: a repeat costs no extra start-up; R from the sweep file's `repeats`, --repeats overrides). Every job appends its run record to
 OUT/SWEEP/records.jsonl; with --wandb also to wandb (offline unless logging.wandb_mode says otherwise),
 grouped by sweep. A sweep whose `requires` (a file under the repo, or a config key such as memory.window)
 is missing here is skipped with the reason. Progress: one line per mpirun and one per job.
@@ -109,7 +109,7 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
         f"output.results={sweep_dir / 'records.jsonl'}", "output.json=null", f"model.cache_dir={out / 'shards'}",
         f"logging.wandb={'true' if a.wandb else 'false'}", f"logging.wandb_group={name}", f"threads={a.threads}",
     ]
-    repeats = ",".join(str(i) for i in range(1, a.repeats + 1))
+    repeats = ",".join(str(i) for i in range(1, (a.repeats or int(sweep.get("repeats", 3))) + 1))
     cmds = []
     i = 0
     for model_name in sweep["models"]:
@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sweeps", default=None, help="comma-separated (default: all in the sweeps folder)")
     p.add_argument("--sweeps-dir", default=str(HERE / "sweeps"), help="folder of sweep files")
     p.add_argument("--out", default="results/experiments", help="records, models, shards, figures' data")
-    p.add_argument("--repeats", type=int, default=3, help="jobs per point (generation.seed=1..R)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="jobs per point (generation.seed=1..R; default: the sweep file's `repeats`, else 3)")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--threads", type=int, default=1,

@@ -74,12 +74,27 @@ def test_prefetcher_streams_blocks_in_order_within_the_window(blocks: dict, wind
         pf.close()
 
 
+@pytest.mark.parametrize("window", [1, 3, 8])
+def test_prefetcher_wait_filled_returns_with_the_window_full(blocks: dict, window: int) -> None:
+    files = {k: tensorfile.parse_header(p) for k, p in blocks.items()}
+    pf = LayerPrefetcher(files, sorted(files), window, None)
+    try:
+        pf.wait_filled()
+        assert pf.stats.blocks_read == window  # filled, and no further: no buffer is free
+        for key in sorted(files):
+            with pf.block(*key):
+                pass
+    finally:
+        pf.close()
+
+
 def test_prefetcher_raises_a_read_failure_in_the_compute_thread(blocks: dict) -> None:
     files = {k: tensorfile.parse_header(p) for k, p in blocks.items()}
     with open(blocks[(2, "attn")], "r+b") as f:  # cut short after its header was checked
         f.truncate(files[(2, "attn")].data_offset + 4)
     pf = LayerPrefetcher(files, sorted(files), 2, None)
     try:
+        pf.wait_filled()  # returns: the failure is the compute thread's to raise
         with pytest.raises(OSError, match="unexpected end of file"):
             for key in sorted(files):
                 with pf.block(*key):

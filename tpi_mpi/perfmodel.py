@@ -604,7 +604,7 @@ def measure_disk_readers(readers: tuple[int, ...] = (1, 2, 4, 8), size: int = 25
 
 
 def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...] = (1, 2, 4, 8),
-                        layers: tuple[int, int] = (1, 4), repeats: int = 3, prompt_tokens: int = 16,
+                        layers: tuple[int, int] = (1, 4), repeats: int = 7, prompt_tokens: int = 16,
                         new_tokens: int = 16, timeout: float = 300) -> dict[str, Any]:
     """Real runs (`mpirun -n N python -m tpi_mpi.run`, one torch thread per rank, as the sweeps) of models of
     negligible size (hidden 128, 8 KV heads) with two layer counts: at N = 1 our decoder, HF transformers and

@@ -45,6 +45,8 @@ class BlockSource(Protocol):
 
     def block(self, layer: int, kind: str) -> AbstractContextManager[Weights]: ...
 
+    def wait_filled(self) -> None: ...
+
     def close(self) -> None: ...
 
 
@@ -92,6 +94,9 @@ class ResidentBlocks:
     def block(self, layer: int, kind: str) -> Iterator[Weights]:
         yield self.blocks[(layer, kind)]
 
+    def wait_filled(self) -> None:
+        pass  # read in full by the constructor
+
     def close(self) -> None:
         pass
 
@@ -120,6 +125,7 @@ class LayerPrefetcher:
         self._free: queue.Queue[torch.Tensor | None] = queue.Queue()
         self._ready: queue.Queue[tuple[BlockKey, Weights, torch.Tensor] | BaseException] = queue.Queue()
         self._stop = threading.Event()
+        self._filled = threading.Event()  # the first min(window, streamed) blocks are read (or reading failed)
         self._next = 0  # index in self.order of the block the compute asks for next
         self._thread: threading.Thread | None = None
         if streamed:
@@ -149,9 +155,19 @@ class LayerPrefetcher:
                 w, n = tensorfile.load(self.files[key], buf)
                 self.stats.add(bytes_read=n, blocks=1)
                 self._ready.put((key, cast_block(w, self.dtype), buf))
+                if i + 1 >= min(self.window, len(self.order)):
+                    self._filled.set()
                 i = (i + 1) % len(self.order)
         except BaseException as exc:  # noqa: B036 - handed to the compute thread, which raises it
             self._ready.put(exc)
+            self._filled.set()  # the failure surfaces at the first block() instead
+
+    def wait_filled(self) -> None:
+        """Block until the window holds the first blocks of a forward pass. A server is in this state whenever
+        it waits for a request; waiting for it at start-up makes the first prompt's latency the same whatever
+        start-up took (otherwise the prefetcher's head start, e.g. while the tokenizer loads, is in it)."""
+        if self._thread is not None:
+            self._filled.wait()
 
     @contextmanager
     def block(self, layer: int, kind: str) -> Iterator[Weights]:

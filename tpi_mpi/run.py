@@ -120,6 +120,14 @@ def wait_for_all(comm: MPI.Comm) -> None:
         time.sleep(0.01)
 
 
+def start_together(comm: MPI.Comm) -> None:
+    """Every rank loaded and waiting for the first prompt when rank 0 starts its clock. The sleeping barrier
+    lets each rank go up to one poll (10 ms) after the last arrived, which the first prompt's latency would
+    measure; the blocking barrier after it, which all ranks reach within that poll, they leave together."""
+    wait_for_all(comm)
+    comm.Barrier()
+
+
 def job(comm: MPI.Comm, cfg: Any) -> None:
     _set_threads(comm, cfg.threads)
     if cfg.baseline is not None:  # transformers, accelerate or pipeline, in the same harness
@@ -154,16 +162,19 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
     if comm.rank != 0:
         worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
                         cfg.memory.head)
-        wait_for_all(comm)  # every rank loaded: from here a long wait in a collective is a stall
+        worker.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
+        start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
         worker.serve()
         worker.close()
         comm.gather(worker.rank_record(), root=0)
         return
     master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
                         cfg.memory.head)
-    wait_for_all(comm)
+    master.blocks.wait_filled()
+    tok = _tokenizer(cfg, path)
+    start_together(comm)
     try:
-        record = _generate(master, cfg, path)
+        record = _generate(master, cfg, path, tok)
     finally:
         master.stop()  # also on error, so that the workers are not left waiting
     master.close()
@@ -194,11 +205,11 @@ def _tokenizer(cfg: Any, shard_path: Path) -> Any:
     return None
 
 
-def _generate(master: Any, cfg: Any, shard_path: Path) -> dict[str, Any]:
+def _generate(master: Any, cfg: Any, shard_path: Path, tok: Any) -> dict[str, Any]:
+    """Generate for the configured prompt; `tok`: the tokenizer (None: prompt_ids are required)."""
     from .engine import Sampler, generate
 
     g = cfg.generation
-    tok = _tokenizer(cfg, shard_path)
     if cfg.prompt_ids is not None:
         ids = list(cfg.prompt_ids)
     elif tok is None:
