@@ -7,10 +7,11 @@
 A sweep file lists `models` (from experiments/models.yaml) and `runs`; each run is one `mpirun -n N python
 -m tpi_mpi.run -m ...` per model and per value of `ranks` (the world size cannot change inside one Hydra
 multirun), whose Hydra multirun covers the run's `sweep` lists and the repeats (generation.seed=1..R, which
-greedy decoding ignores: a repeat costs no extra start-up; R from the sweep file's `repeats`, --repeats overrides). Every job appends its run record to
-OUT/SWEEP/records.jsonl; with --wandb also to wandb (offline unless logging.wandb_mode says otherwise),
-grouped by sweep. A sweep whose `requires` (a file under the repo, or a config key such as memory.window)
-is missing here is skipped with the reason. Progress: one line per mpirun and one per job.
+greedy decoding ignores: a repeat costs no extra start-up; R from the sweep file's `repeats`, --repeats
+overrides). Every job appends its run record to OUT/SWEEP/records.jsonl; with --wandb also to wandb (offline
+unless logging.wandb_mode says otherwise), grouped by sweep. A sweep whose `requires` (a file under the
+repo, or a config key such as memory.window) is missing here is skipped with the reason.
+Progress: one line per mpirun and one per job.
 """
 
 from __future__ import annotations
