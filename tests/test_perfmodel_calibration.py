@@ -27,7 +27,9 @@ from tpi_mpi.perfmodel import (
     measure_fixed_costs,
     predict_pipeline,
     predict_tp,
+    predict_transformers,
 )
+from tpi_mpi.pipeline import POLL_S
 
 MPIRUN = str(Path(sys.executable).with_name("mpirun"))
 SHAPE = PAPER_SHAPES["Llama 2-7B"]
@@ -111,14 +113,28 @@ def test_streamed_reads_share_the_disk_and_the_window_is_filled_before_the_promp
     assert SHAPE.window_bytes(2) == SHAPE.layer_bytes  # attention + FFN block of the first layer
 
 
-def test_pipeline_stages_stretched_by_the_waiting_ranks_and_relay_hops() -> None:
+def test_pipeline_stages_are_one_process_passes_plus_relay_hops() -> None:
     fixed = FixedCost(1e-3, 1e-4, 1e-3, 1e-4)
     relay = LinkModel(1e-3, 0.0)
     base = Setting(SHAPE, 4, links={"relay": relay, "p2p": LinkModel(0.0, 0.0)})
-    dev = _device(fixed={1: {"tp:star": fixed}}, stretch_wait={1: 1.0, 4: 1.5})
-    alone = predict_pipeline(base, replace(dev, stretch_wait={1: 1.0})).token_latency_s
-    waited = predict_pipeline(base, dev).token_latency_s
-    assert waited - 4e-3 == pytest.approx(1.5 * (alone - 4e-3), rel=1e-6)  # 4 hops of 1 ms, stage x 1.5
+    dev = _device(fixed={1: {"tp:star": fixed}})
+    one = predict_transformers(replace(base, n=1), replace(dev, fixed={1: {"transformers": fixed}}))
+    # the waiting stages sleep between looks: no stretch; 4 hops of 1 ms plus half a look each
+    assert predict_pipeline(base, dev).token_latency_s == pytest.approx(one.token_latency_s + 4 * (1e-3 + POLL_S / 2))
+
+
+def test_pipeline_calibrated_pass_cost_replaces_the_hop_terms() -> None:
+    measured = {"probe_hidden": 128, "raw": {
+        "1": {"tp:star": {"1": {"token_s": 1.1e-3, "ttft_s": 2.2e-3}, "4": {"token_s": 1.4e-3, "ttft_s": 2.8e-3}}},
+        "4": {"pipeline": {"4": {"token_s": 9.4e-3, "ttft_s": 12.8e-3}}}}}
+    fits = fit_fixed_costs(measured)
+    pipe = fits[4]["pipeline"]
+    assert pipe.layer_token_s == pytest.approx(1e-4) and pipe.pass_token_s == pytest.approx(9e-3)
+    assert pipe.layer_prefill_s == pytest.approx(2e-4) and pipe.pass_prefill_s == pytest.approx(12e-3)
+    dev = _device(fixed=fits)
+    s = Setting(SHAPE, 4, links={"relay": LinkModel(1.0, 0.0)})  # a hop's alpha is in the measured pass
+    stage = predict_pipeline(replace(s, n=1), dev).token_latency_s - fits[1]["tp:star"].forward(SHAPE.layers, False)
+    assert predict_pipeline(s, dev).token_latency_s == pytest.approx(pipe.forward(SHAPE.layers, False) + stage)
 
 
 def test_fit_link_relay_is_n_hops() -> None:
@@ -148,11 +164,12 @@ def test_fixed_cost_runs_on_one_and_two_ranks(tmp_path: Path) -> None:
                                    timeout=240)
     raw = measured["raw"]
     assert set(raw["1"]) == {"tp:star", "transformers", "accelerate"}
-    assert set(raw["2"]) == {f"tp:{a}" for a in ("star", "ring", "mesh", "tree", "mpi")}
+    assert set(raw["2"]) == {f"tp:{a}" for a in ("star", "ring", "mesh", "tree", "mpi")} | {"pipeline"}
+    assert set(raw["2"]["pipeline"]) == {"4"}  # a layer per rank: the 4-layer model only
     assert all(set(v) == {"1", "4"} and all(p["token_s"] > 0 and p["ttft_s"] > 0 for p in v.values())
-               for per_n in raw.values() for v in per_n.values())
+               for per_n in raw.values() for k, v in per_n.items() if k != "pipeline")
     fits = fit_fixed_costs(measured)
-    assert fits[2]["tp:star"].forward(4, prefill=False) > 0
+    assert fits[2]["tp:star"].forward(4, prefill=False) > 0 and fits[2]["pipeline"].forward(4, prefill=False) > 0
 
 
 def test_head_split_spreads_lm_head_and_adds_one_gather() -> None:

@@ -404,25 +404,32 @@ def predict_accelerate(s: Setting, dev: Device, max_memory: float, resident_byte
 
 
 def predict_pipeline(s: Setting, dev: Device) -> Prediction:
-    """One rank computes at a time (the others wait for their turn): a stage has a core to itself, less what
-    the waiting ranks take from it where they share the host's cores (calibrated: stretch_wait)."""
+    """One rank computes at a time: a stage has a core to itself (the ranks waiting for their turn sleep
+    between looks for their message, pipeline.POLL_S, rather than spin in MPI), and each of the N hops
+    costs the message plus, on average, half a look's interval before the next stage sees it."""
+    from .pipeline import POLL_S
+
     sh, n = s.shape, s.n
 
     measured = fixed_cost(dev, 1, "tp:star")
+    stages = fixed_cost(dev, n, "pipeline") if n > 1 else None
 
     def forward(q: int) -> float:
         # one hop per stage; "relay": measured passing a message around all N ranks while the others poll
         hop = s.links.get("relay") or _link(s, "p2p")
         msg = q * sh.hidden * FP32
-        hops = n * (hop.alpha + msg * hop.beta) if n > 1 else 0.0
+        hops = n * (hop.alpha + msg * hop.beta + POLL_S / 2) if n > 1 else 0.0
+        if stages is not None:  # calibrated: the probe's passes hold every stage's pass cost and the hops
+            probe = q * stages[0].probe_hidden * FP32
+            return (stages[0].forward(sh.layers, q > 1) + sh.layers * _weights_time(sh, q, 1, dev) + _head(sh, dev)
+                    + n * max(0, msg - probe) * hop.beta)
         if measured is None:
             per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
             return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
-        # a stage is our decoder on one process (the fixed costs measured at N = 1), slowed by the N - 1
-        # ranks that wait for their turn in MPI (MPICH busy-polls) on the host's cores
+        # a stage is our decoder on one process (the fixed costs measured at N = 1)
         stage = (measured[0].forward(sh.layers, q > 1) + sh.layers * _weights_time(sh, q, 1, dev)
                  + _head(sh, dev))
-        return interpolate(dev.stretch_wait, n, 1.0) * stage + hops
+        return stage + hops
 
     layers_rank = -(-sh.layers // n)
     kv = sh.kv_bytes(s.prompt_tokens + s.new_tokens, 1) * layers_rank / sh.layers
@@ -444,45 +451,63 @@ def _median_time(fn: Any, repeats: int) -> float:
 
 
 def measure_compute(threads: int) -> dict[str, float]:
-    """Matrix product (prefill), matrix-vector product over a matrix far bigger than the caches (decode),
-    and the fixed cost of one decoder layer (tiny shapes) with `threads` torch threads."""
+    """With `threads` torch threads: FLOP/s of our decoder layers' prefill (16 tokens), bytes/s of weights
+    through matrix-vector products (decode), and the fixed cost of one decoder layer (tiny shapes)."""
     import torch
-
-    from .models.llama import ShardedLayer, hf_config
 
     torch.set_num_threads(threads)
     h, f, q = 2048, 5504, 16
-    w = torch.randn(f, h)
-    x = torch.randn(q, h)
-    t = _median_time(lambda: torch.nn.functional.linear(x, w), 15)
-    flops = 2 * q * h * f / t
     ws = [torch.randn(f, h) for _ in range(4)]  # 4 x 45 MB: weights come from memory, not cache
     v = torch.randn(1, h)
     t = _median_time(lambda: [torch.nn.functional.linear(v, m) for m in ws], 15)
     weight_bw = 4 * f * h * FP32 / t
-    cfg = hf_config({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
-                     "num_key_value_heads": 4, "num_hidden_layers": 1, "vocab_size": 32, "rms_norm_eps": 1e-5,
-                     "max_position_embeddings": 64})
-    attn = {"input_norm.weight": torch.ones(64), "q_proj.weight": torch.randn(64, 64),
-            "k_proj.weight": torch.randn(64, 64), "v_proj.weight": torch.randn(64, 64),
-            "o_proj.weight": torch.randn(64, 64)}
-    ffn = {"post_norm.weight": torch.ones(64), "gate_proj.weight": torch.randn(128, 64),
-           "up_proj.weight": torch.randn(128, 64), "down_proj.weight": torch.randn(64, 128)}
-    layer = ShardedLayer(n_heads=4, n_kv=4, head_dim=16, eps=1e-5, window=None, dtype=torch.float32)
-    layer.reset_cache(64)
+    overhead = _median_time(_layer_forward(64, 128, 4, 4, 16, distinct=1, q=1), 200)
+    # Prefill: whole layers (norms, RoPE, attention and SiLU with the products), a 4-way slice of a
+    # 2048-wide layer (46 MB), 8 distinct ones in turn as in a forward pass: one layer's weights alone would
+    # stay in this host's L3 cache (260 MB here) and run ~15 % faster than a forward pass does.
+    layer_s = _median_time(_layer_forward(h, f // 4, 4, 2, 128, distinct=8, q=q), 24)
+    params = h * (4 + 2 + 2 + 4) * 128 + 3 * h * f // 4
+    flops = 2 * q * params / max(layer_s - overhead, 1e-9)
+    return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}
+
+
+def _layer_forward(h: int, f: int, heads: int, kv_heads: int, head_dim: int, distinct: int, q: int) -> Any:
+    """A function running one decoder layer (ShardedLayer: attention then FFN) on q tokens, each call the
+    next of `distinct` layers of these shapes (random weights)."""
+    import torch
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    rot = LlamaRotaryEmbedding(cfg)
-    xs = torch.randn(1, 64)
-    cos, sin = rot(xs, torch.tensor([[3]]))
+    from .models.llama import ShardedLayer, hf_config
 
-    def one_layer() -> None:
+    def block() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        attn = {"input_norm.weight": torch.ones(h), "q_proj.weight": torch.randn(heads * head_dim, h),
+                "k_proj.weight": torch.randn(kv_heads * head_dim, h),
+                "v_proj.weight": torch.randn(kv_heads * head_dim, h),
+                "o_proj.weight": torch.randn(h, heads * head_dim)}
+        ffn = {"post_norm.weight": torch.ones(h), "gate_proj.weight": torch.randn(f, h),
+               "up_proj.weight": torch.randn(f, h), "down_proj.weight": torch.randn(h, f)}
+        return attn, ffn
+
+    blocks = [block() for _ in range(distinct)]
+    cfg = hf_config({"model_type": "llama", "hidden_size": heads * head_dim, "intermediate_size": f,
+                     "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
+                     "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+    layer = ShardedLayer(n_heads=heads, n_kv=kv_heads, head_dim=head_dim, eps=1e-5, window=None,
+                         dtype=torch.float32)
+    xs = torch.randn(q, h)
+    start = 0 if q > 1 else 3
+    cos, sin = LlamaRotaryEmbedding(cfg)(xs, torch.arange(start, start + q)[None])
+    turn = [0]
+
+    def run() -> None:
+        attn, ffn = blocks[turn[0] % distinct]
+        turn[0] += 1
+        layer.reset_cache(64)
         with torch.inference_mode():
-            y = xs + layer.attention(attn, xs, 3, cos, sin)
+            y = xs + layer.attention(attn, xs, start, cos, sin)
             y + layer.ffn(ffn, y)
 
-    overhead = _median_time(one_layer, 200)
-    return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}
+    return run
 
 
 def measure_overheads(workdir: Path, tokens: int = 24) -> dict[str, float]:
@@ -621,16 +646,20 @@ def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...]
         results = workdir / f"fixed-n{n}.jsonl"
         sweep = (["baseline=null,transformers,accelerate", "accelerate.max_memory=1KB",
                   f"accelerate.offload_folder={workdir / 'offload'}"] if n == 1 else [f"comm={','.join(ALGOS)}"])
-        cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m",
-               f"model.path={','.join(str(m) for m in models)}", f"model.cache_dir={workdir / 'shards'}",
-               f"prompt_ids=[{ids}]", f"generation.max_new_tokens={new_tokens}", "generation.stop_on_eos=false",
-               "logging.quiet=true", f"output.results={results}", "output.json=null", "threads=1",
-               *sweep, f"generation.seed={','.join(str(i + 1) for i in range(repeats))}",
-               f"hydra.sweep.dir={workdir / f'hydra-n{n}'}"]
+        runs = [(models, sweep)]
+        if 1 < n <= layers[-1]:  # baseline=pipeline needs a layer per rank: the deeper model only
+            runs.append((models[-1:], ["baseline=pipeline"]))
         print(f"calibrating fixed costs: {n} rank(s) ...", file=sys.stderr, flush=True)
-        out = run_mpirun(cmd, timeout)
-        if out.returncode != 0 or not results.is_file():
-            raise RuntimeError(f"fixed-cost runs on {n} ranks failed:\n{out.stderr[-2000:]}")
+        for k, (run_models, run_sweep) in enumerate(runs):
+            cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m",
+                   f"model.path={','.join(str(m) for m in run_models)}", f"model.cache_dir={workdir / 'shards'}",
+                   f"prompt_ids=[{ids}]", f"generation.max_new_tokens={new_tokens}", "generation.stop_on_eos=false",
+                   "logging.quiet=true", f"output.results={results}", "output.json=null", "threads=1",
+                   *run_sweep, f"generation.seed={','.join(str(i + 1) for i in range(repeats))}",
+                   f"hydra.sweep.dir={workdir / f'hydra-n{n}-{k}'}"]
+            out = run_mpirun(cmd, timeout)
+            if out.returncode != 0 or not results.is_file():
+                raise RuntimeError(f"fixed-cost runs on {n} ranks failed:\n{out.stderr[-2000:]}")
         from .results import read_jsonl
 
         points: dict[tuple[str, int], list[dict[str, Any]]] = {}
@@ -650,10 +679,16 @@ def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...]
 
 def fit_fixed_costs(measured: dict[str, Any]) -> dict[int, dict[str, FixedCost]]:
     """Per layer = the difference between the two layer counts over the layers added; per pass = the rest
-    (both at least 0: noise can make the difference negative)."""
+    (both at least 0: noise can make the difference negative). baseline=pipeline, measured with one layer
+    count: its layers cost what our decoder's do on one process, its pass (N stages' own pass costs and the
+    N hops) the rest."""
     out: dict[int, dict[str, FixedCost]] = {}
+    pipeline: dict[int, tuple[int, dict[str, float]]] = {}
     for n, per_key in measured["raw"].items():
         for key, by_layers in per_key.items():
+            if key == "pipeline":
+                pipeline[int(n)] = next((int(k), v) for k, v in by_layers.items())
+                continue
             (l1, t1), (l2, t2) = sorted((int(k), v) for k, v in by_layers.items())[:2]
             layer_tok = max(0.0, (t2["token_s"] - t1["token_s"]) / (l2 - l1))
             layer_pre = max(0.0, (t2["ttft_s"] - t1["ttft_s"]) / (l2 - l1))
@@ -661,6 +696,13 @@ def fit_fixed_costs(measured: dict[str, Any]) -> dict[int, dict[str, FixedCost]]
                 pass_token_s=max(0.0, t1["token_s"] - l1 * layer_tok), layer_token_s=layer_tok,
                 pass_prefill_s=max(0.0, t1["ttft_s"] - l1 * layer_pre), layer_prefill_s=layer_pre,
                 probe_hidden=int(measured.get("probe_hidden", PROBE_HIDDEN)))
+    one = out.get(1, {}).get("tp:star")
+    for n, (layers, t) in pipeline.items():
+        if one is not None:
+            out.setdefault(n, {})["pipeline"] = FixedCost(
+                pass_token_s=max(0.0, t["token_s"] - layers * one.layer_token_s), layer_token_s=one.layer_token_s,
+                pass_prefill_s=max(0.0, t["ttft_s"] - layers * one.layer_prefill_s),
+                layer_prefill_s=one.layer_prefill_s, probe_hidden=one.probe_hidden)
     return out
 
 

@@ -28,6 +28,7 @@ from .models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
 from .prefetch import ResidentBlocks
 from .shards import RankShard
 
+POLL_S = 0.0002  # how often a rank waiting for its turn looks for the message (it sleeps in between)
 TAG_HEADER, TAG_HIDDEN = 11, 12
 
 
@@ -88,7 +89,7 @@ class Stage:
         # otherwise spin on a core the computing rank needs (many ranks share few cores here).
         status = MPI.Status()
         while not self.comm.Iprobe(source=self.prev_rank, tag=tag, status=status):
-            time.sleep(0.0002)
+            time.sleep(POLL_S)
         t1 = time.perf_counter()
         self.comm.Recv(buf, source=self.prev_rank, tag=tag)
         t2 = time.perf_counter()
