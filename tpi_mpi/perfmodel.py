@@ -22,7 +22,8 @@ One forward pass of q tokens (q = prompt: TTFT; q = 1: a token) through L layers
     s(N)        how much longer a rank's matrix-vector products take while all N ranks compute at once on
                 this host (measured by the link probe: 1 up to N = C cores, then about N / C)
     s_w(N)      the same while the other N - 1 ranks wait in MPI (a pipeline stage, rank 0's head)
-    F, W        FLOP/s of a matrix product, bytes/s of weights through a matrix-vector product (one thread)
+    F, W        FLOP/s of our decoder layers' prefill (whole layers, 8 distinct ones in turn so that the weights
+                come from memory, as in a forward pass), bytes/s of weights through a matrix-vector product
     AR          alpha-beta fits of each allreduce (cost_model.py), alpha at N, beta at N = 2
     D(N)        aggregate cold read bandwidth of N processes reading at once from the one disk here
     P_l, B_l    parameters and bytes of one layer; V the vocabulary
@@ -37,8 +38,9 @@ slices, or `window` layers' blocks when streaming) + rank 0's embedding and lm_h
 Baselines: `transformers` and `accelerate` are one process: their fixed costs measured as above (accelerate
 with everything offloaded, as under the sweeps' budget) + the weights through one core; accelerate's offloaded
 weights come back from the page cache here (nothing evicts them), so they cost what resident ones do;
-`pipeline` runs the stages one after another: s_w(N) x (one process's fixed costs + whole layers) + N hops,
-a hop as measured passing a message around all N ranks ("relay").
+`pipeline` runs the stages one after another, each with a core to itself (waiting stages sleep between looks
+for their message): whole layers as one process computes them + the pass cost measured by real runs of
+baseline=pipeline on the probe model (every stage's own pass and the N hops).
 """
 
 from __future__ import annotations
