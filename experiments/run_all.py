@@ -125,11 +125,16 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
                     over.append(f"accelerate.max_memory={weight_bytes(model) // run['budget_ranks']}")
                     over.append(f"accelerate.offload_folder={out / 'offload'}")
                 swept = [f"{k}={v}" for k, v in (run.get("sweep") or {}).items()]
-                cmd = [a.mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m", *common, *over, *swept,
+                cmd = [*launch(a), "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m", *common, *over, *swept,
                        f"generation.seed={repeats}", f"hydra.sweep.dir={sweep_dir / 'hydra' / f'{i:02d}'}"]
                 label = f"{model_name} N={n} {' '.join(run.get('overrides', []) + swept)}".strip()
                 cmds.append((label, cmd))
     return cmds
+
+
+def launch(a: argparse.Namespace) -> list[str]:
+    """mpirun and its options: every rank bound to a core (round robin where ranks outnumber cores)."""
+    return [a.mpirun, *(["-bind-to", a.bind_to] if a.bind_to != "none" else [])]
 
 
 def run_mpirun(cmd: list[str], log: Path, prefix: str, timeout: float) -> int:
@@ -179,6 +184,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wandb", action="store_true", help="also log every run to wandb (offline by default)")
     p.add_argument("--timeout", type=float, default=900, help="seconds per mpirun")
     p.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
+    p.add_argument("--bind-to", default="core",
+                   help="mpirun -bind-to (MPICH's Hydra; Open MPI spells it --bind-to): core pins each rank to a "
+                        "core, round robin, as each device has its own; unbound, 4 ranks on 2 cores gave a "
+                        "bimodal TTFT (25-33 or 43-50 ms); none: no option")
     p.add_argument("--no-calibrate", action="store_true", help="keep OUT/calibration.json if there is one")
     p.add_argument("--no-figures", action="store_true")
     p.add_argument("--figures", default="paper_figs/figures", help="where the figures and summary.md go")
@@ -193,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         from tpi_mpi.perfmodel import calibrate
 
         print("calibrating the performance model on this machine ...", file=sys.stderr, flush=True)
-        calib = calibrate(a.mpirun)
+        calib = calibrate(launch(a))
         out.mkdir(parents=True, exist_ok=True)
         (out / "calibration.json").write_text(json.dumps(calib, indent=1))
     failed = 0

@@ -570,6 +570,11 @@ def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
         return speeds[0], speeds[1]
 
 
+def launcher(mpirun: str | list[str]) -> list[str]:
+    """The mpirun command and its own options (e.g. ["mpirun", "-bind-to", "core"])."""
+    return [mpirun] if isinstance(mpirun, str) else list(mpirun)
+
+
 def run_mpirun(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
     """Run one mpirun in its own process group; on timeout kill the group (mpirun and every rank), then raise."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -630,7 +635,7 @@ def measure_disk_readers(readers: tuple[int, ...] = (1, 2, 4, 8), size: int = 25
     return out
 
 
-def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...] = (1, 2, 4, 8),
+def measure_fixed_costs(mpirun: str | list[str], workdir: Path, world_sizes: tuple[int, ...] = (1, 2, 4, 8),
                         layers: tuple[int, int] = (1, 4), repeats: int = 7, prompt_tokens: int = 16,
                         new_tokens: int = 16, timeout: float = 300) -> dict[str, Any]:
     """Real runs (`mpirun -n N python -m tpi_mpi.run`, one torch thread per rank, as the sweeps) of models of
@@ -653,7 +658,7 @@ def measure_fixed_costs(mpirun: str, workdir: Path, world_sizes: tuple[int, ...]
             runs.append((models[-1:], ["baseline=pipeline"]))
         print(f"calibrating fixed costs: {n} rank(s) ...", file=sys.stderr, flush=True)
         for k, (run_models, run_sweep) in enumerate(runs):
-            cmd = [mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m",
+            cmd = [*launcher(mpirun), "-n", str(n), sys.executable, "-m", "tpi_mpi.run", "-m",
                    f"model.path={','.join(str(m) for m in run_models)}", f"model.cache_dir={workdir / 'shards'}",
                    f"prompt_ids=[{ids}]", f"generation.max_new_tokens={new_tokens}", "generation.stop_on_eos=false",
                    "logging.quiet=true", f"output.results={results}", "output.json=null", "threads=1",
@@ -822,7 +827,7 @@ def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
     return LinkModel(alpha, beta)
 
 
-def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int = 1024,
+def calibrate(mpirun: str | list[str], world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int = 1024,
               repeats: int = 20, fixed_costs: bool = True) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     t0 = time.time()
@@ -836,7 +841,7 @@ def calibrate(mpirun: str, world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int
     links: dict[str, dict[str, Any]] = {}
     stretch: dict[str, dict[str, float]] = {"all": {"1": 1.0}, "wait": {"1": 1.0}}
     for n in world_sizes:
-        out = run_mpirun([mpirun, "-n", str(n), sys.executable, "-m", "tpi_mpi.perfmodel", "probe-links",
+        out = run_mpirun([*launcher(mpirun), "-n", str(n), sys.executable, "-m", "tpi_mpi.perfmodel", "probe-links",
                           "--hidden", str(hidden), "--repeats", str(repeats)], 300)
         line = next((ln for ln in out.stdout.splitlines() if ln.startswith("PROBE ")), None)
         if line is None:
@@ -1026,6 +1031,8 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="measure this machine (~30 s) and write the calibration as JSON")
     c.add_argument("--out", default="calibration.json")
     c.add_argument("--mpirun", default=str(Path(sys.executable).with_name("mpirun")))
+    c.add_argument("--bind-to", default="core",
+                   help="mpirun -bind-to for the runs (as experiments.run_all: core); none: no binding")
     pp = sub.add_parser("paper", help="predict the paper's settings next to its reported numbers")
     pp.add_argument("--calibration", default=None,
                     help="for the fixed costs of one process (default: 1 ms per layer)")
@@ -1037,7 +1044,7 @@ def main(argv: list[str] | None = None) -> int:
         _probe_links_rank(a.hidden, a.repeats)
         return 0
     if a.cmd == "calibrate":
-        calib = calibrate(a.mpirun)
+        calib = calibrate([a.mpirun, *(["-bind-to", a.bind_to] if a.bind_to != "none" else [])])
         from .results import write_json_atomic
 
         write_json_atomic(a.out, calib)
