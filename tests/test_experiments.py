@@ -32,9 +32,19 @@ def test_dry_run_prints_one_mpirun_per_model_and_world_size(tmp_path: Path, caps
     assert len(cmds) == expected > 0
     assert all(" -m tpi_mpi.run -m " in c and "generation.seed=1,2" in c for c in cmds)
     assert any("-n 8 " in c and "comm=star,ring,mesh,tree,mpi" in c for c in cmds)
+    assert all(" -bind-to core -n " in c for c in cmds)  # every rank pinned to a core by default
     for name, s in sweeps.items():
         why = run_all.missing_requirement(s)
         assert (f"[{name}] skipped: {why}" in err) == (why is not None)
+
+
+def test_sweep_repeats_and_binding_options(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert run_all.main(["--dry-run", "--sweeps", "devices,window", "--bind-to", "none", "--out", str(tmp_path)]) == 0
+    cmds = capsys.readouterr().out.splitlines()
+    assert cmds and not any("-bind-to" in c for c in cmds)
+    devices = run_all.load_sweeps(["devices"])["devices"]["repeats"]
+    seeds = {c.split("generation.seed=")[1].split()[0] for c in cmds}
+    assert ",".join(map(str, range(1, devices + 1))) in seeds and "1,2,3" in seeds  # the file's repeats: 9 and 3
 
 
 def test_requirements_are_checked() -> None:
