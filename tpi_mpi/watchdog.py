@@ -111,11 +111,13 @@ class Watchdog:
         while time.monotonic() < deadline:
             if self.comm.Iprobe(source=MPI.ANY_SOURCE, tag=_TAG, status=status):
                 where[status.source] = self.comm.recv(source=status.source, tag=_TAG)  # latest counts
-            elif all(where.get(r, (0, ""))[0] == op.seq for r in range(1, self.world.size)):
+            elif all(where.get(r, (0, ""))[0] >= op.seq for r in range(1, self.world.size)):
                 break
             else:
                 time.sleep(0.01)
-        missing = [r for r in range(1, self.world.size) if where.get(r, (0, ""))[0] != op.seq]
+        # A rank stuck in a later operation arrived at this one and went on: its part of a gather is sent
+        # without waiting for rank 0 to receive it, so it can be waiting for the next header already.
+        missing = [r for r in range(1, self.world.size) if where.get(r, (0, ""))[0] < op.seq]
         elsewhere = "".join(f"; rank {r} is stuck in {where[r][1]}" for r in missing if r in where)
         who = (f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))} did not arrive "
                f"(stopped, hung or cut off){elsewhere}" if missing
