@@ -134,7 +134,9 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
 
 def launch(a: argparse.Namespace) -> list[str]:
     """mpirun and its options: every rank bound to a core (round robin where ranks outnumber cores)."""
-    return [a.mpirun, *(["-bind-to", a.bind_to] if a.bind_to != "none" else [])]
+    from tpi_mpi.perfmodel import bound_mpirun
+
+    return bound_mpirun(a.mpirun, a.bind_to)
 
 
 def run_mpirun(cmd: list[str], log: Path, prefix: str, timeout: float) -> int:

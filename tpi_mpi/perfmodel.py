@@ -420,11 +420,11 @@ def predict_pipeline(s: Setting, dev: Device) -> Prediction:
         # one hop per stage; "relay": measured passing a message around all N ranks while the others poll
         hop = s.links.get("relay") or _link(s, "p2p")
         msg = q * sh.hidden * FP32
-        hops = n * (hop.alpha + msg * hop.beta + POLL_S / 2) if n > 1 else 0.0
         if stages is not None:  # calibrated: the probe's passes hold every stage's pass cost and the hops
             probe = q * stages[0].probe_hidden * FP32
             return (stages[0].forward(sh.layers, q > 1) + sh.layers * _weights_time(sh, q, 1, dev) + _head(sh, dev)
                     + n * max(0, msg - probe) * hop.beta)
+        hops = n * (hop.alpha + msg * hop.beta + POLL_S / 2) if n > 1 else 0.0
         if measured is None:
             per_layer_full = _compute(sh, q, 1, dev, 1)  # whole layers, one rank at a time
             return sh.layers * per_layer_full + hops + _head(sh, dev) + dev.forward_overhead_s
@@ -496,6 +496,7 @@ def _layer_forward(h: int, f: int, heads: int, kv_heads: int, head_dim: int, dis
                      "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
     layer = ShardedLayer(n_heads=heads, n_kv=kv_heads, head_dim=head_dim, eps=1e-5, window=None,
                          dtype=torch.float32)
+    layer.reset_cache(64)  # every call writes the same positions: no reset needed inside the timed call
     xs = torch.randn(q, h)
     start = 0 if q > 1 else 3
     cos, sin = LlamaRotaryEmbedding(cfg)(xs, torch.arange(start, start + q)[None])
@@ -504,7 +505,6 @@ def _layer_forward(h: int, f: int, heads: int, kv_heads: int, head_dim: int, dis
     def run() -> None:
         attn, ffn = blocks[turn[0] % distinct]
         turn[0] += 1
-        layer.reset_cache(64)
         with torch.inference_mode():
             y = xs + layer.attention(attn, xs, start, cos, sin)
             y + layer.ffn(ffn, y)
@@ -573,6 +573,11 @@ def measure_disk(size: int = 256 << 20) -> tuple[float, float]:
 def launcher(mpirun: str | list[str]) -> list[str]:
     """The mpirun command and its own options (e.g. ["mpirun", "-bind-to", "core"])."""
     return [mpirun] if isinstance(mpirun, str) else list(mpirun)
+
+
+def bound_mpirun(mpirun: str, bind_to: str) -> list[str]:
+    """mpirun with `-bind-to BIND_TO` (MPICH's Hydra), or without it for "none"."""
+    return [mpirun, *(["-bind-to", bind_to] if bind_to != "none" else [])]
 
 
 def run_mpirun(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -1044,7 +1049,7 @@ def main(argv: list[str] | None = None) -> int:
         _probe_links_rank(a.hidden, a.repeats)
         return 0
     if a.cmd == "calibrate":
-        calib = calibrate([a.mpirun, *(["-bind-to", a.bind_to] if a.bind_to != "none" else [])])
+        calib = calibrate(bound_mpirun(a.mpirun, a.bind_to))
         from .results import write_json_atomic
 
         write_json_atomic(a.out, calib)
