@@ -32,7 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     predict = None
     overhead, fixed = 1e-3, None
     if calib_path.is_file():
-        from tpi_mpi.perfmodel import fit_fixed_costs, predict_record
+        from tpi_mpi.perf.measure import fit_fixed_costs
+        from tpi_mpi.perf.records import predict_record
 
         calib = json.loads(calib_path.read_text())
         overhead = calib["compute_1_thread"]["layer_overhead_s"]

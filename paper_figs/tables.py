@@ -55,7 +55,7 @@ def validation_table(results: Path, predict: Any) -> str:
 
 
 def paper_table(layer_overhead_s: float, fixed: Any = None) -> str:
-    from tpi_mpi.perfmodel import PaperAssumptions, predict_paper
+    from tpi_mpi.perf.paper import PaperAssumptions, predict_paper
 
     def f(v: float | None, fmt: str = "{:.1f}") -> str:
         return "—" if v is None else fmt.format(v)

@@ -1,7 +1,7 @@
 import pytest
 from conftest import SCRIPTS, mpirun
 
-from tpi_mpi.allreduce import ALGORITHMS, WIRE_DTYPES
+from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_DTYPES
 
 
 @pytest.mark.parametrize("n", range(1, 9))

@@ -2,7 +2,7 @@
 
 import pytest
 
-from tpi_mpi.cost_model import LinkModel, choose, predict, tree_rounds
+from tpi_mpi.comm.cost_model import LinkModel, choose, predict, tree_rounds
 
 HIDDEN_4096_FP32 = 4096 * 4  # one decode token of a 7B model
 

@@ -26,7 +26,7 @@ from conftest import MPIRUN, ROOT
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"

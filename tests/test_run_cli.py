@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 from tpi_mpi.config import build_config
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 IDS = [1, 40, 41, 300, 7, 9]
 

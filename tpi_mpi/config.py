@@ -9,14 +9,14 @@ import os
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from .allreduce import ALGORITHMS, WIRE_DTYPES
-from .emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
-from .errors import UserError
-from .units import parse_size
+from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_DTYPES
+from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
+from tpi_mpi.errors import UserError
+from tpi_mpi.units import parse_size
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
-# baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines.py)
+# baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines/hf.py)
 BASELINES = ("transformers", "accelerate", "pipeline")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
 MPICH_ALLREDUCE_ALGORITHMS = ("auto", "nb", "smp", "recursive_doubling", "recursive_multiplying",
@@ -54,7 +54,7 @@ class MemoryConfig:
     def budget_bytes(self) -> int | None:
         """The budget in bytes; for budget=cgroup, the limit of this process's memory cgroup."""
         if self.budget == "cgroup":
-            from .memplan import cgroup_memory_limit
+            from tpi_mpi.weights.cgroup_memory import cgroup_memory_limit
 
             limit = cgroup_memory_limit()
             if limit is None:

@@ -23,15 +23,16 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import tensorfile
-from .allreduce import CommStats, make_allreduce
-from .errors import UserError
-from .links import SoftwareLinks
-from .memplan import HEAD_CHUNK_BYTES, MemoryPlan, cgroup_memory_peak
-from .models.llama import ShardedDecoder, rms_norm
-from .prefetch import BlockSource, LayerPrefetcher, ResidentBlocks
-from .shards import RankShard
-from .watchdog import Watchdog
+from tpi_mpi.comm.allreduce import CommStats, make_allreduce
+from tpi_mpi.comm.links import SoftwareLinks
+from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.errors import UserError
+from tpi_mpi.models.llama import ShardedDecoder, rms_norm
+from tpi_mpi.weights import tensorfile
+from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
+from tpi_mpi.weights.memplan import HEAD_CHUNK_BYTES, MemoryPlan
+from tpi_mpi.weights.prefetch import BlockSource, LayerPrefetcher, ResidentBlocks
+from tpi_mpi.weights.shards import RankShard
 
 OP_STOP, OP_FORWARD = 0, 1
 WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak

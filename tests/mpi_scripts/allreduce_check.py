@@ -9,7 +9,7 @@ import sys
 import numpy as np
 from mpi4py import MPI
 
-from tpi_mpi.allreduce import ALGORITHMS, WIRE_DTYPES, StarAllreduce, make_allreduce
+from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_DTYPES, StarAllreduce, make_allreduce
 
 # Inputs are standard normal: the sum's error bound is relative to sqrt(N) and the wire's precision
 # (fp16: 11 bits, bf16: 8 bits), rounded at most about log2(N) + 2 times along the way.

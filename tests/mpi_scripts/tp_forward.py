@@ -13,7 +13,7 @@ import torch
 from mpi4py import MPI
 
 from tpi_mpi.engine import Master, Sampler, Worker, generate
-from tpi_mpi.shards import open_rank_shard
+from tpi_mpi.weights.shards import open_rank_shard
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)

@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from tpi_mpi.allreduce import (
+    from tpi_mpi.comm.allreduce import (
         ALGORITHMS,
         WIRE_DTYPES,
         Allreduce,
@@ -63,8 +63,8 @@ def worker(args: argparse.Namespace) -> None:
     mpich = os.environ.get("MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM")
     links = None
     if args.software_links:
+        from tpi_mpi.comm.links import SoftwareLinks
         from tpi_mpi.emulate.profiles import load_network
-        from tpi_mpi.links import SoftwareLinks
 
         links = SoftwareLinks(rank, n, load_network(args.software_links))
     link_mode = "software" if links else ("shaped" if os.environ.get("TPI_MPI_EMU_SESSION") else "none")

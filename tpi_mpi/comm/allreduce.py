@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import numpy as np
 from mpi4py import MPI
 
-from . import cost_model
-from .links import P2P, SoftwareLinks
+from tpi_mpi.comm import cost_model
+from tpi_mpi.comm.links import P2P, SoftwareLinks
 
 _TAG = 17
 log = logging.getLogger("tpi_mpi")

@@ -5,7 +5,7 @@ logits differs:
     transformers  Hugging Face transformers on one process, all weights in memory (mpirun -n 1)
     accelerate    HF Accelerate big-model inference on one process: device_map="auto" under
                   accelerate.max_memory, the layers that do not fit offloaded to disk (mpirun -n 1)
-    pipeline      our pipeline parallelism over N ranks (tpi_mpi/pipeline.py)
+    pipeline      our pipeline parallelism over N ranks (tpi_mpi/baselines/pipeline.py)
 The two HF baselines are one device by nature, so they refuse N > 1 instead of leaving ranks idle.
 """
 
@@ -21,8 +21,8 @@ from typing import Any
 import torch
 from mpi4py import MPI
 
-from .engine import Master
-from .errors import UserError, agree_or_abort
+from tpi_mpi.engine import Master
+from tpi_mpi.errors import UserError, agree_or_abort
 
 TORCH_DTYPES: dict[str, Any] = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,
                                 "bf16": torch.bfloat16}
@@ -73,7 +73,7 @@ class HFRunner:
 def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
     from transformers import AutoModelForCausalLM
 
-    from .config import size_bytes
+    from tpi_mpi.config import size_bytes
 
     if not cfg.model.path or not (Path(cfg.model.path) / "config.json").is_file():
         raise UserError(f"baseline={cfg.baseline} needs model.path=HF_CHECKPOINT_DIR (got {cfg.model.path})")
@@ -90,7 +90,7 @@ def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
 
 def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     """One run of cfg.baseline; rank 0 writes the record exactly as for tensor parallelism."""
-    from .run import _generate, _report, _tokenizer
+    from tpi_mpi.job import generate_record, load_tokenizer, report
 
     if cfg.baseline == "pipeline":
         _pipeline_job(comm, cfg)
@@ -105,7 +105,7 @@ def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     try:
         model, load_s = load_hf(cfg, offload_dir)
         runner = HFRunner(comm, model, load_s, cfg.baseline)
-        record = _generate(runner, cfg, Path(cfg.model.path), _tokenizer(cfg, Path(cfg.model.path)))
+        record = generate_record(runner, cfg, Path(cfg.model.path), load_tokenizer(cfg, Path(cfg.model.path)))
     finally:
         if offload_dir is not None:  # what Accelerate offloaded is a copy of the checkpoint: remove it
             shutil.rmtree(offload_dir, ignore_errors=True)
@@ -113,13 +113,13 @@ def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     record["ranks"] = [runner.rank_record()]
     if runner.device_map is not None:
         record["offloaded_modules"] = sorted(k for k, v in runner.device_map.items() if str(v) == "disk")
-    _report(record, cfg)
+    report(record, cfg)
 
 
 def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
-    from .pipeline import PipelineMaster, PipelineWorker, layer_ranges
-    from .run import _generate, _report, _tokenizer, prepare_shards, start_together
-    from .shards import open_rank_shard
+    from tpi_mpi.baselines.pipeline import PipelineMaster, PipelineWorker, layer_ranges
+    from tpi_mpi.job import generate_record, load_tokenizer, prepare_shards, report, start_together
+    from tpi_mpi.weights.shards import open_rank_shard
 
     path = prepare_shards(comm, cfg, world_size=1)  # whole layers; every rank reads only its own
     shard, error = None, None
@@ -139,13 +139,13 @@ def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
         comm.gather(worker.rank_record(), root=0)
         return
     master = PipelineMaster(comm, shard, cfg.model.dtype)
-    tok = _tokenizer(cfg, path)
+    tok = load_tokenizer(cfg, path)
     start_together(comm)
     try:
-        record = _generate(master, cfg, path, tok)
+        record = generate_record(master, cfg, path, tok)
     finally:
         master.stop()
     record["baseline"] = "pipeline"
     record["layer_ranges"] = [list(r) for r in layer_ranges(shard.num_layers, comm.size)]
     record["ranks"] = comm.gather(master.rank_record(), root=0)
-    _report(record, cfg)
+    report(record, cfg)
