@@ -23,13 +23,11 @@ from tpi_mpi.config import MemoryConfig, build_config, parse_bytes
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
 from tpi_mpi.weights import tensorfile
+from tpi_mpi.weights.cgroup_memory import cgroup_memory_limit, cgroup_memory_peak, cgroup_memory_usage
 from tpi_mpi.weights.memplan import (
     HEAD_CHUNK_BYTES,
     READ_CHUNK_BYTES,
     _spread,
-    cgroup_memory_limit,
-    cgroup_memory_peak,
-    cgroup_memory_usage,
     plan_memory,
     plan_rank_memory,
 )

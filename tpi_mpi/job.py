@@ -106,7 +106,7 @@ def load_tokenizer(cfg: Any, shard_path: Path) -> Any:
 
 def generate_record(master: Any, cfg: Any, shard_path: Path, tok: Any) -> dict[str, Any]:
     """Generate for the configured prompt; `tok`: the tokenizer (None: prompt_ids are required)."""
-    from tpi_mpi.engine import Sampler, generate
+    from tpi_mpi.generate import Sampler, generate
 
     g = cfg.generation
     if cfg.prompt_ids is not None:

@@ -18,8 +18,9 @@ from mpi4py import MPI
 
 import tpi_mpi.engine
 from tpi_mpi.config import MemoryConfig
-from tpi_mpi.engine import Master, Sampler, Worker, generate
+from tpi_mpi.engine import Master, Worker
 from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.generate import Sampler, generate
 from tpi_mpi.weights.memplan import MemoryPlan, _spread, plan_rank_memory
 from tpi_mpi.weights.shards import open_rank_shard
 
