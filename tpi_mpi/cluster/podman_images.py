@@ -106,7 +106,8 @@ def debian_mirror(release: str = RELEASE) -> str:
 
 def host_pip_options() -> tuple[list[str], list[str]]:
     """The index options the host's pip uses (`pip config list`: files and PIP_* variables) and the local
-    paths they name (to be mounted at the same place in the build). The CA bundle is always passed: pip in
+    paths they name (to be mounted at the same place in the build; a local index's parent folder, where its
+    links point). The CA bundle is always passed: pip in
     a virtual environment otherwise trusts only its own certifi bundle."""
     out = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True, text=True,
                          timeout=60).stdout
@@ -127,6 +128,8 @@ def host_pip_options() -> tuple[list[str], list[str]]:
         for v in vs[-1:] if key in ("index-url", "cert") else vs:
             options += [f"--{key}", v]
             path = urlparse(v).path if v.startswith("file:") else v
+            if key.endswith("index-url") and v.startswith("file:"):
+                path = str(Path(path).parent)  # a local index (ROOT/simple) links to files beside it
             if path.startswith("/") and Path(path).exists() and path not in mounts:
                 mounts.append(path)
     return options, mounts
@@ -174,7 +177,7 @@ def build_device(base: str, tag: str, env: dict[str, str], log: Path) -> float:
     """docker/Dockerfile FROM `base`, pip as the host's; one layer (no intermediate images left behind)."""
     t0 = time.monotonic()
     options, mounts = host_pip_options()
-    volumes = [a for m in [CA_BUNDLE, *mounts] for a in ("-v", f"{m}:{m}:ro")]
+    volumes = [a for m in dict.fromkeys([CA_BUNDLE, *mounts]) for a in ("-v", f"{m}:{m}:ro")]
     opts = " ".join(options)  # the Dockerfile splits it on spaces (pip's own config lists are space-separated)
     run(["podman", "build", "--layers=false", "--pull=never", "-f", str(ROOT / "docker" / "Dockerfile"),
          "--build-arg", f"BASE={base}", "--build-arg", f"TORCH_PIP_OPTIONS={opts}", "--build-arg",
