@@ -14,7 +14,6 @@ from functools import cache
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT, kill_tree
 
 DOCS = sorted([ROOT / "README.md", ROOT / "CONTRIBUTING.md", *(ROOT / "docs").glob("*.md"),
@@ -57,13 +56,14 @@ def anchors(path: Path) -> frozenset[str]:
 
 
 def _links(path: Path) -> list[str]:
-    return [m.group(1) for line in _split(path)[0] for m in LINK.finditer(CODE_SPAN.sub("", line))]
+    # on the whole text: a link's words or a code span may run over a line break
+    return [m.group(1) for m in LINK.finditer(CODE_SPAN.sub("", "\n".join(_split(path)[0])))]
 
 
 def _commands(path: Path) -> list[str]:
     """Lines of fenced code blocks and inline code spans: where the docs show a command."""
     prose, code = _split(path)
-    return code + [span for line in prose for span in CODE_SPAN.findall(line)]
+    return code + [span.replace("\n", " ") for span in CODE_SPAN.findall("\n".join(prose))]
 
 
 def _modules() -> list[str]:
@@ -119,7 +119,7 @@ def _help(module: str) -> tuple[int, str]:
 def helps() -> dict[str, tuple[int, str]]:
     """`--help` of every module the docs show, a few at once (each is mostly importing torch)."""
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(_modules(), pool.map(_help, _modules())))
+        return dict(zip(_modules(), pool.map(_help, _modules()), strict=True))
 
 
 def test_docs_show_modules():
