@@ -1,4 +1,5 @@
-"""docker/: what can be checked without a container engine, and the compose file run for real with podman.
+"""docker/: what can be checked without a container engine, and the compose file run for real with podman
+(docs/slurm_docker.md).
 
 - the build context: every file the Dockerfile COPYs exists and is not excluded by .dockerignore;
 - the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and
