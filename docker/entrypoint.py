@@ -91,9 +91,10 @@ def shape(env: Mapping[str, str], dry: bool) -> None:
             raise subprocess.CalledProcessError(p.returncode, cmd, p.stdout, p.stderr)
         missing = [f"{k}={env[k]}" for k in ("LINK_DELAY_MS", "LINK_JITTER_MS", "LINK_LOSS_PCT")
                    if _number(env, k)]
-        print(f"tpi_mpi device: warning: this kernel has no netem qdisc: {', '.join(missing)} not applied"
-              + ("; the rate is shaped with tbf" if _number(env, "LINK_RATE_MBIT") else ""), file=sys.stderr,
-              flush=True)
+        # One write: the container log keeps it one line beside the stdout lines around it.
+        sys.stderr.write(f"tpi_mpi device: warning: this kernel has no netem qdisc: {', '.join(missing)} not "
+                         "applied" + ("; the rate is shaped with tbf" if _number(env, "LINK_RATE_MBIT") else "") + "\n")
+        sys.stderr.flush()
         if _number(env, "LINK_RATE_MBIT"):
             iface = env.get("DEVICE_IFACE", "eth0")
             tbf = tbf_command(env, int(open(f"/sys/class/net/{iface}/mtu").read()))

@@ -202,7 +202,7 @@ def main_run(work: Path, image: str | None, keep_images: bool, out: dict[str, An
         left = stack.down()
         if not keep_images:
             for img in out["made_images"]:
-                run(["podman", "rmi", "-f", img], timeout=300, env=env, check=False)
+                run(["podman", "rmi", "-f", img], timeout=300, env=env, log=log, check=False)
             images = run(["podman", "images", "-a", "--format", "{{.Repository}}"], timeout=60, env=env).stdout
             left += [f"image {i}" for i in images.split() if name in i]
         left += host.restore()

@@ -69,6 +69,7 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, log: 
         check: bool = True) -> subprocess.CompletedProcess:
     """Run a command; its output to `log` (appended) when given. Past `timeout` it is killed and fails."""
     out = open(log, "a") if log is not None else None
+    t0 = time.monotonic()
     try:
         if out is not None:
             out.write(f"+ {shlex.join(cmd)}\n")
@@ -80,6 +81,7 @@ def run(cmd: list[str], timeout: float, env: dict[str, str] | None = None, log: 
         raise PodmanUnavailable(f"{shlex.join(cmd[:3])} ... ran past {timeout:g} s") from None
     finally:
         if out is not None:
+            out.write(f"# {time.monotonic() - t0:.1f} s: {shlex.join(cmd[:4])}\n")
             out.close()
     if check and p.returncode != 0:
         tail = log.read_text()[-2000:] if log is not None else (p.stderr or "")[-2000:]
