@@ -6,8 +6,9 @@ ends the job, in one run.
 
 Starts `python -m tpi_mpi.emulate run` of a generation that does not end by itself (tiny model, 2 layers,
 comm.algo=star), waits for rank 0's streamed text (every rank is in the decode loop), then, one after the
-other, takes rank --rank's link down for each outage (`emulate cut`, then `emulate mend`), each time
-waiting for the text to come again; at the end it cuts the link for good. Table: per outage, the time
+other, takes rank --rank's link down for each outage (what `emulate cut` and `emulate mend` do, called in
+this process so that the times are exact), each time waiting for the text to come again; at the end it
+cuts the link for good with `python -m tpi_mpi.emulate cut`. Table: per outage, the time
 without text (the outage, plus TCP's retransmission backoff), and the time from the mend until text came
 again; for the cut for good, the watchdog's line and the time from the cut until every rank was gone.
 """
@@ -103,11 +104,11 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         run.text_after(0, 20, 600)
-        for outage in outages:
-            emulate("cut", f"session={args.session}", f"rank={args.rank}")
+        for outage in outages:  # in-process (what `emulate cut` / `mend` run), so that the times are exact
+            netns.set_link(args.session, args.rank, up=False)
             cut = time.monotonic()
             time.sleep(outage)  # the outage itself
-            emulate("mend", f"session={args.session}", f"rank={args.rank}")
+            netns.set_link(args.session, args.rank, up=True)
             mended = time.monotonic()
             again = run.text_after(mended, 1, args.timeout_s * 3)
             rows.append((outage, again - run.last_before(cut + 0.3), again - mended))
