@@ -22,7 +22,7 @@ from mpi4py import MPI
 
 from tpi_mpi.comm import cost_model
 from tpi_mpi.comm.links import P2P, SoftwareLinks
-from tpi_mpi.comm.wire import INT8_BLOCK, WIRE_DTYPES, WireFormat
+from tpi_mpi.comm.wire import AUTO_WIRES, INT8_BLOCK, WIRE_CHOICES, WIRE_DTYPES, WireFormat, measure_codecs
 
 __all__ = ["ALGORITHMS", "AUTO_WIRES", "WIRE_CHOICES", "WIRE_DTYPES", "Allreduce", "AutoAllreduce", "CommStats",
            "MeshAllreduce", "MpiAllreduce", "RecursiveDoublingAllreduce", "RingAllreduce", "StarAllreduce",
@@ -44,11 +44,6 @@ class CommStats:
                 "bytes_received": self.bytes_received, "seconds": self.seconds}
 
 
-# comm.dtype: a wire format, or "auto" (comm.algo=auto only): the cost model picks the wire too, among
-# AUTO_WIRES. Lossy wires change the numerics, so auto picks one only where the user allowed it by choosing
-# comm.dtype=auto; with a fixed comm.dtype (fp32 by default) it picks the algorithm alone.
-AUTO_WIRES = ("fp32", "fp16", "int8")  # bf16: the bytes of fp16 with 3 fewer bits of precision, never better
-WIRE_CHOICES = (*WIRE_DTYPES, "auto")
 
 
 class Allreduce:
@@ -300,30 +295,10 @@ def probe_link(comm: MPI.Comm, small: int = 8, large: int = 1 << 18, repeats: in
     return link
 
 
-def probe_codecs(comm: MPI.Comm, wires: tuple[str, ...], values: int = 8192,
-                 repeats: int = 20) -> dict[str, cost_model.WireCost]:
-    """Seconds per value to encode and to decode each wire format, timed on rank 0 (medians, on a message of
-    one 8192-wide hidden state), and its bytes per value; every rank gets rank 0's figures. Collective."""
-    costs: dict[str, cost_model.WireCost] | None = None
-    if comm.rank == 0:
-        x = np.random.default_rng(0).standard_normal(values).astype(np.float32)
-        out = np.empty_like(x)
-        costs = {}
-        for name in wires:
-            fmt = WireFormat(name)
-            if fmt.lossless:  # sent as it is
-                costs[name] = cost_model.WireCost(fmt.nbytes(values) / values)
-                continue
-            enc, dec = [], []
-            for _ in range(repeats + 2):
-                t0 = time.perf_counter()
-                w = fmt.encode(x)
-                t1 = time.perf_counter()
-                fmt.decode(w, out)
-                dec.append(time.perf_counter() - t1)
-                enc.append(t1 - t0)
-            costs[name] = cost_model.WireCost(fmt.nbytes(values) / values, float(np.median(enc[2:])) / values,
-                                              float(np.median(dec[2:])) / values)
+def probe_codecs(comm: MPI.Comm, wires: tuple[str, ...], values: int = 8192) -> dict[str, cost_model.WireCost]:
+    """Each wire format's bytes per value and seconds per value to encode and decode, timed on rank 0
+    (wire.measure_codecs); every rank gets rank 0's figures. Collective."""
+    costs = measure_codecs(wires, values) if comm.rank == 0 else None
     costs = comm.bcast(costs, root=0)
     assert costs is not None
     return costs

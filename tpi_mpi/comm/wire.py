@@ -32,9 +32,18 @@ up as NaN on every rank, as it would in fp32.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from tpi_mpi.comm.cost_model import WireCost
+
 WIRE_DTYPES = ("fp32", "fp16", "bf16", "int8")
+# comm.dtype: a wire format, or "auto" (comm.algo=auto only): the cost model picks the wire too, among
+# AUTO_WIRES. Lossy wires change the numerics, so auto picks one only where the user allowed it by choosing
+# comm.dtype=auto; with a fixed comm.dtype (fp32 by default) it picks the algorithm alone.
+AUTO_WIRES = ("fp32", "fp16", "int8")  # bf16: the bytes of fp16 with 3 fewer bits of precision, never better
+WIRE_CHOICES = (*WIRE_DTYPES, "auto")
 INT8_BLOCK = 32  # values per int8 block (one scale each)
 _SCALE_BYTES = 4  # one float32 scale per block
 
@@ -212,3 +221,28 @@ def int8_error_bound(algo: str, inputs: list[np.ndarray]) -> np.ndarray:
         m += a.reshape(nb, INT8_BLOCK).max(axis=1)
     per_block = (k * m / 254 + (k + n) * 2.0 ** -22 * m) / (1 - k / 254)
     return np.repeat(per_block, INT8_BLOCK)[:count].reshape(inputs[0].shape)
+
+
+def measure_codecs(wires: tuple[str, ...], values: int = 8192, repeats: int = 20) -> dict[str, WireCost]:
+    """Bytes per value, and median seconds per value to encode and to decode, of each wire format on a
+    message of `values` standard-normal values (one hidden state of Llama 2-70B by default). fp32 goes as it
+    is: no cost."""
+    x = np.random.default_rng(0).standard_normal(values).astype(np.float32)
+    out = np.empty_like(x)
+    costs = {}
+    for name in wires:
+        fmt = WireFormat(name)
+        if fmt.lossless:
+            costs[name] = WireCost(fmt.nbytes(values) / values)
+            continue
+        enc, dec = [], []
+        for _ in range(repeats + 2):  # the first two warm up
+            t0 = time.perf_counter()
+            w = fmt.encode(x)
+            t1 = time.perf_counter()
+            fmt.decode(w, out)
+            dec.append(time.perf_counter() - t1)
+            enc.append(t1 - t0)
+        costs[name] = WireCost(fmt.nbytes(values) / values, float(np.median(enc[2:])) / values,
+                               float(np.median(dec[2:])) / values)
+    return costs
