@@ -2,16 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
+import functools
+import io
 import os
 import stat
 import struct
 import sys
 import termios
+import threading
 import time
 import traceback
 from collections.abc import Callable
-from typing import Any, NoReturn
+from types import TracebackType
+from typing import Any, NoReturn, TypeVar
+
+F = TypeVar("F", bound=Callable[..., Any])
+# A full or read-only disk is the machine's state, not a bug: one line naming the path, no traceback.
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
 
 
 class UserError(Exception):
@@ -70,16 +79,98 @@ def agree_or_abort(comm: Any, error: str | None) -> None:
 
 
 def run_or_abort(comm: Any, fn: Callable[[], Any]) -> Any:
-    """Run fn; a UserError becomes one line from the rank that saw it, any other failure a traceback.
-
-    Either way every rank exits non-zero through MPI_Abort instead of leaving its peers blocked.
-    """
+    """Run fn; a UserError becomes one line from the rank that saw it, any other failure a traceback and a
+    line naming the rank and the error. Either way every rank exits non-zero through MPI_Abort instead of
+    leaving its peers blocked."""
     try:
         return fn()
-    except UserError as exc:
-        abort(comm, str(exc), 2)
-    except KeyboardInterrupt:
-        abort(comm, f"interrupted on rank {comm.rank}", 130)
-    except Exception:
-        traceback.print_exc()
-        abort(comm, f"rank {comm.rank} failed with the traceback above", 1)
+    except (Exception, KeyboardInterrupt) as exc:
+        fail(exc, comm)
+
+
+def main_guard(fn: F) -> F:
+    """Decorator for the main() of every entry point: an uncaught exception on any rank ends the whole job.
+
+    Under mpirun a rank that raised would otherwise exit, or hang in MPI_Finalize, while its peers wait in a
+    collective for ever (rank 0 failing in the sentinel's mkdtemp on a full disk held a job for 10 minutes).
+    With the guard that rank prints one `tpi_mpi: error:` line naming itself and the error (after the
+    traceback, unless the error is the user's or the disk's) and MPI_Abort ends every rank. An uncaught
+    exception in another thread of an MPI program does the same. Where MPI is not initialised (a driver that
+    only starts mpirun, `split`), the same line and a non-zero exit status. SystemExit passes through: an
+    entry point's own sys.exit is its decision."""
+
+    @functools.wraps(fn)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        threading.excepthook = _thread_excepthook
+        try:
+            return fn(*args, **kwargs)
+        except (Exception, KeyboardInterrupt) as exc:
+            fail(exc, mpi_world())
+
+    return guarded  # type: ignore[return-value]
+
+
+def fail(exc: BaseException, comm: Any = None) -> NoReturn:
+    """The one line for exc (and its traceback if it is a bug), then MPI_Abort of every rank, or without
+    MPI (comm None) SystemExit with the same status: 2 the user's error, 130 interrupted, 1 anything else."""
+    where = f"rank {comm.rank}: " if comm is not None else ""
+    if isinstance(exc, UserError):
+        code, message = 2, str(exc)
+    elif isinstance(exc, KeyboardInterrupt):
+        code, message = 130, "interrupted" + (f" on rank {comm.rank}" if comm is not None else "")
+    else:
+        code, message = 1, where + describe(exc)
+        if not (isinstance(exc, OSError) and exc.errno in DISK_ERRNOS):
+            traceback.print_exception(exc)
+            message += " (traceback above)"
+    message = message.replace("\n", " ")  # one line, whatever the exception's text
+    if comm is not None:
+        abort(comm, message, code)
+    print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(code)
+
+
+def describe(exc: BaseException) -> str:
+    """`Type: message`, naming the file for an OSError that does not (a failed write() or close())."""
+    text = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, OSError) and exc.filename is None:
+        name = _file_being_written(exc.__traceback__)
+        if name:
+            text += f" (writing {name})"
+    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
+        text += ": free space there or write elsewhere"
+    return text
+
+
+def _file_being_written(tb: TracebackType | None) -> str | None:
+    """The open file object nearest to where the exception was raised (innermost frame first): a write or a
+    close that fails with ENOSPC names no file, but the frame doing it holds the file object (Hydra's
+    `with open(...) as file`)."""
+    frames = []
+    while tb is not None:
+        frames.append(tb.tb_frame)
+        tb = tb.tb_next
+    for frame in reversed(frames):
+        for value in frame.f_locals.values():
+            name = getattr(value, "name", None) if isinstance(value, io.IOBase) else None
+            if isinstance(name, str):
+                return name
+    return None
+
+
+def mpi_world() -> Any:
+    """MPI.COMM_WORLD if this process initialised MPI and has not finalised it, else None (never imports it)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+        return None
+    return mpi.COMM_WORLD
+
+
+def _thread_excepthook(args: Any) -> None:
+    """An uncaught exception in a helper thread: under MPI the main thread may be waiting on what that thread
+    would have done, so the job ends as for one in the main thread; without MPI, Python's default."""
+    comm = mpi_world()
+    if comm is None or args.exc_type is SystemExit or args.exc_value is None:
+        threading.__excepthook__(args)
+        return
+    fail(args.exc_value, comm)

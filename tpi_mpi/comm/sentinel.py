@@ -27,17 +27,22 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.faults import fail_point
+
 _marker: Path | None = None  # the sentinel's marker directory, if one watches: removed = "stopping on purpose"
 
 
 def start(comm: Any) -> None:
     """Collective, once per process: rank 0 starts the sentinel for the ranks on its host."""
     global _marker
+    if comm.rank != 0:
+        fail_point("sentinel", comm.rank)
     me = (socket.gethostname(), os.getpid())
     ranks = comm.gather(me, root=0)
     marker = None
     if comm.rank == 0 and hasattr(os, "pidfd_open"):
         watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
+        fail_point("sentinel", 0)  # where a full TMPDIR fails (tests/test_full_disk.py does that for real)
         marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
         # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
         # else by the sentinel; a missing directory means "stopping on purpose".
