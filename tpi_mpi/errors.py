@@ -131,15 +131,15 @@ def fail(exc: BaseException, comm: Any = None) -> NoReturn:
 
 
 def describe(exc: BaseException) -> str:
-    """`Type: message`, naming the file for an OSError that does not (a failed write() or close())."""
-    text = f"{type(exc).__name__}: {exc}"
-    if isinstance(exc, OSError) and exc.filename is None:
-        name = _file_being_written(exc.__traceback__)
-        if name:
-            text += f" (writing {name})"
-    if isinstance(exc, OSError) and exc.errno in DISK_ERRNOS:
-        text += ": free space there or write elsewhere"
-    return text
+    """`Type: message`; a full or read-only disk as `PATH: what happened: what to do`. A failed write() or
+    close() names no file: the file being written is named instead."""
+    if not isinstance(exc, OSError):
+        return f"{type(exc).__name__}: {exc}"
+    name = exc.filename if exc.filename is not None else _file_being_written(exc.__traceback__)
+    if exc.errno in DISK_ERRNOS:
+        hint = "write elsewhere" if exc.errno == errno.EROFS else "free space there or write elsewhere"
+        return f"{name + ': ' if name else ''}{exc.strerror}: {hint}"
+    return f"{type(exc).__name__}: {exc}" + (f" (writing {name})" if name and exc.filename is None else "")
 
 
 def _file_being_written(tb: TracebackType | None) -> str | None:

@@ -43,7 +43,13 @@ def start(comm: Any) -> None:
     if comm.rank == 0 and hasattr(os, "pidfd_open"):
         watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
         fail_point("sentinel", 0)  # where a full TMPDIR fails (tests/test_full_disk.py does that for real)
-        marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
+        # In $TMPDIR itself: Python's tempfile would skip a full one for /tmp, /var/tmp or even the current
+        # directory, where a job killed with SIGKILL would leave the directory among the user's files.
+        base = os.environ.get("TMPDIR") or tempfile.gettempdir()
+        try:
+            marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-", dir=base)
+        except OSError as exc:  # rank 0 raises, main_guard aborts every rank with one line naming the path
+            raise OSError(exc.errno, f"{exc.strerror} (making the sentinel's directory in TMPDIR)", base) from exc
         # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
         # else by the sentinel; a missing directory means "stopping on purpose".
         atexit.register(shutil.rmtree, marker, True)
