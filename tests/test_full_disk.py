@@ -192,3 +192,31 @@ def test_full_json_record_keeps_the_earlier_one(tiny: dict[str, Path], tmp_path:
     assert line.startswith(f"tpi_mpi: error: rank 0: {record}: No space left on device"), line
     assert json.loads(record.read_text()) == {"run": 1}
     assert not list(full_disk.path.glob(".r.json.*"))
+
+
+def test_first_use_split_into_a_full_cache(tiny: dict[str, Path], tmp_path: Path, full_disk: FullDisk) -> None:
+    full_disk.fill(inodes=False)  # rank 0 splits model.path into model.cache_dir; the workers wait
+    line = the_error(*run_job(tiny, tmp_path, ["model.shards=null", f"model.cache_dir={full_disk.path}",
+                                               "output.results=null"]))
+    assert line.startswith(f"tpi_mpi: error: rank 0: {full_disk.path}/."), line  # a file of the partial split
+    assert not [p for p in full_disk.path.iterdir() if not p.name.startswith(".filler")], "a partial split left"
+
+
+@pytest.mark.parametrize("cli", ["split", "make_model"])
+def test_command_line_tools_on_a_full_disk(tiny: dict[str, Path], full_disk: FullDisk, cli: str,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    from tpi_mpi.make_model import main as make_model_main
+    from tpi_mpi.split import main as split_main
+
+    full_disk.fill(inodes=False)
+    out = full_disk.path / "out"
+    with pytest.raises(SystemExit) as exc:
+        if cli == "split":
+            split_main(["--model", str(tiny["model"]), "--out", str(out), "--world-size", "2"])
+        else:
+            make_model_main(["--out", str(out)])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"tpi_mpi: error: {full_disk.path}/"), err
+    assert err[0].endswith("No space left on device: free space there or write elsewhere"), err
+    assert not [p for p in full_disk.path.iterdir() if p.name != ".filler"], "a partial output was left"

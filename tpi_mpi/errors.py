@@ -7,6 +7,7 @@ import fcntl
 import functools
 import io
 import os
+import re
 import stat
 import struct
 import sys
@@ -91,21 +92,27 @@ def run_or_abort(comm: Any, fn: Callable[[], Any]) -> Any:
 def main_guard(fn: F) -> F:
     """Decorator for the main() of every entry point: an uncaught exception on any rank ends the whole job.
 
+        @main_guard
+        def main(argv: list[str] | None = None) -> int: ...
+
     Under mpirun a rank that raised would otherwise exit, or hang in MPI_Finalize, while its peers wait in a
     collective for ever (rank 0 failing in the sentinel's mkdtemp on a full disk held a job for 10 minutes).
     With the guard that rank prints one `tpi_mpi: error:` line naming itself and the error (after the
-    traceback, unless the error is the user's or the disk's) and MPI_Abort ends every rank. An uncaught
-    exception in another thread of an MPI program does the same. Where MPI is not initialised (a driver that
-    only starts mpirun, `split`), the same line and a non-zero exit status. SystemExit passes through: an
-    entry point's own sys.exit is its decision."""
+    traceback, unless the error is the user's or the disk's) and MPI_Abort ends every rank; an uncaught
+    exception in another thread does the same. In a single process (MPI not initialised, or a world of one:
+    a driver that only starts mpirun, `split`, a test calling main()) there is no peer to release: the same
+    line and SystemExit with the same status, no Abort. SystemExit passes through: an entry point's own
+    sys.exit is its decision."""
 
     @functools.wraps(fn)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        threading.excepthook = _thread_excepthook
+        previous, threading.excepthook = threading.excepthook, _thread_excepthook
         try:
             return fn(*args, **kwargs)
         except (Exception, KeyboardInterrupt) as exc:
             fail(exc, mpi_world())
+        finally:
+            threading.excepthook = previous
 
     return guarded  # type: ignore[return-value]
 
@@ -142,6 +149,16 @@ def describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" + (f" (writing {name})" if name and exc.filename is None else "")
 
 
+def os_error_from(exc: BaseException, path: Any) -> OSError | None:
+    """The OSError a library reported as text (safetensors: `I/O error: No space left on device (os error
+    28)`), naming `path`; None if exc carries no OS error number."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        return None
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code), str(path))
+
+
 def _file_being_written(tb: TracebackType | None) -> str | None:
     """The open file object nearest to where the exception was raised (innermost frame first): a write or a
     close that fails with ENOSPC names no file, but the frame doing it holds the file object (Hydra's
@@ -159,9 +176,10 @@ def _file_being_written(tb: TracebackType | None) -> str | None:
 
 
 def mpi_world() -> Any:
-    """MPI.COMM_WORLD if this process initialised MPI and has not finalised it, else None (never imports it)."""
+    """MPI.COMM_WORLD if this process is one of several MPI ranks (initialised, not finalised), else None.
+    Never imports mpi4py: a driver that does not use MPI must not initialise it."""
     mpi = sys.modules.get("mpi4py.MPI")
-    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized():
+    if mpi is None or not mpi.Is_initialized() or mpi.Is_finalized() or mpi.COMM_WORLD.size < 2:
         return None
     return mpi.COMM_WORLD
 
