@@ -79,3 +79,15 @@ def test_failure_ends_every_rank_with_one_line(tiny: dict[str, Path], tmp_path: 
     assert not alive, alive
     assert not list(ranks_tmp.glob("tpi_mpi-sentinel-*")), "the sentinel's marker directory was left behind"
     assert not (tmp_path / "results.jsonl").exists()  # no record of a failed job
+
+
+def test_uncaught_exception_in_a_helper_thread_ends_every_rank(tmp_path: Path) -> None:
+    from conftest import SCRIPTS, mpirun
+
+    proc = mpirun(N, [str(SCRIPTS / "thread_failure.py")], timeout=60)
+    gone = time.time()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert proc.returncode != 0 and len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith("tpi_mpi: error: rank 1: ValueError: helper thread failed"), errors[0]
+    failed_at = float(re.search(r"at unix time ([0-9.]+)", errors[0]).group(1))  # type: ignore[union-attr]
+    assert gone - failed_at < LIMIT_S
