@@ -11,13 +11,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import kill_tree, start_mpirun
+from conftest import MPIRUN, die_with_parent, kill_tree, start_mpirun
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import append_jsonl, read_jsonl, write_json_atomic
@@ -220,3 +222,47 @@ def test_command_line_tools_on_a_full_disk(tiny: dict[str, Path], full_disk: Ful
     assert len(err) == 1 and err[0].startswith(f"tpi_mpi: error: {full_disk.path}/"), err
     assert err[0].endswith("No space left on device: free space there or write elsewhere"), err
     assert not [p for p in full_disk.path.iterdir() if p.name != ".filler"], "a partial output was left"
+
+
+NO_TEMP_DIR = """
+set -eu
+mount --bind "$1" /srv  # the model and the Hydra folder, where the job sees them (an empty folder here)
+for d in /tmp /var/tmp; do  # every folder Python's tempfile tries (the cwd is /tmp): full, blocks and inodes
+  mount -t tmpfs -o size=4k,nr_inodes=1 tpi_mpi_test_full_ns "$d"
+  head -c 8192 /dev/zero > "$d/f" 2>/dev/null || true
+done
+cd /tmp
+shift
+exec env -u TMPDIR "$@"
+"""
+
+
+def test_no_temporary_directory_anywhere(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """The issue's case: the whole disk full, so rank 0's sentinel finds no temporary directory (the job
+    hung for 10 minutes before). /tmp and /var/tmp are full only in a mount namespace of the job's own: the
+    machine's are untouched, and the namespace goes with its last process."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare (util-linux) for a mount namespace")
+    shutil.copytree(tiny["model"], tmp_path / "tiny")
+    shutil.copytree(tiny["shards"], tmp_path / "shards")
+    proc = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "bash", "-c", NO_TEMP_DIR, "bash", str(tmp_path),
+         MPIRUN, "-n", str(N), sys.executable, "-m", "tpi_mpi.run", "hydra.run.dir=/srv/hydra",
+         "model.path=/srv/tiny", "model.shards=/srv/shards", "prompt_ids=[1,40,41]", "output.results=null",
+         "threads=1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        preexec_fn=die_with_parent())
+    try:
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        _, err = proc.communicate()
+        pytest.fail(f"the job hung with no temporary directory:\n{err[-3000:]}")
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc)
+    assert proc.returncode == 2, err[-3000:]
+    errors = [line for line in err.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert errors == ["tpi_mpi: error: No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', "
+                      "'/tmp'] (full, read-only or missing): set TMPDIR to a folder with space"], err[-3000:]
+    assert "tpi_mpi_test_full_ns" not in Path("/proc/self/mounts").read_text()

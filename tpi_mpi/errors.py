@@ -28,11 +28,16 @@ class UserError(Exception):
     """Bad input: reported as one line naming the problem and the fix, never as a traceback."""
 
 
+# Called before an abort: the sentinel (comm/sentinel.py) registers its `stopping`, since this line says
+# what happened and the sentinel need not add that a rank died. (A list, so that this module imports
+# nothing of tpi_mpi and every module can use it.)
+BEFORE_ABORT: list[Callable[[], None]] = []
+
+
 def abort(comm: Any, message: str, code: int = 2) -> NoReturn:
     """Print one line and take every rank down: a peer blocked in a collective would otherwise hang."""
-    from tpi_mpi.comm import sentinel
-
-    sentinel.stopping()  # this line says what happened: the sentinel need not add that a rank died
+    for hook in BEFORE_ABORT:
+        hook()
     print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)
     wait_until_read(sys.stderr)
     comm.Abort(code)
