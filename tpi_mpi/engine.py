@@ -24,6 +24,7 @@ from tpi_mpi.comm.allreduce import CommStats, make_allreduce
 from tpi_mpi.comm.links import SoftwareLinks
 from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.errors import UserError
+from tpi_mpi.faults import fail_point
 from tpi_mpi.models.llama import ShardedDecoder, rms_norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
@@ -65,6 +66,7 @@ class Engine:
         self.blocks: BlockSource = (ResidentBlocks(files, self.cast) if plan.mode == "resident" else
                                     LayerPrefetcher(files, list(plan.streamed), plan.window, self.cast))
         self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, self.cast, self.watchdog)
+        fail_point("load", comm.rank)
         self.hidden_size = self.decoder.cfg.hidden_size
         self.eps = self.decoder.cfg.rms_norm_eps
         # op, q_len, start, kv capacity (when start == 0), positions whose logits are wanted
@@ -146,6 +148,8 @@ class Engine:
 
     def _pass_done(self) -> None:
         self.passes += 1
+        if self.passes == 2:  # mid-generation: the prompt and one more token done
+            fail_point("generate", self.comm.rank)
         if self.passes == WARMUP_PASSES:
             self.rss_warm_bytes = process_memory()
 
@@ -202,8 +206,9 @@ class Engine:
             "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
             "heap_bytes": process_memory()[2],
             "forward_passes": self.passes,
-            **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
-                                   for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
+            # keys: bytes of the float32 message; wire: what went on the wire (comm.dtype, or its choice if auto)
+            **({"allreduce_auto": {str(nbytes): {"algo": algo, "wire": wire, "predicted_s": t}
+                                   for nbytes, (algo, wire, t) in choices.items()}} if choices is not None else {}),
         }
 
 

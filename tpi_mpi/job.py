@@ -16,6 +16,7 @@ from typing import Any
 from mpi4py import MPI
 
 from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.faults import fail_point
 
 
 def set_threads(comm: MPI.Comm, threads: int | None) -> None:
@@ -86,6 +87,7 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
     from tpi_mpi.engine import DTYPES
     from tpi_mpi.weights.memplan import plan_rank_memory
 
+    fail_point("memplan", comm.rank)
     plan, error = None, None
     try:
         plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 from tpi_mpi.weights.split import DTYPES, split
 from tpi_mpi.weights.split import __doc__ as SPLIT_DOC
 
@@ -22,6 +22,7 @@ def parse_ratios(text: str | None) -> list[float] | None:
         raise UserError(f"--ratios takes comma-separated numbers, got {text!r}") from None
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.split", description=(SPLIT_DOC or "").splitlines()[0])
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")

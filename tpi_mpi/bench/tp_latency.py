@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tpi_mpi.errors import main_guard
+
 HF_ROW = "HF transformers (1 process)"
 KEPT = ("ttft_s", "token_latency_s", "tokens_per_s", "token_ids", "ranks")  # of each run's record
 
@@ -163,6 +165,7 @@ def ratio(x: float, ref: float) -> float:
     return x / ref if ref else float("nan")  # --new-tokens 1 leaves no later tokens to time
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.tp_latency",
                                 description=__doc__.splitlines()[0])

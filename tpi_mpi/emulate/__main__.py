@@ -34,7 +34,7 @@ import psutil
 from tpi_mpi.emulate import netns, state
 from tpi_mpi.emulate import session as sess
 from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, load_device, load_network
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 
 COMMANDS = ("up", "down", "status", "run", "check", "cut", "mend")
 KEYS = {"session", "network", "device", "devices", "allow_uncapped", "disk_path", "timeout", "links", "json",
@@ -282,6 +282,7 @@ def cmd_check(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int
     return 0
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:

@@ -25,9 +25,9 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tpi_mpi.errors import UserError
+from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.partition import ShardPlan, largest_remainder, plan_shards, ranges
 
 FORMAT = "tpi_mpi.shards/2"  # 2: head_slice.safetensors on every rank
@@ -108,7 +108,7 @@ class CheckpointReader:
 
 def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, Any]:
     tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path))
+    tensorfile.save(path, tensors)
     return {"bytes": path.stat().st_size, **file_digests(path)}
 
 
