@@ -36,6 +36,7 @@ from tpi_mpi.cluster.podman_images import (
     PodmanUnavailable,
     build_base,
     build_device,
+    check_disk,
     missing_requirement,
     remove_tree,
     run,
@@ -171,6 +172,7 @@ def main_run(work: Path, image: str | None, keep_images: bool, out: dict[str, An
         hosts = devices_in_rank_order()
         out["model"] = str(make_data(work / "data", len(hosts)))
         if image is None:
+            check_disk(work, env)
             out["made_images"].append(base)
             out["timings_s"]["base_image"] = build_base(work, base, env, log)
             out["made_images"].append(device)

@@ -153,6 +153,20 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+# Measured: the device image is 1.8 GB, and committing it writes the build container's layer once more.
+DISK_NEEDED = 6 * 2**30
+
+
+def check_disk(work: Path, env: dict[str, str]) -> None:
+    """Enough free space for the root filesystem and the images (one line naming the folder otherwise)."""
+    root = run(["podman", "info", "--format", "{{.Store.GraphRoot}}"], timeout=60, env=env).stdout.strip()
+    for path in dict.fromkeys([root or "/var/lib/containers", "/var/tmp", str(work)]):
+        free = shutil.disk_usage(path).free
+        if free < DISK_NEEDED:
+            raise PodmanUnavailable(f"{path} has {free / 2**30:.1f} GiB free; building the images needs about "
+                                    f"{DISK_NEEDED / 2**30:.0f} GiB")
+
+
 def build_base(work: Path, tag: str, env: dict[str, str], log: Path) -> float:
     """debootstrap a minimal Debian with Python and import it as image `tag`; returns the seconds taken."""
     t0 = time.monotonic()
