@@ -130,6 +130,8 @@ BAD_RUNS: list[tuple[int, list[str], str]] = [
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),
     (2, ["memory.resident=false", "memory.window=-1"], "memory.window must be a positive integer or null"),
+    # Hydra's own error (a key not in the config): one line too, not Hydra's message and exit(1)
+    (2, ["model.colour=red"], "Could not override 'model.colour'. To append to your config use +model.colour=red"),
 ]
 
 
