@@ -377,7 +377,7 @@ def test_cut_link_is_named_by_the_watchdog_and_ends_the_job(session: str, tiny3:
     assert job.proc.returncode != 0
     errors = [line for line in stderr.splitlines() if line.startswith("tpi_mpi: error:")]
     assert len(errors) == 1, stderr[-3000:]
-    assert re.search(rf"watchdog: [\w ]+ #\d+( of layer \d+ \(\w+\))? did not complete within "
+    assert re.search(r"watchdog: [\w ]+ #\d+( of layer \d+ \(\w+\))? did not complete within "
                      rf"comm.timeout_s={timeout_s} s; rank 2 did not arrive", errors[0]), errors[0]
     assert "Traceback" not in stderr
     assert timeout_s <= took < timeout_s + 10, f"{took:.1f} s from the cut until every rank was gone"
