@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -166,7 +167,7 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
     hd = head_dim(config)
     plan = plan_shards(num_heads=config["num_attention_heads"],
                        num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                       head_dim=hd, intermediate_size=config["intermediate_size"],
+                       head_dim=hd, intermediate_size=padded_ffn(config["intermediate_size"], spec),
                        world_size=world_size, ratios=ratios,
                        **dict(zip(("column_multiple", "row_multiple"), quant.slice_multiples(spec), strict=True)))
     quant.check_hidden_size(spec, config["hidden_size"])
@@ -207,7 +208,8 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
                 "vocab_range": list(vocab[r]),
                 # Packed int4 bytes are only valid for a kernel with the same layout (quant.layout_fingerprint).
                 "quant": {**spec.to_json(),
-                          "int4_layout": quant.layout_fingerprint() if spec.format == "int4" else None},
+                          "int4_layout": quant.layout_fingerprint() if spec.format == "int4" else None,
+                          "ffn_padding": padded_ffn(config["intermediate_size"], spec) - config["intermediate_size"]},
             }
             (rank_dir(tmp, r) / "manifest.json").write_text(json.dumps(manifest, indent=1))
             (rank_dir(tmp, r) / "config.json").write_text(json.dumps(config, indent=1))
@@ -275,16 +277,36 @@ def attn_slices(reader: CheckpointReader, layer: int, plan: ShardPlan, rank: int
     return t
 
 
+def padded_ffn(intermediate: int, spec: QuantSpec) -> int:
+    """The FFN's width in the split: a quantized split whose kernel needs whole groups of columns (int4: G, int8:
+    16) gets dead channels up to the next whole group. Exact: a padded channel has zero gate, up and down weights
+    and a zero up bias, so its SiLU(gate) * up is 0 and down_proj adds nothing."""
+    unit = math.lcm(*quant.slice_multiples(spec))
+    return -(-intermediate // unit) * unit
+
+
+def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """t with zeros appended along dim up to `size` (the dead channels of padded_ffn)."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def ffn_slices(reader: CheckpointReader, layer: int, plan: ShardPlan, rank: int) -> dict[str, torch.Tensor]:
-    """gate/up rows of this rank's FFN columns, down_proj columns of the same (row-parallel)."""
+    """gate/up rows of this rank's FFN columns, down_proj columns of the same (row-parallel). Columns past the
+    checkpoint's width (padded_ffn) are zeros."""
     p = f"model.layers.{layer}.mlp."
     a, b = plan.ffn_columns[rank]
+    real = reader.shape(p + "up_proj.weight")[0]
+    a_in, b_in = min(a, real), min(b, real)
     t = {"post_norm.weight": reader.get(f"model.layers.{layer}.post_attention_layernorm.weight")}
     for name in ("gate_proj", "up_proj"):
-        t[f"{name}.weight"] = reader.rows(p + f"{name}.weight", a, b)
+        t[f"{name}.weight"] = _padded(reader.rows(p + f"{name}.weight", a_in, b_in), b - a, 0)
         if reader.has(p + f"{name}.bias"):
-            t[f"{name}.bias"] = reader.rows(p + f"{name}.bias", a, b)
-    t["down_proj.weight"] = reader.cols(p + "down_proj.weight", a, b)
+            t[f"{name}.bias"] = _padded(reader.rows(p + f"{name}.bias", a_in, b_in), b - a, 0)
+    t["down_proj.weight"] = _padded(reader.cols(p + "down_proj.weight", a_in, b_in), b - a, 1)
     if rank == 0 and reader.has(p + "down_proj.bias"):
         t["down_proj.bias"] = reader.get(p + "down_proj.bias")
     return t
