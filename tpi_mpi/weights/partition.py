@@ -115,6 +115,11 @@ def plan_shards(
                         f"({num_heads} heads of {head_dim}, {num_kv_heads} KV heads): choose a smaller group size")
     units = num_kv_heads // unit
     what = "KV heads" if unit == 1 else f"units of {unit} KV heads (whole groups of {column_multiple} columns)"
+    if world_size > units and unit > 1:
+        raise UserError(
+            f"group size {column_multiple} does not divide the attention slices of {world_size} ranks: a slice needs "
+            f"whole groups, here {unit} KV heads, and the model has {units} such units: use at most {units} ranks "
+            "or a smaller group size")
     if world_size > units:
         raise UserError(
             f"world size {world_size} exceeds the model's {units} {what}: every rank needs at least one, "
