@@ -62,3 +62,19 @@ def bytes_per_weight(spec: QuantSpec, float_bytes: int = 4) -> float:
         assert spec.group_size is not None
         return 0.5 + 4 / spec.group_size  # a bf16 scale and zero per group
     return float(float_bytes)
+
+
+# The weight formats a run can have, as benchmarks and the performance model name them: a float dtype of the
+# whole split (--dtype), or a packed format (--quant, --group-size) with float norms.
+WEIGHT_FORMATS = ("fp32", "fp16", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128")
+
+
+def parse_weight_format(name: str) -> tuple[str, QuantSpec]:
+    """fp32 | fp16 | bf16 | int8 | int4-gG -> (the split's --dtype, its QuantSpec)."""
+    if name in ("fp32", "fp16", "bf16"):
+        return name, QuantSpec()
+    if name == "int8":
+        return "auto", QuantSpec("int8")
+    if name.startswith("int4-g") and name[6:].isdigit():
+        return "auto", make_spec("int4", int(name[6:]))
+    raise UserError(f"unknown weight format {name!r}: choose one of {', '.join(WEIGHT_FORMATS)}")
