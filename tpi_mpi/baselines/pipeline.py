@@ -24,6 +24,7 @@ from mpi4py import MPI
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tpi_mpi.engine import DTYPES, OP_FORWARD, OP_STOP, Master
+from tpi_mpi.models.linear import linear
 from tpi_mpi.models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
 from tpi_mpi.weights import quant
 from tpi_mpi.weights.prefetch import ResidentBlocks, cast_block
@@ -189,7 +190,7 @@ class PipelineMaster(Stage):
             x = torch.from_numpy(back)
         t1 = time.perf_counter()
         h = rms_norm(x[-1:].to(self.norm.dtype), self.norm, self.eps)
-        logits = quant.linear(h, self.lm_head, "lm_head").float()[0, :self.vocab_size]  # int4 rows are padded
+        logits = linear(h, self.lm_head, "lm_head").float()[0, :self.vocab_size]  # int4 rows are padded
         self.compute_s += time.perf_counter() - t1
         return logits
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from tpi_mpi.models.linear import linear
 from tpi_mpi.weights import quant, tensorfile
 from tpi_mpi.weights.tensorfile import TensorFile
 
@@ -59,7 +60,7 @@ class LMHead:
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.tensors is not None:
-            return quant.linear(h, self.tensors, "lm_head")[:, :self.rows].float()
+            return linear(h, self.tensors, "lm_head")[:, :self.rows].float()
         logits = torch.empty((h.shape[0], self.padded_rows), dtype=torch.float32)
         for r0 in range(0, self.padded_rows, self.chunk_rows):
             rows = range(r0, min(r0 + self.chunk_rows, self.padded_rows))
@@ -69,5 +70,5 @@ class LMHead:
                 read[e.name], got = tensorfile.read_rows(self.file, e.name, rows, buf)
                 n += got
             self.stats.add(head_bytes=n, wait_s=time.perf_counter() - t0)
-            logits[:, r0:rows.stop] = quant.linear(h, self._kernel_tensors(read), "lm_head")
+            logits[:, r0:rows.stop] = linear(h, self._kernel_tensors(read), "lm_head")
         return logits[:, :self.rows]

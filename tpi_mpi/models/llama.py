@@ -19,8 +19,9 @@ from transformers import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.models.linear import linear
 from tpi_mpi.weights.prefetch import BlockSource, Weights
-from tpi_mpi.weights.quant import linear, out_features
+from tpi_mpi.weights.quant import out_features
 from tpi_mpi.weights.shards import RankShard
 from tpi_mpi.weights.tensorfile import TensorFile
 

@@ -15,7 +15,8 @@ A linear weight `X` of a block is stored as tensors named
     float:  X.weight
     int8:   X.qweight (I8 [N, K]),   X.scales (BF16 [N])
     int4:   X.qweight (U8 [N, K/2], the kernel's layout), X.scales_zeros (BF16 [K/G, N, 2], the kernel's layout)
-and `linear(x, tensors, "X")` runs whichever is there. The group size is K / X.scales_zeros.shape[0].
+and models/linear.py's `linear(x, tensors, "X")` runs whichever is there. The group size is
+K / X.scales_zeros.shape[0].
 
 The int4 layout depends on the CPU's vector width (torch packs blocks of 64 rows with AVX-512, 32 with AVX2):
 a split records `layout_fingerprint()` of the machine that packed it, and a run on another layout is refused
@@ -26,11 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from tpi_mpi.errors import UserError
 from tpi_mpi.weights.formats import GROUP_SIZES, QuantSpec
@@ -234,86 +233,3 @@ def out_features(entries: dict[str, Any], name: str) -> int:
 def is_quant_tensor(key: str) -> bool:
     """Packed weights and their scales: never cast to model.dtype."""
     return key.endswith((".qweight", ".scales", ".scales_zeros", ".scales_rows", ".scales_zeros_rows"))
-
-
-# --- the matmul ----------------------------------------------------------------------------------------------
-
-def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """x [M, K] times linear weight `name` (float or packed) plus its bias if stored, in x's dtype."""
-    bias = tensors.get(f"{name}.bias")
-    w = tensors.get(f"{name}.weight")
-    if w is not None:
-        return float_linear(x, w, bias)
-    q = tensors[f"{name}.qweight"]
-    xb = x.to(torch.bfloat16).contiguous()
-    if q.dtype == torch.int8:
-        y = torch.ops.aten._weight_int8pack_mm(xb, q, tensors[f"{name}.scales"])
-    else:
-        sz = tensors[f"{name}.scales_zeros"]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, xb.shape[-1] // sz.shape[0], sz)
-    y = y.to(x.dtype)
-    return y + bias if bias is not None else y
-
-
-# fp32 one-token products are split by output rows over the rank's threads: torch's fp32 path for one row of
-# activations (MKL's gemv here) uses one thread however many it has (4096x11008: 7.44 ms at 1 thread, 7.42 at 2),
-# so a rank with 2 threads would read its weights at one thread's bandwidth. Each part is an mm into its own
-# columns of the output, so the result is the same bits as the one-thread product of that part.
-PARALLEL_MIN_ROWS = 512  # per thread: below this the hand-off costs more than it saves
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
-
-
-def _mm_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
-    with torch.inference_mode():  # a pool thread does not inherit the caller's mode
-        torch.mm(x, w.t(), out=out)
-
-
-def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    global _pool, _pool_threads
-    threads = torch.get_num_threads()
-    n = w.shape[0]
-    if (x.shape[0] != 1 or x.dim() != 2 or w.dtype != torch.float32 or threads < 2
-            or n < PARALLEL_MIN_ROWS * threads or torch.is_grad_enabled()):
-        return F.linear(x, w, bias)
-    if _pool is None or _pool_threads != threads:
-        if _pool is not None:
-            _pool.shutdown()
-        _pool, _pool_threads = ThreadPoolExecutor(threads - 1, thread_name_prefix="rows"), threads
-    out = torch.empty((1, n), dtype=x.dtype)
-    bounds = [n * i // threads // 16 * 16 for i in range(threads)] + [n]
-    x = x.contiguous()
-    parts = [_pool.submit(_mm_into, x, w[a:b], out[:, a:b]) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
-    _mm_into(x, w[:bounds[1]], out[:, :bounds[1]])
-    for f in parts:
-        f.result()
-    return out + bias if bias is not None else out
-
-
-# --- for benchmarks and the performance model ----------------------------------------------------------------
-
-def random_weight(spec: QuantSpec, n: int, k: int, dtype: torch.dtype = torch.float32,
-                  seed: int = 0) -> dict[str, torch.Tensor]:
-    """A random linear weight `w` [n, k] stored as a split stores it (packed for int8/int4, else `dtype`)."""
-    w = torch.randn(n, k, generator=torch.Generator().manual_seed(seed)) * 0.02
-    return quantize_weight("w", w, spec) if spec.quantized else {"w.weight": w.to(dtype)}
-
-
-def time_linear(spec: QuantSpec, n: int, k: int, m: int = 1, dtype: torch.dtype = torch.float32,
-                distinct: int = 4, repeats: int = 7) -> float:
-    """Median seconds of one [m, k] x [k, n] product in this format with torch's current threads. `distinct`
-    weights are used in turn so that they do not all sit in the last-level cache (a decode step reads each once)."""
-    import time
-
-    ws = [random_weight(spec, n, k, dtype, seed=i) for i in range(distinct)]
-    x = torch.randn(m, k).to(dtype if not spec.quantized else torch.float32)
-    times = []
-    with torch.inference_mode():
-        for w in ws:
-            linear(x, w, "w")  # first-call costs (thread pool, packing buffers) out of the timing
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for w in ws:
-                linear(x, w, "w")
-            times.append((time.perf_counter() - t0) / distinct)
-    return sorted(times)[len(times) // 2]
