@@ -20,7 +20,8 @@ BASE: dict[str, Any] = {"model": {"path": "models/tiny"}, "prompt_ids": [1, 2, 3
 # (key as typed on the command line, value after Hydra, what the one line must say)
 BAD_VALUES: list[tuple[str, Any, str]] = [
     ("comm.algo", "foo", "unknown comm.algo='foo'"),
-    ("comm.dtype", "int8", "unknown comm.dtype='int8'"),
+    ("comm.dtype", "int4", "unknown comm.dtype='int4': choose one of fp32, fp16, bf16, int8, auto"),
+    ("comm.dtype", "auto", "comm.dtype=auto lets comm.algo=auto choose the wire, got comm.algo=star"),
     ("comm.timeout_s", -1, "comm.timeout_s must be >= 0 seconds"),
     ("comm.timeout_s", "abc", "comm.timeout_s must be a number or null, got 'abc'"),
     ("model.dtype", "fp8", "unknown model.dtype='fp8'"),
@@ -45,6 +46,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("logging.wandb_mode", "cloud", "logging.wandb_mode must be offline, online or disabled"),
     ("baseline", "foo", "unknown baseline='foo'"),
     ("model.colour", "red", "unknown key model.colour"),
+    ("model.quant", "int3", "unknown quantization 'int3': choose one of none, int8, int4"),
+    ("model.group_size", 64, "a group size applies to int4 only"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 
@@ -81,6 +84,11 @@ BAD_SPLITS: list[tuple[list[str], str]] = [
     (["--world-size", "2", "--ratios", "1.5,-0.5"], "ratios must all be positive"),
     (["--world-size", "3", "--ratios", "0.5,0.5"], "2 ratios given for a world size of 3"),
     (["--world-size", "2", "--ratios", "half,half"], "--ratios takes comma-separated numbers"),
+    (["--world-size", "1", "--quant", "int3"], "unknown quantization 'int3': choose one of none, int8, int4"),
+    (["--world-size", "1", "--quant", "int4", "--group-size", "48"], "int4 group size 48 is not supported"),
+    # 8 heads of 32: a slice of whole groups of 128 columns is 4 heads, so 2 ranks at most
+    (["--world-size", "3", "--quant", "int4", "--group-size", "128"],
+     "group size 128 does not divide the attention slices of 3 ranks"),
 ]
 
 
@@ -126,6 +134,7 @@ def test_bad_device_is_one_clear_line(capsys: pytest.CaptureFixture[str], args: 
 # Under mpirun: (ranks, overrides, what the one line must say). Every rank must exit, none with a traceback.
 BAD_RUNS: list[tuple[int, list[str], str]] = [
     (3, ["comm.algo=foo"], "unknown comm.algo='foo'"),
+    (2, ["comm=ring", "comm.dtype=auto"], "comm.dtype=auto lets comm.algo=auto choose the wire"),
     (2, ["comm.timeout_s=abc"], "comm.timeout_s must be a number or null"),
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),

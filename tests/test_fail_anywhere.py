@@ -9,13 +9,12 @@ moment of the failure, which the error line carries; `pytest -s` prints the tabl
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import kill_tree, processes_of, start_mpirun
+from conftest import communicate_or_fail, processes_of, start_mpirun
 
 from tpi_mpi.faults import STAGES
 from tpi_mpi.make_model import make_model
@@ -55,15 +54,7 @@ def test_failure_ends_every_rank_with_one_line(tiny: dict[str, Path], tmp_path: 
         f"model.shards={tiny['shards']}", "prompt_ids=[1,40,41]", "generation.max_new_tokens=4",
         "generation.stop_on_eos=false", f"output.results={tmp_path}/results.jsonl", "threads=1",
     ], env={"TPI_MPI_FAIL_AT": f"{stage}:{rank}", "TMPDIR": str(ranks_tmp)})
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        _, err = proc.communicate()
-        pytest.fail(f"the job hung after a failure at {stage} on rank {rank}:\n{err[-3000:]}")
-    finally:
-        if proc.poll() is None:  # interrupted: leave nothing running
-            kill_tree(proc)
+    _, err = communicate_or_fail(proc, 180, f"the job after a failure at {stage} on rank {rank}")
     gone = time.time()  # mpirun has exited and every process holding its stderr (the sentinel too)
     assert proc.returncode != 0
     errors = [line for line in err.splitlines() if line.startswith("tpi_mpi: error:")]
