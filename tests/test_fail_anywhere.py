@@ -82,3 +82,29 @@ def test_uncaught_exception_in_a_helper_thread_ends_every_rank(tmp_path: Path) -
     assert errors[0].startswith("tpi_mpi: error: rank 1: ValueError: helper thread failed"), errors[0]
     failed_at = float(re.search(r"at unix time ([0-9.]+)", errors[0]).group(1))  # type: ignore[union-attr]
     assert gone - failed_at < LIMIT_S
+
+
+# A helper process, not an entry point: it prints its own line, and a failure of it must not add another.
+NOT_ENTRY_POINTS = {"tpi_mpi/comm/sentinel.py"}
+
+
+def test_every_entry_point_is_guarded() -> None:
+    """Every module run as `python -m` (an `if __name__ == "__main__":` block calling main) defines main with
+    @main_guard, so that an uncaught exception ends every rank; a new entry point fails here until it does."""
+    import ast
+
+    from conftest import ROOT
+
+    unguarded, checked = [], 0
+    for path in sorted(p for d in ("tpi_mpi", "experiments", "paper_figs") for p in (ROOT / d).rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text())
+        is_script = path.name == "__main__.py" or any(
+            isinstance(n, ast.If) and "__name__" in ast.unparse(n.test) for n in tree.body)
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        if not is_script or not mains or rel in NOT_ENTRY_POINTS:
+            continue  # not run directly, or its main comes from another module (checked there)
+        checked += 1
+        if not any(ast.unparse(d) == "main_guard" for d in mains[0].decorator_list):
+            unguarded.append(rel)
+    assert checked >= 20 and not unguarded, unguarded

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from tpi_mpi.bench.tp_latency import cores, ensure_checkpoint, prompt_ids, run_tpi
+from tpi_mpi.errors import main_guard
 from tpi_mpi.weights.formats import parse_weight_format
 
 TARGET_MS = {"fp32": 98.0, "fp16": 50.0, "int8": 25.0, "int4": 17.0}  # llama.cpp here (issue 15)
@@ -210,6 +211,7 @@ def main_stream70b(a: argparse.Namespace) -> int:
     return 0
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.formats", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama2-7b")

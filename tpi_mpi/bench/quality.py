@@ -22,6 +22,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.errors import main_guard
+
 PROMPTS = [
     "ROMEO:", "To be, or not to be", "KING HENRY:", "Friends, Romans, countrymen, lend me your ears;",
     "Now is the winter of our discontent", "All the world's a stage,", "What light through yonder window breaks?",
@@ -97,6 +99,7 @@ def agreement(tokens: list[list[int]], ref: list[list[int]]) -> list[int]:
     return out
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="checkpoints/shakespeare")
