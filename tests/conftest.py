@@ -63,19 +63,26 @@ def start_mpirun(n: int, args: list[str], cwd: Path | None = None, env: dict[str
                             start_new_session=True, preexec_fn=die_with_parent())
 
 
+def communicate_or_fail(proc: subprocess.Popen, timeout: float, what: str) -> tuple[str, str]:
+    """Wait for `proc` with a timeout; past it, or on any interruption, it and everything below it are killed,
+    and a timeout fails the test naming `what` with the end of its stderr."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        out, err = proc.communicate()
+        pytest.fail(f"{what} hung for {timeout}s:\n{(err or '')[-3000:]}")
+    finally:
+        if proc.poll() is None:  # interrupted otherwise (Ctrl-C in pytest): leave nothing running
+            kill_tree(proc)
+    return out, err
+
+
 def mpirun(n: int, args: list[str], timeout: float = 180, cwd: Path | None = None,
            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run `mpirun -n N python ARGS`; a run past its timeout fails the test, and it and every rank are killed."""
     with start_mpirun(n, args, cwd, env) as proc:
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            kill_tree(proc)
-            out, err = proc.communicate()
-            pytest.fail(f"mpirun -n {n} {' '.join(args)} hung for {timeout}s:\n{err[-3000:]}")
-        finally:
-            if proc.poll() is None:  # interrupted otherwise (Ctrl-C in pytest): leave nothing running
-                kill_tree(proc)
+        out, err = communicate_or_fail(proc, timeout, f"mpirun -n {n} {' '.join(args)}")
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
 

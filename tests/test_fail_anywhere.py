@@ -9,13 +9,12 @@ moment of the failure, which the error line carries; `pytest -s` prints the tabl
 from __future__ import annotations
 
 import re
-import subprocess
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import kill_tree, processes_of, start_mpirun
+from conftest import communicate_or_fail, processes_of, start_mpirun
 
 from tpi_mpi.faults import STAGES
 from tpi_mpi.make_model import make_model
@@ -55,15 +54,7 @@ def test_failure_ends_every_rank_with_one_line(tiny: dict[str, Path], tmp_path: 
         f"model.shards={tiny['shards']}", "prompt_ids=[1,40,41]", "generation.max_new_tokens=4",
         "generation.stop_on_eos=false", f"output.results={tmp_path}/results.jsonl", "threads=1",
     ], env={"TPI_MPI_FAIL_AT": f"{stage}:{rank}", "TMPDIR": str(ranks_tmp)})
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        _, err = proc.communicate()
-        pytest.fail(f"the job hung after a failure at {stage} on rank {rank}:\n{err[-3000:]}")
-    finally:
-        if proc.poll() is None:  # interrupted: leave nothing running
-            kill_tree(proc)
+    _, err = communicate_or_fail(proc, 180, f"the job after a failure at {stage} on rank {rank}")
     gone = time.time()  # mpirun has exited and every process holding its stderr (the sentinel too)
     assert proc.returncode != 0
     errors = [line for line in err.splitlines() if line.startswith("tpi_mpi: error:")]
@@ -91,3 +82,29 @@ def test_uncaught_exception_in_a_helper_thread_ends_every_rank(tmp_path: Path) -
     assert errors[0].startswith("tpi_mpi: error: rank 1: ValueError: helper thread failed"), errors[0]
     failed_at = float(re.search(r"at unix time ([0-9.]+)", errors[0]).group(1))  # type: ignore[union-attr]
     assert gone - failed_at < LIMIT_S
+
+
+# A helper process, not an entry point: it prints its own line, and a failure of it must not add another.
+NOT_ENTRY_POINTS = {"tpi_mpi/comm/sentinel.py"}
+
+
+def test_every_entry_point_is_guarded() -> None:
+    """Every module run as `python -m` (an `if __name__ == "__main__":` block calling main) defines main with
+    @main_guard, so that an uncaught exception ends every rank; a new entry point fails here until it does."""
+    import ast
+
+    from conftest import ROOT
+
+    unguarded, checked = [], 0
+    for path in sorted(p for d in ("tpi_mpi", "experiments", "paper_figs") for p in (ROOT / d).rglob("*.py")):
+        rel = str(path.relative_to(ROOT))
+        tree = ast.parse(path.read_text())
+        is_script = path.name == "__main__.py" or any(
+            isinstance(n, ast.If) and "__name__" in ast.unparse(n.test) for n in tree.body)
+        mains = [n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "main"]
+        if not is_script or not mains or rel in NOT_ENTRY_POINTS:
+            continue  # not run directly, or its main comes from another module (checked there)
+        checked += 1
+        if not any(ast.unparse(d) == "main_guard" for d in mains[0].decorator_list):
+            unguarded.append(rel)
+    assert checked >= 20 and not unguarded, unguarded

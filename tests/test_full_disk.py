@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MPIRUN, die_with_parent, kill_tree, start_mpirun
+from conftest import MPIRUN, communicate_or_fail, die_with_parent, start_mpirun
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import append_jsonl, read_jsonl, write_json_atomic
@@ -98,15 +98,7 @@ def run_job(tiny: dict[str, Path], tmp: Path, overrides: list[str], env: dict[st
     if not any(o.startswith("hydra.run.dir=") for o in overrides):
         args.append(f"hydra.run.dir={tmp}/hydra")
     proc = start_mpirun(N, args, env=env)
-    try:
-        _, err = proc.communicate(timeout=180)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        _, err = proc.communicate()
-        pytest.fail(f"the job hung on a full disk:\n{err[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+    _, err = communicate_or_fail(proc, 180, "the job on a full disk")
     return proc.returncode, err
 
 
@@ -252,15 +244,7 @@ def test_no_temporary_directory_anywhere(tiny: dict[str, Path], tmp_path: Path) 
          "threads=1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         preexec_fn=die_with_parent())
-    try:
-        _, err = proc.communicate(timeout=120)
-    except subprocess.TimeoutExpired:
-        kill_tree(proc)
-        _, err = proc.communicate()
-        pytest.fail(f"the job hung with no temporary directory:\n{err[-3000:]}")
-    finally:
-        if proc.poll() is None:
-            kill_tree(proc)
+    _, err = communicate_or_fail(proc, 120, "the job with no temporary directory")
     assert proc.returncode == 2, err[-3000:]
     errors = [line for line in err.splitlines() if line.startswith("tpi_mpi: error:")]
     assert errors == ["tpi_mpi: error: No usable temporary directory found in ['/tmp', '/var/tmp', '/usr/tmp', "

@@ -26,6 +26,7 @@ from pathlib import Path
 import psutil
 
 from tpi_mpi.emulate import netns
+from tpi_mpi.errors import main_guard
 
 EMULATE = [sys.executable, "-m", "tpi_mpi.emulate"]
 
@@ -74,6 +75,7 @@ def emulate(*args: str) -> None:
     subprocess.run([*EMULATE, *args], check=True, capture_output=True, timeout=60)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.cut_link", description=__doc__.splitlines()[0])
     p.add_argument("--devices", type=int, default=3)

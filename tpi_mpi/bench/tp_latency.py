@@ -96,7 +96,8 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
 
 def run_tpi(model: Path, shards: Path, n: int, ids: list[int], new: int, out: Path, timeout: float,
             extra: list[str] | None = None) -> dict:
-    cmd = ["mpirun", "-n", str(n), sys.executable, "-m", "tpi_mpi.run", f"model.path={model}",
+    cmd = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, "-m", "tpi_mpi.run",
+           f"model.path={model}",
            f"model.shards={shards}", f"prompt_ids=[{','.join(map(str, ids))}]",
            f"generation.max_new_tokens={new}", "generation.do_sample=false", "generation.stop_on_eos=false",
            "logging.quiet=true", "threads=null", f"output.json={out}", "output.results=null",

@@ -41,6 +41,7 @@ from tpi_mpi.cluster.podman_images import (
     remove_tree,
     run,
 )
+from tpi_mpi.errors import main_guard
 
 COMPOSE = ROOT / "docker" / "compose.yaml"
 PROJECT_LABEL = "com.docker.compose.project"
@@ -212,6 +213,7 @@ def main_run(work: Path, image: str | None, keep_images: bool, out: dict[str, An
         out["left"] = left
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--work", help="folder for the root filesystem, model, shards, results, logs (default: "
