@@ -91,7 +91,7 @@ def ensure_splits(out: Path, model: Path, sizes: set[int]) -> None:
     from tpi_mpi.weights.split import split
 
     cfg = SimpleNamespace(model=SimpleNamespace(shards=None, path=str(model), dtype="auto", ratios=None,
-                                                cache_dir=str(out / "shards")))
+                                                quant="none", group_size=None, cache_dir=str(out / "shards")))
     for n in sorted(sizes):
         d = shard_dir(cfg, n)
         if not d.is_dir():  # split renames into place only when complete

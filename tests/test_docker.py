@@ -105,6 +105,11 @@ def test_compose_devices_have_limits_net_admin_and_one_slice_each() -> None:
         assert not any("/shards/rank_" in v and f"rank_{rank}:" not in v for v in dev["volumes"])
         assert set(dev["networks"]) == {"devnet"}
     assert compose()["networks"]["devnet"]["internal"] is True
+    # Names resolve without the engine's DNS: each device's fixed address is in every device's extra_hosts.
+    addresses = {s["hostname"]: s["networks"]["devnet"]["ipv4_address"] for s in services.values()}
+    assert len(set(addresses.values())) == len(addresses)
+    for dev in services.values():
+        assert sorted(dev["extra_hosts"]) == sorted(f"{h}:{a}" for h, a in addresses.items()), dev["hostname"]
 
 
 @pytest.mark.parametrize("name", ["device0", "device1", "device2", "device3"])

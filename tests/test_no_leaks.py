@@ -168,8 +168,8 @@ from conftest import die_with_parent, start_mpirun
 
 def test_starts_mpirun_and_a_writer_then_waits():
     mpirun = start_mpirun(2, ["-c", "import time; from mpi4py import MPI; MPI.COMM_WORLD.Barrier(); "
-                                    "print('up', flush=True); time.sleep(300)"])
-    assert mpirun.stdout.readline().strip() == "up"  # the ranks are running
+                                    "MPI.COMM_WORLD.rank or print('up', flush=True); time.sleep(300)"])
+    assert mpirun.stdout.readline().strip() == "up"  # both ranks passed the barrier (only rank 0 prints)
     writer = subprocess.Popen({SLEEPER}, start_new_session=True, preexec_fn=die_with_parent())
     (Path(__file__).parent / "pids").write_text(f"{{mpirun.pid}}\\n{{writer.pid}}\\n")
     time.sleep(300)

@@ -186,7 +186,9 @@ def main_run(work: Path, image: str | None, keep_images: bool, out: dict[str, An
         out["timings_s"]["generation"] = time.monotonic() - t0
         out["launcher_exit"] = code
         out["logs"] = {s: stack.logs(c) for s, c in stack.containers().items()}
-        records = (work / "data" / "results" / "docker.jsonl").read_text().splitlines() if code == 0 else []
+        if code != 0:  # the rates below would fail the same way; what the launcher said is the news
+            raise PodmanUnavailable(f"the launcher {hosts[0]} exited {code}: " + out["logs"].get(hosts[0], "")[-2000:])
+        records = (work / "data" / "results" / "docker.jsonl").read_text().splitlines()
         out["record"] = json.loads(records[-1]) if records else None
         svc = services()
         out["devices"] = {s: {"mem_limit_bytes": parse_bytes(svc[s]["mem_limit"]), "cpus": float(svc[s]["cpus"]),
