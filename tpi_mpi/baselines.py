@@ -90,7 +90,7 @@ def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
 
 def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     """One run of cfg.baseline; rank 0 writes the record exactly as for tensor parallelism."""
-    from .run import _generate, _report, _tokenizer
+    from .run import _generate, _report, load_tokenizer
 
     if cfg.baseline == "pipeline":
         _pipeline_job(comm, cfg)
@@ -105,7 +105,7 @@ def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     try:
         model, load_s = load_hf(cfg, offload_dir)
         runner = HFRunner(comm, model, load_s, cfg.baseline)
-        record = _generate(runner, cfg, Path(cfg.model.path), _tokenizer(cfg, Path(cfg.model.path)))
+        record = _generate(runner, cfg, Path(cfg.model.path), load_tokenizer(cfg, Path(cfg.model.path)))
     finally:
         if offload_dir is not None:  # what Accelerate offloaded is a copy of the checkpoint: remove it
             shutil.rmtree(offload_dir, ignore_errors=True)
@@ -118,7 +118,7 @@ def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
 
 def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
     from .pipeline import PipelineMaster, PipelineWorker, layer_ranges
-    from .run import _generate, _report, _tokenizer, prepare_shards, start_together
+    from .run import _generate, _report, load_tokenizer, prepare_shards, start_together
     from .shards import open_rank_shard
 
     path = prepare_shards(comm, cfg, world_size=1)  # whole layers; every rank reads only its own
@@ -139,7 +139,7 @@ def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
         comm.gather(worker.rank_record(), root=0)
         return
     master = PipelineMaster(comm, shard, cfg.model.dtype)
-    tok = _tokenizer(cfg, path)
+    tok = load_tokenizer(cfg, path)
     start_together(comm)
     try:
         record = _generate(master, cfg, path, tok)

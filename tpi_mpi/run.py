@@ -22,26 +22,31 @@ from . import sentinel
 from .errors import UserError, agree_or_abort, run_or_abort
 
 log = logging.getLogger("tpi_mpi")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
-def main() -> None:
+def main(job_fn: Any = None) -> None:
+    """`job_fn(comm, cfg)`: what every rank does with the run configuration (default: job, generation);
+    tpi_mpi.eval passes its own, on the same configuration."""
+    job_fn = job_fn or job
     comm = MPI.COMM_WORLD
     sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
-        _master_main(comm)
+        _master_main(comm, job_fn)
         return
     while True:  # one job per message: a Hydra multirun sends several
         msg = comm.bcast(None, root=0)
         if msg[0] == "exit":  # rank 0 is done, or stopped in Hydra (bad override, --help, --cfg)
             sys.exit(msg[1])
-        run_or_abort(comm, functools.partial(job, comm, msg[1]))
+        run_or_abort(comm, functools.partial(job_fn, comm, msg[1]))
 
 
-def _master_main(comm: MPI.Comm) -> None:
+def _master_main(comm: MPI.Comm, job_fn: Any) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="config")
+    # An absolute path: relative ones resolve from the module that called main(), which may be tpi_mpi.eval.
+    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def hydra_entry(dcfg: DictConfig) -> None:
         from .config import build_config
 
@@ -51,7 +56,7 @@ def _master_main(comm: MPI.Comm) -> None:
             print(f"tpi_mpi: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         comm.bcast(("run", cfg.public()), root=0)
-        run_or_abort(comm, lambda: job(comm, cfg))
+        run_or_abort(comm, lambda: job_fn(comm, cfg))
 
     code: Any = 0
     try:
@@ -65,7 +70,7 @@ def _master_main(comm: MPI.Comm) -> None:
         sys.exit(code)
 
 
-def _set_threads(comm: MPI.Comm, threads: int | None) -> None:
+def set_threads(comm: MPI.Comm, threads: int | None) -> None:
     import torch
 
     if threads is None:
@@ -129,12 +134,31 @@ def start_together(comm: MPI.Comm) -> None:
 
 
 def job(comm: MPI.Comm, cfg: Any) -> None:
-    _set_threads(comm, cfg.threads)
+    set_threads(comm, cfg.threads)
     if cfg.baseline is not None:  # transformers, accelerate or pipeline, in the same harness
         from .baselines import baseline_job
 
         baseline_job(comm, cfg)
         return
+    engine, path = open_engine(comm, cfg)
+    if comm.rank != 0:
+        serve_until_stopped(comm, engine)
+        return
+    master = engine
+    tok = load_tokenizer(cfg, path)
+    start_together(comm)
+    try:
+        record = _generate(master, cfg, path, tok)
+    finally:
+        master.stop()  # also on error, so that the workers are not left waiting
+    master.close()
+    record["ranks"] = comm.gather(master.rank_record(), root=0)
+    _report(record, cfg)
+
+
+def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
+    """Every rank: the split (made on first use), its shard checked, its memory planned, and its engine: the
+    Master on rank 0, a Worker elsewhere, with its streamed window filled. Returns (engine, split folder)."""
     from .engine import Master, Worker
     from .shards import open_rank_shard
 
@@ -159,27 +183,19 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
         from .links import SoftwareLinks
 
         links = SoftwareLinks(comm.rank, comm.size, cfg.network)
-    if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-        worker.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
-        start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
-        worker.serve()
-        worker.close()
-        comm.gather(worker.rank_record(), root=0)
-        return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-    master.blocks.wait_filled()
-    tok = _tokenizer(cfg, path)
-    start_together(comm)
-    try:
-        record = _generate(master, cfg, path, tok)
-    finally:
-        master.stop()  # also on error, so that the workers are not left waiting
-    master.close()
-    record["ranks"] = comm.gather(master.rank_record(), root=0)
-    _report(record, cfg)
+    cls = Master if comm.rank == 0 else Worker
+    engine = cls(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
+                 cfg.memory.head)
+    engine.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
+    return engine, path
+
+
+def serve_until_stopped(comm: MPI.Comm, worker: Any) -> None:
+    """A worker's whole job: start with the others, run the master's forward passes, then send its record."""
+    start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
+    worker.serve()
+    worker.close()
+    comm.gather(worker.rank_record(), root=0)
 
 
 def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
@@ -196,7 +212,8 @@ def _memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
     return plan
 
 
-def _tokenizer(cfg: Any, shard_path: Path) -> Any:
+def load_tokenizer(cfg: Any, shard_path: Path) -> Any:
+    """Rank 0's tokenizer: from the split's rank_0 folder, else from model.path (None if neither has one)."""
     from transformers import AutoTokenizer
 
     for d in (shard_path / "rank_0", Path(cfg.model.path) if cfg.model.path else None):

@@ -161,7 +161,8 @@ def train(out: str | Path, preset: Preset, seed: int = 0, threads: int = 2, corp
             now = time.perf_counter()
             rate = window_tokens / (now - window_t)
             avg = (now - t0) / step
-            say(f"step {step}/{preset.steps} | loss {sum(result.losses[-log_every:]) / len(result.losses[-log_every:]):.3f}"
+            recent = result.losses[-log_every:]
+            say(f"step {step}/{preset.steps} | loss {sum(recent) / len(recent):.3f}"
                 f" | lr {learning_rate(preset, step):.2e} | {rate:,.0f} tok/s | elapsed {_duration(now - t0)}"
                 f" | ETA {_duration(avg * (preset.steps - step))}")
             window_t, window_tokens = now, 0
