@@ -52,9 +52,9 @@ class Preset:
 PRESETS: dict[str, Preset] = {
     # 8 KV heads (so the demo runs on 8 ranks), 2 query heads each; sized by measurement (docs/trained_model.md)
     "shakespeare": Preset(
-        model=dict(hidden_size=256, intermediate_size=704, num_attention_heads=16, num_key_value_heads=8,
-                   num_hidden_layers=6),
-        vocab_size=4096, context=256, batch=32, steps=2000, lr=3e-3, warmup=100,
+        model=dict(hidden_size=256, intermediate_size=688, num_attention_heads=16, num_key_value_heads=8,
+                   num_hidden_layers=4),
+        vocab_size=4096, context=256, batch=16, steps=600, lr=2e-3, warmup=40, eval_every=100,
     ),
     # For the test suite: trains in seconds on a slice of the corpus.
     "smoke": Preset(
