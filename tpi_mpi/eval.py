@@ -20,7 +20,7 @@ from typing import Any
 
 from mpi4py import MPI
 
-from .errors import UserError
+from .errors import UserError, agree_or_abort
 from .run import load_tokenizer, main, open_engine, serve_until_stopped, set_threads, start_together
 
 MAX_DEFAULT_WINDOW = 1024  # eval.window=null on a model with a longer context: the logits of a window stay small
@@ -28,20 +28,22 @@ MAX_DEFAULT_WINDOW = 1024  # eval.window=null on a model with a longer context: 
 
 def eval_job(comm: MPI.Comm, cfg: Any) -> None:
     set_threads(comm, cfg.threads)
-    if cfg.baseline is not None:
-        raise UserError(f"tpi_mpi.eval scores with the tensor-parallel engine: set baseline=null "
-                        f"(got baseline={cfg.baseline})")
+    wrong = None
+    if cfg.baseline is not None and comm.rank == 0:  # rank 0 says it, once
+        wrong = f"tpi_mpi.eval scores with the tensor-parallel engine: set baseline=null (got {cfg.baseline})"
+    agree_or_abort(comm, wrong)
     engine, path = open_engine(comm, cfg)
     if comm.rank != 0:
         serve_until_stopped(comm, engine)
         return
     master = engine
-    try:
-        text_path, ids, window, bos = _heldout(cfg, master, path)
-        start_together(comm)
-        t0 = time.perf_counter()
-        from .perplexity import score
+    from .perplexity import score
 
+    # Checked before the workers start serving: a UserError here takes every rank down (run_or_abort).
+    text_path, ids, window, bos = _heldout(cfg, master, path)
+    start_together(comm)
+    try:
+        t0 = time.perf_counter()
         s = score(lambda inputs: master.forward(inputs, 0, capacity=len(inputs), all_logits=True), ids, window,
                   bos)
         seconds = time.perf_counter() - t0
