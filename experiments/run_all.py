@@ -85,8 +85,8 @@ def ensure_splits(out: Path, model: Path, sizes: set[int]) -> None:
     would count the split's memory in rank 0's peak."""
     from types import SimpleNamespace
 
-    from tpi_mpi.run import shard_dir
-    from tpi_mpi.split import split
+    from tpi_mpi.job import shard_dir
+    from tpi_mpi.weights.split import split
 
     cfg = SimpleNamespace(model=SimpleNamespace(shards=None, path=str(model), dtype="auto", ratios=None,
                                                 cache_dir=str(out / "shards")))
@@ -134,7 +134,7 @@ def commands(name: str, sweep: dict[str, Any], out: Path, a: argparse.Namespace)
 
 def launch(a: argparse.Namespace) -> list[str]:
     """mpirun and its options: every rank bound to a core (round robin where ranks outnumber cores)."""
-    from tpi_mpi.perfmodel import bound_mpirun
+    from tpi_mpi.perf.measure import bound_mpirun
 
     return bound_mpirun(a.mpirun, a.bind_to)
 
@@ -201,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     meta: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "cores": len(os.sched_getaffinity(0)),
                             "loadavg_before": os.getloadavg(), "argv": sys.argv[1:], "sweeps": {}}
     if not a.dry_run and not (a.no_calibrate and (out / "calibration.json").is_file()):
-        from tpi_mpi.perfmodel import calibrate
+        from tpi_mpi.perf.calibrate import calibrate
 
         print("calibrating the performance model on this machine ...", file=sys.stderr, flush=True)
         calib = calibrate(launch(a))

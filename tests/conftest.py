@@ -36,7 +36,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
 
 def _is_sentinel(p: psutil.Process) -> bool:
     try:
-        return "tpi_mpi.sentinel" in p.cmdline()
+        return "tpi_mpi.comm.sentinel" in p.cmdline()
     except psutil.Error:
         return False
 

@@ -10,8 +10,8 @@ import pytest
 from conftest import run_tpi
 from test_run_cli import hf_greedy
 
+from tpi_mpi.baselines.pipeline import layer_ranges
 from tpi_mpi.make_model import make_model
-from tpi_mpi.pipeline import layer_ranges
 
 IDS = [1, 40, 41, 300, 7, 9]
 NEW = 10

@@ -1,4 +1,4 @@
-"""docker/: what can be checked without a container engine (none runs here; see README "Docker emulation").
+"""docker/: what can be checked without a container engine (none runs here; see docs/slurm_docker.md).
 
 - the build context: every file the Dockerfile COPYs exists and is not excluded by .dockerignore;
 - the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and
@@ -26,7 +26,7 @@ from conftest import MPIRUN, ROOT
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"

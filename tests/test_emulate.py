@@ -22,7 +22,7 @@ from tpi_mpi.emulate import session as sess
 from tpi_mpi.emulate.profiles import load_device, load_network, parse_bytes
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 EMULATE = [sys.executable, "-m", "tpi_mpi.emulate"]
 TOLERANCE = 0.15

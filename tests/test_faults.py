@@ -20,7 +20,7 @@ from conftest import kill_tree, start_mpirun
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import append_jsonl, write_json_atomic
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 N = 3
 

@@ -19,23 +19,21 @@ from conftest import SCRIPTS, mpirun, run_tpi
 from safetensors.torch import load_file, save_file
 from test_run_cli import hf_greedy
 
-from tpi_mpi import tensorfile
 from tpi_mpi.config import MemoryConfig, build_config, parse_bytes
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
-from tpi_mpi.memplan import (
+from tpi_mpi.weights import tensorfile
+from tpi_mpi.weights.cgroup_memory import cgroup_memory_limit, cgroup_memory_peak, cgroup_memory_usage
+from tpi_mpi.weights.memplan import (
     HEAD_CHUNK_BYTES,
     READ_CHUNK_BYTES,
     _spread,
-    cgroup_memory_limit,
-    cgroup_memory_peak,
-    cgroup_memory_usage,
     plan_memory,
     plan_rank_memory,
 )
-from tpi_mpi.prefetch import LayerPrefetcher
-from tpi_mpi.shards import open_rank_shard
-from tpi_mpi.split import split
+from tpi_mpi.weights.prefetch import LayerPrefetcher
+from tpi_mpi.weights.shards import open_rank_shard
+from tpi_mpi.weights.split import split
 
 MB = 2**20
 

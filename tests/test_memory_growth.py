@@ -9,7 +9,7 @@ from conftest import run_tpi
 
 from tpi_mpi.engine import WARMUP_PASSES
 from tpi_mpi.make_model import make_model
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 TOKENS = 2000
 # What may still grow after warm-up: the token list, the streamed text, allocator noise. A KV cache that

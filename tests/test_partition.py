@@ -1,7 +1,7 @@
 import pytest
 
 from tpi_mpi.errors import UserError
-from tpi_mpi.partition import largest_remainder, plan_shards
+from tpi_mpi.weights.partition import largest_remainder, plan_shards
 
 
 def test_largest_remainder_sums_and_prefers_lower_rank_on_ties() -> None:

@@ -10,21 +10,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tpi_mpi.cost_model import LinkModel, predict
+from tpi_mpi.comm.cost_model import LinkModel, predict
 from tpi_mpi.make_model import make_model
-from tpi_mpi.perfmodel import (
-    PAPER_SHAPES,
-    Device,
-    ModelShape,
-    PaperAssumptions,
-    Setting,
-    fit_link,
-    predict_accelerate,
-    predict_paper,
-    predict_pipeline,
-    predict_tp,
-    predict_transformers,
-)
+from tpi_mpi.perf.calibrate import fit_link
+from tpi_mpi.perf.paper import PAPER_SHAPES, PaperAssumptions, predict_paper
+from tpi_mpi.perf.predict import predict_accelerate, predict_pipeline, predict_tp, predict_transformers
+from tpi_mpi.perf.shapes import Device, ModelShape, Setting
 
 DEV = Device(flops=50e9, weight_bw=10e9, layer_overhead_s=1e-4, disk_bw=1e9, base_rss=300e6, base_rss_master=350e6,
              host_cores=None)

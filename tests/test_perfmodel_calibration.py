@@ -12,24 +12,13 @@ from pathlib import Path
 import pytest
 from conftest import mpirun
 
-from tpi_mpi.cost_model import LinkModel, predict
-from tpi_mpi.perfmodel import (
-    PAPER_SHAPES,
-    Device,
-    FixedCost,
-    ModelShape,
-    Setting,
-    fit_fixed_costs,
-    fit_link,
-    fixed_cost,
-    interpolate,
-    measure_disk_readers,
-    measure_fixed_costs,
-    predict_pipeline,
-    predict_tp,
-    predict_transformers,
-)
-from tpi_mpi.pipeline import POLL_S
+from tpi_mpi.baselines.pipeline import POLL_S
+from tpi_mpi.comm.cost_model import LinkModel, predict
+from tpi_mpi.perf.calibrate import fit_link
+from tpi_mpi.perf.measure import fit_fixed_costs, measure_disk_readers, measure_fixed_costs
+from tpi_mpi.perf.paper import PAPER_SHAPES
+from tpi_mpi.perf.predict import fixed_cost, interpolate, predict_pipeline, predict_tp, predict_transformers
+from tpi_mpi.perf.shapes import Device, FixedCost, ModelShape, Setting
 
 MPIRUN = str(Path(sys.executable).with_name("mpirun"))
 SHAPE = PAPER_SHAPES["Llama 2-7B"]
@@ -152,7 +141,7 @@ def test_measure_disk_readers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -
 
 
 def test_probe_reports_stretch_and_relay() -> None:
-    out = mpirun(2, ["-m", "tpi_mpi.perfmodel", "probe-links", "--hidden", "64", "--repeats", "3"], timeout=120)
+    out = mpirun(2, ["-m", "tpi_mpi.perf", "probe-links", "--hidden", "64", "--repeats", "3"], timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     probe = json.loads(next(ln for ln in out.stdout.splitlines() if ln.startswith("PROBE "))[6:])
     assert probe["products_all_s"] > 0 and probe["products_wait_s"] > 0 and probe["products_bytes"] > 1e8

@@ -15,8 +15,8 @@ from conftest import ROOT, kill_tree, run_tpi
 
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
-from tpi_mpi.shards import open_rank_shard
-from tpi_mpi.split import block_file, split
+from tpi_mpi.weights.shards import open_rank_shard
+from tpi_mpi.weights.split import block_file, split
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """slurm/*.sbatch submitted for real to a single-node Slurm cluster started on 127.0.0.1 for this module.
 
-The cluster (tpi_mpi/local_slurm.py) has its own munge key and socket, config, state and logs in a temp
+The cluster (tpi_mpi/cluster/local_slurm.py) has its own munge key and socket, config, state and logs in a temp
 dir; it is stopped and removed afterwards, also when a test fails. Without root or slurm-wlm/munge the
 tests skip with the reason. Every sbatch runs with --wait and a timeout: a hang fails with the queue,
 node state and daemon logs.
@@ -20,14 +20,14 @@ import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
-from tpi_mpi.local_slurm import LocalSlurm, missing_requirement
+from tpi_mpi.cluster.local_slurm import LocalSlurm, missing_requirement
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 IDS = [1, 40, 41, 300, 7]
 NEW = 6
-JOB_TIMEOUT = 300  # s for one sbatch --wait; a 4-rank job took 163 s here under load 22 (README)
+JOB_TIMEOUT = 300  # s for one sbatch --wait; a 4-rank job took 163 s here under load 22 (docs/slurm_docker.md)
 
 pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
-from tpi_mpi.split import CheckpointReader, block_file, sha256_file, split
+from tpi_mpi.weights.split import CheckpointReader, block_file, sha256_file, split
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["single-file", "indexed"])

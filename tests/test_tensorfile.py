@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tpi_mpi import tensorfile
 from tpi_mpi.errors import UserError
+from tpi_mpi.weights import tensorfile
 
 
 @pytest.fixture

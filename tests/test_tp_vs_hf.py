@@ -12,7 +12,7 @@ from conftest import SCRIPTS, mpirun
 from transformers import AutoModelForCausalLM
 
 from tpi_mpi.make_model import make_model
-from tpi_mpi.split import split
+from tpi_mpi.weights.split import split
 
 PROMPT = [1, 37, 250, 11, 400, 99, 3, 77, 120, 301, 45, 8]
 NEW_TOKENS = 32

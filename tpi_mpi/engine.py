@@ -11,27 +11,26 @@ alone holds lm_head and computes all the logits.
 
 from __future__ import annotations
 
-import ctypes
-import resource
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import psutil
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from . import tensorfile
-from .allreduce import CommStats, make_allreduce
-from .errors import UserError
-from .links import SoftwareLinks
-from .memplan import HEAD_CHUNK_BYTES, MemoryPlan, cgroup_memory_peak
-from .models.llama import ShardedDecoder, rms_norm
-from .prefetch import BlockSource, LayerPrefetcher, ResidentBlocks
-from .shards import RankShard
-from .watchdog import Watchdog
+from tpi_mpi.comm.allreduce import CommStats, make_allreduce
+from tpi_mpi.comm.links import SoftwareLinks
+from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.errors import UserError
+from tpi_mpi.models.llama import ShardedDecoder, rms_norm
+from tpi_mpi.weights import tensorfile
+from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
+from tpi_mpi.weights.memplan import HEAD_CHUNK_BYTES, MemoryPlan
+from tpi_mpi.weights.prefetch import BlockSource, LayerPrefetcher, ResidentBlocks
+from tpi_mpi.weights.process_memory import process_memory
+from tpi_mpi.weights.shards import RankShard
 
 OP_STOP, OP_FORWARD = 0, 1
 WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
@@ -45,31 +44,6 @@ class RankTimes:
     forward_s: float = 0.0  # wall time inside forward passes, communication included
     bcast: CommStats = field(default_factory=CommStats)
     gather: CommStats = field(default_factory=CommStats)  # the logits' slices (memory.head=split)
-
-
-def _rss() -> tuple[int, int, int | None]:
-    """(peak, current) resident memory of this process in bytes, and the bytes malloc has handed out.
-
-    RSS hides a small leak: memory freed after loading stays resident and is reused first. The heap in
-    use (glibc's mallinfo2: small blocks + mmapped ones, which is where torch's tensors live) does not.
-    """
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, psutil.Process().memory_info().rss,
-            _heap_in_use())
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
-
-
-def _heap_in_use() -> int | None:
-    try:
-        mallinfo2 = ctypes.CDLL(None).mallinfo2  # glibc >= 2.33
-    except AttributeError:
-        return None
-    mallinfo2.restype = _MallInfo2
-    info = mallinfo2()
-    return int(info.uordblks + info.hblkhd)
 
 
 class Engine:
@@ -104,7 +78,7 @@ class Engine:
             self.vocab_ranges: list[tuple[int, int]] = comm.gather(shard.vocab_range, root=0) or []
         self.times = RankTimes(load_s=time.perf_counter() - t0)
         self.passes = 0
-        self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # _rss() after WARMUP_PASSES passes
+        self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # process_memory() after WARMUP_PASSES passes
         self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
 
     def _load_head(self, norm_file: Any, file: Any, name: str) -> None:
@@ -173,7 +147,7 @@ class Engine:
     def _pass_done(self) -> None:
         self.passes += 1
         if self.passes == WARMUP_PASSES:
-            self.rss_warm_bytes = _rss()
+            self.rss_warm_bytes = process_memory()
 
     def _bcast_hidden(self, x: np.ndarray) -> None:
         t0 = time.perf_counter()
@@ -205,7 +179,7 @@ class Engine:
         cgroup = cgroup_memory_peak()
         return {
             "rank": self.comm.rank,
-            "peak_rss_bytes": _rss()[0],
+            "peak_rss_bytes": process_memory()[0],
             "cgroup_peak_bytes": cgroup["peak_bytes"] if cgroup else None,
             "cgroup": cgroup["cgroup"] if cgroup else None,
             "disk_wait_s": self.blocks.stats.disk_wait_s,
@@ -224,12 +198,13 @@ class Engine:
             # Memory after warm-up and now (null if fewer passes): later growth would be a leak.
             "peak_rss_warm_bytes": self.rss_warm_bytes[0] if self.rss_warm_bytes else None,
             "rss_warm_bytes": self.rss_warm_bytes[1] if self.rss_warm_bytes else None,
-            "rss_bytes": _rss()[1],
+            "rss_bytes": process_memory()[1],
             "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
-            "heap_bytes": _rss()[2],
+            "heap_bytes": process_memory()[2],
             "forward_passes": self.passes,
-            **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
-                                   for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
+            # keys: bytes of the float32 message; wire: what went on the wire (comm.dtype, or its choice if auto)
+            **({"allreduce_auto": {str(nbytes): {"algo": algo, "wire": wire, "predicted_s": t}
+                                   for nbytes, (algo, wire, t) in choices.items()}} if choices is not None else {}),
         }
 
 
@@ -309,64 +284,3 @@ class Master(Engine):
                 f"the prompt has {len(ids)} tokens but the model has {self.max_positions} positions: "
                 "shorten the prompt"
             )
-
-
-class Sampler:
-    """Greedy, or sampling with temperature, top-k and top-p from a seeded generator."""
-
-    def __init__(self, do_sample: bool, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int = 0):
-        self.do_sample, self.temperature, self.top_k, self.top_p = do_sample, temperature, top_k, top_p
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        if not self.do_sample:
-            return int(torch.argmax(logits))
-        logits = logits / self.temperature
-        if self.top_k:
-            kth = torch.topk(logits, min(self.top_k, logits.numel())).values[-1]
-            logits = logits.masked_fill(logits < kth, float("-inf"))
-        if self.top_p < 1.0:
-            sorted_logits, order = torch.sort(logits, descending=True)
-            cum = torch.softmax(sorted_logits, -1).cumsum(-1)
-            drop = cum - torch.softmax(sorted_logits, -1) >= self.top_p  # keeps the first token always
-            logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
-        probs = torch.softmax(logits, -1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
-@dataclass
-class Generation:
-    prompt_tokens: int
-    tokens: list[int]
-    ttft_s: float
-    token_latencies_s: list[float]
-
-
-def generate(master: Master, ids: list[int], max_new_tokens: int, sampler: Sampler,
-             eos_ids: set[int], kv_cache_tokens: int | None = None, on_token: Any = None) -> Generation:
-    """Prefill, then one token at a time. The KV cache is reserved up front for the whole sequence."""
-    master.check_prompt(ids)
-    max_new_tokens = min(max_new_tokens, master.max_positions - len(ids))
-    capacity = kv_cache_tokens or len(ids) + max_new_tokens
-    if capacity < len(ids) + max_new_tokens:
-        raise UserError(f"memory.kv_cache_tokens={capacity} is less than the prompt plus "
-                        f"max_new_tokens ({len(ids) + max_new_tokens}): raise it or set it to null")
-    tokens: list[int] = []
-    latencies: list[float] = []
-    t0 = time.perf_counter()
-    ttft = 0.0
-    if max_new_tokens > 0:
-        tok = sampler(master.forward(ids, 0, capacity))
-        ttft = time.perf_counter() - t0
-        tokens.append(tok)
-        if on_token:
-            on_token(tokens)
-        while len(tokens) < max_new_tokens and tok not in eos_ids:
-            t1 = time.perf_counter()
-            tok = sampler(master.forward([tok], len(ids) + len(tokens) - 1))
-            latencies.append(time.perf_counter() - t1)
-            tokens.append(tok)
-            if on_token:
-                on_token(tokens)
-    return Generation(prompt_tokens=len(ids), tokens=tokens, ttft_s=ttft, token_latencies_s=latencies)

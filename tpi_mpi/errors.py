@@ -20,7 +20,7 @@ class UserError(Exception):
 
 def abort(comm: Any, message: str, code: int = 2) -> NoReturn:
     """Print one line and take every rank down: a peer blocked in a collective would otherwise hang."""
-    from . import sentinel
+    from tpi_mpi.comm import sentinel
 
     sentinel.stopping()  # this line says what happened: the sentinel need not add that a rank died
     print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)

@@ -20,8 +20,9 @@ from typing import Any
 
 from mpi4py import MPI
 
-from .errors import UserError, agree_or_abort
-from .run import load_tokenizer, main, open_engine, serve_until_stopped, set_threads, start_together
+from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.job import load_tokenizer, open_engine, serve_until_stopped, set_threads, start_together
+from tpi_mpi.run import main
 
 MAX_DEFAULT_WINDOW = 1024  # eval.window=null on a model with a longer context: the logits of a window stay small
 
@@ -37,7 +38,7 @@ def eval_job(comm: MPI.Comm, cfg: Any) -> None:
         serve_until_stopped(comm, engine)
         return
     master = engine
-    from .perplexity import score
+    from tpi_mpi.perplexity import score
 
     # Checked before the workers start serving: a UserError here takes every rank down (run_or_abort).
     text_path, ids, window, bos = _heldout(cfg, master, path)
@@ -85,7 +86,7 @@ def _heldout(cfg: Any, master: Any, shard_path: Path) -> tuple[Path, list[int], 
             raise UserError(f"eval.text={e.text} is not a file: give a UTF-8 text file, or null for the "
                             "Shakespeare held-out split")
     else:
-        from .training.corpus import fetch
+        from tpi_mpi.training.corpus import fetch
 
         text_path = fetch(e.corpus_dir, quiet=False).heldout
     try:
@@ -107,7 +108,7 @@ def _heldout(cfg: Any, master: Any, shard_path: Path) -> tuple[Path, list[int], 
 
 
 def _report(record: dict[str, Any], cfg: Any) -> None:
-    from .results import append_jsonl, write_json_atomic
+    from tpi_mpi.results import append_jsonl, write_json_atomic
 
     record["config"] = cfg.to_json()
     try:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .errors import UserError
+from tpi_mpi.errors import UserError
 
 ARCHS = ("llama", "qwen2", "mistral")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

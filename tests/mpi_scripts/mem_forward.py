@@ -18,10 +18,11 @@ from mpi4py import MPI
 
 import tpi_mpi.engine
 from tpi_mpi.config import MemoryConfig
-from tpi_mpi.engine import Master, Sampler, Worker, generate
+from tpi_mpi.engine import Master, Worker
 from tpi_mpi.errors import UserError, agree_or_abort
-from tpi_mpi.memplan import MemoryPlan, _spread, plan_rank_memory
-from tpi_mpi.shards import open_rank_shard
+from tpi_mpi.generate import Sampler, generate
+from tpi_mpi.weights.memplan import MemoryPlan, _spread, plan_rank_memory
+from tpi_mpi.weights.shards import open_rank_shard
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)

@@ -12,8 +12,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from tpi_mpi.engine import Master, Sampler, Worker, generate
-from tpi_mpi.shards import open_rank_shard
+from tpi_mpi.engine import Master, Worker
+from tpi_mpi.generate import Sampler, generate
+from tpi_mpi.weights.shards import open_rank_shard
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)

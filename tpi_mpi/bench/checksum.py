@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tpi_mpi.split import file_digests
+from tpi_mpi.weights.split import file_digests
 
 
 def read_only(path: Path) -> None:

@@ -47,7 +47,7 @@ from typing import Any
 
 import torch
 
-from tpi_mpi import tensorfile
+from tpi_mpi.weights import tensorfile
 
 PRESET = "llama2-70b"
 FULL_LAYERS = 80
@@ -66,7 +66,7 @@ def drop_caches() -> bool:
 
 def ensure_split(workdir: Path, layers: int, n: int) -> Path:
     from tpi_mpi.make_model import make_model
-    from tpi_mpi.split import split
+    from tpi_mpi.weights.split import split
 
     name = f"{PRESET}-L{layers}-fp16"
     shards = workdir / "shards" / f"{name}-n{n}"

@@ -61,7 +61,7 @@ def ensure_checkpoint(workdir: Path, preset: str, layers: int) -> Path:
 
 
 def ensure_split(workdir: Path, model: Path, n: int) -> Path:
-    from tpi_mpi.split import split
+    from tpi_mpi.weights.split import split
 
     out = workdir / "shards" / f"{model.name}-n{n}"
     if not out.is_dir():  # split renames into place only when complete

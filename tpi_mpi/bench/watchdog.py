@@ -22,7 +22,7 @@ from tpi_mpi.bench.tp_latency import ensure_checkpoint, ensure_split, prompt_ids
 
 
 def mark_cost_ns(n: int = 1_000_000) -> float:
-    from tpi_mpi.watchdog import Watchdog
+    from tpi_mpi.comm.watchdog import Watchdog
 
     wd = Watchdog(None, None)
     t0 = time.process_time()  # CPU time: on a loaded machine wall time counts the other processes' turns

@@ -29,10 +29,10 @@ from typing import Any
 
 import psutil
 
-from ..errors import UserError
-from . import session as sess
-from . import state
-from .profiles import DeviceProfile, NetworkProfile, load_device, load_network
+from tpi_mpi.emulate import session as sess
+from tpi_mpi.emulate import state
+from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, load_device, load_network
+from tpi_mpi.errors import UserError
 
 COMMANDS = ("up", "down", "status", "run", "check")
 KEYS = {"session", "network", "device", "devices", "allow_uncapped", "disk_path", "timeout", "links", "json",
@@ -218,7 +218,7 @@ def cmd_run(opts: dict[str, Any], overrides: dict[str, dict[str, Any]], rest: li
 
 
 def cmd_check(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int:
-    from .check import large_message_bytes, table
+    from tpi_mpi.emulate.check import large_message_bytes, table
 
     session = state.check_session(str(opts.get("session", "tpiemu")))
     devices, network, devs = profiles(opts, overrides)
@@ -258,7 +258,7 @@ def cmd_check(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int
     print(f"network {network.name} ({links} links), devices {devs[0].name}, N={devices} | load avg before "
           f"{load_before:.2f}\n{text}\nall within ±{tolerance:.0%} of the profile: {'yes' if ok else 'NO'}")
     if opts.get("json"):
-        from ..results import write_json_atomic
+        from tpi_mpi.results import write_json_atomic
 
         write_json_atomic(opts["json"], {"network": network.name, "links_mode": links, "devices": devices,
                                          "device_profiles": devs_shown, "expected_links": expected, **measured,

@@ -40,7 +40,7 @@ def _polite_wait(req: Any) -> None:
 
 
 def _cpu_quota() -> float | None:
-    from . import cgroups
+    from tpi_mpi.emulate import cgroups
 
     backend, _ = cgroups.detect()
     if backend is None:
@@ -66,9 +66,9 @@ def worker(args: argparse.Namespace) -> None:
     import numpy as np
     from mpi4py import MPI
 
-    from ..links import P2P, SoftwareLinks
-    from . import cgroups
-    from .profiles import load_network
+    from tpi_mpi.comm.links import P2P, SoftwareLinks
+    from tpi_mpi.emulate import cgroups
+    from tpi_mpi.emulate.profiles import load_network
 
     comm = MPI.COMM_WORLD
     try:  # sleeps of 20 us, not the default 50 us of timer slack on top
@@ -127,7 +127,7 @@ def worker(args: argparse.Namespace) -> None:
 def table(measured: dict[str, Any], expected_links: list[dict[str, float]], devices: list[dict[str, Any]],
           tolerance: float) -> tuple[str, bool]:
     """The measured figures next to the profile's; ok is False when a link is off by more than `tolerance`."""
-    from .profiles import human_bytes
+    from tpi_mpi.emulate.profiles import human_bytes
 
     ok = True
     lines = [f"{'link':>6} | {'latency profile':>15} | {'measured':>9} | {'error':>6} | {'median':>9} | "

@@ -16,8 +16,8 @@ import os
 import subprocess
 from pathlib import Path
 
-from ..errors import UserError
-from .profiles import NetworkProfile
+from tpi_mpi.emulate.profiles import NetworkProfile
+from tpi_mpi.errors import UserError
 
 NETNS_DIR = Path("/var/run/netns")
 IFACE = "emu0"  # the rank's interface, the same name in every rank namespace (FI_TCP_IFACE)

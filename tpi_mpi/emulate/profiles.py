@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..units import parse_size
+from tpi_mpi.errors import UserError
+from tpi_mpi.units import parse_size
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
 def parse_bytes(value: Any, what: str) -> int | None:

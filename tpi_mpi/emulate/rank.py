@@ -17,8 +17,8 @@ import signal
 import subprocess
 import sys
 
-from . import cgroups, netns, state
-from .profiles import human_bytes
+from tpi_mpi.emulate import cgroups, netns, state
+from tpi_mpi.emulate.profiles import human_bytes
 
 # MPICH's default netmod would use shared memory between ranks of one host: force TCP over emu0.
 MPICH_ON_THE_WIRE = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
@@ -39,6 +39,9 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--help"], ["-h"]):  # the wrapper's own options end at "--": what follows is the rank's
+        print(__doc__)
+        return 0
     if "--" not in argv:
         fail("usage: python -m tpi_mpi.emulate.rank --session NAME -- COMMAND ...")
     opts, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     if rank >= st["devices"]:
         fail(f"rank {rank}, but session {session} has {st['devices']} devices: mpirun -n {st['devices']} or "
              f"up devices={rank + 1}")
-    from .session import backend_of
+    from tpi_mpi.emulate.session import backend_of
 
     backend = backend_of(st)
     original = cgroups.current()

@@ -18,9 +18,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from . import cgroups, netns, state
-from .profiles import DeviceProfile, NetworkProfile
+from tpi_mpi.emulate import cgroups, netns, state
+from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile
+from tpi_mpi.errors import UserError
 
 NEEDS_ROOT = ("emulated devices need root (network namespaces, tc, iptables, cgroups); without root use the "
               "software link model: mpirun -n N python -m tpi_mpi.run emulation.links=software "

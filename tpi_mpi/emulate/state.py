@@ -14,8 +14,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
-from ..results import write_json_atomic
+from tpi_mpi.errors import UserError
+from tpi_mpi.results import write_json_atomic
 
 STATE_DIR_ENV = "TPI_MPI_EMU_STATE_DIR"
 DEFAULT_STATE_DIR = "/run/tpi_mpi-emulate"

@@ -18,10 +18,10 @@ import torch.nn.functional as F
 from transformers import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from ..prefetch import BlockSource, Weights
-from ..shards import RankShard
-from ..tensorfile import TensorFile
-from ..watchdog import Watchdog
+from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.weights.prefetch import BlockSource, Weights
+from tpi_mpi.weights.shards import RankShard
+from tpi_mpi.weights.tensorfile import TensorFile
 
 AllreduceFn = Callable[[np.ndarray], None]
 

@@ -26,10 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ..errors import UserError
-from ..perplexity import hf_perplexity, unigram_perplexity
-from . import corpus as corpus_mod
-from .tokenizer import BOS_ID, EOS_ID, train_tokenizer
+from tpi_mpi.errors import UserError
+from tpi_mpi.perplexity import hf_perplexity, unigram_perplexity
+from tpi_mpi.training import corpus as corpus_mod
+from tpi_mpi.training.tokenizer import BOS_ID, EOS_ID, train_tokenizer
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from . import tensorfile
+from tpi_mpi.weights import tensorfile
 
 BlockKey = tuple[int, str]  # (layer, "attn" | "ffn")
 Weights = dict[str, torch.Tensor]

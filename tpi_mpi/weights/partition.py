@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import UserError
+from tpi_mpi.errors import UserError
 
 
 def largest_remainder(total: int, ratios: list[float]) -> list[int]:

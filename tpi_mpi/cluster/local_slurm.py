@@ -5,7 +5,7 @@ logs, on free ports. munged, slurmctld and slurmd run in the foreground as child
 so stopping them needs no system service. Needs root (slurmd starts job steps as the submitting user)
 and Debian's slurm-wlm and munge.
 
-    python -m tpi_mpi.local_slurm --dir /tmp/slurm     # prints `export SLURM_CONF=...`; Ctrl-C stops it
+    python -m tpi_mpi.cluster.local_slurm --dir /tmp/slurm     # prints `export SLURM_CONF=...`; Ctrl-C stops it
 
 Used by tests/test_slurm.py as a fixture (one cluster for the module).
 """

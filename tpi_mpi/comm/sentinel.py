@@ -42,7 +42,7 @@ def start(comm: Any) -> None:
         # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
         # else by the sentinel; a missing directory means "stopping on purpose".
         atexit.register(shutil.rmtree, marker, True)
-        subprocess.Popen([sys.executable, "-m", "tpi_mpi.sentinel", json.dumps(watch), marker],
+        subprocess.Popen([sys.executable, "-m", "tpi_mpi.comm.sentinel", json.dumps(watch), marker],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, start_new_session=True)
     marker = comm.bcast(marker, root=0)
     _marker = Path(marker) if marker else None

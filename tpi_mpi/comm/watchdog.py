@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 from mpi4py import MPI
 
-from .errors import abort
+from tpi_mpi.errors import abort
 
 _TAG = 23
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from tpi_mpi.errors import UserError
 
 # The safetensors library's own cap: a header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 100 * 1024 * 1024

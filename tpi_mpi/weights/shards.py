@@ -10,10 +10,10 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from .errors import UserError
-from .partition import ShardPlan
-from .split import FORMAT, block_file, file_digests, rank_dir
-from .tensorfile import TensorFile, parse_header
+from tpi_mpi.errors import UserError
+from tpi_mpi.weights.partition import ShardPlan
+from tpi_mpi.weights.split import FORMAT, block_file, file_digests, rank_dir
+from tpi_mpi.weights.tensorfile import TensorFile, parse_header
 
 
 @dataclass(frozen=True)

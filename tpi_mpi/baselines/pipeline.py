@@ -23,10 +23,10 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .engine import DTYPES, OP_FORWARD, OP_STOP, Master
-from .models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
-from .prefetch import ResidentBlocks
-from .shards import RankShard
+from tpi_mpi.engine import DTYPES, OP_FORWARD, OP_STOP, Master
+from tpi_mpi.models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
+from tpi_mpi.weights.prefetch import ResidentBlocks
+from tpi_mpi.weights.shards import RankShard
 
 POLL_S = 0.0002  # how often a rank waiting for its turn looks for the message (it sleeps in between)
 TAG_HEADER, TAG_HIDDEN = 11, 12

@@ -1,0 +1,5 @@
+import sys
+
+from tpi_mpi.perf.cli import main
+
+sys.exit(main())
