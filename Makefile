@@ -20,11 +20,14 @@ setup: $(BIN)/.installed
 models/tiny: | $(BIN)/.installed
 	$(BIN)/python -m tpi_mpi.make_model --preset tiny --out models/tiny
 
-# The small model trained on Shakespeare, committed in checkpoints/shakespeare (docs/trained_model.md); greedy.
+# The small model trained on Shakespeare, committed in checkpoints/shakespeare (docs/trained_model.md): a
+# speaker's heading and the start of a speech, as in the plays; seeded sampling (greedy decoding of so small a
+# model soon repeats one stage direction), DEMO_GEN=greedy for greedy.
 DEMO_PROMPT ?= KING.\nWhat news
+DEMO_GEN    ?= sample
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.run model=shakespeare \
-	    "prompt=\"$$(printf '$(DEMO_PROMPT)')\"" generation.max_new_tokens=64
+	    "prompt=\"$$(printf '$(DEMO_PROMPT)')\"" generation=$(DEMO_GEN) generation.max_new_tokens=64
 
 # The random-weight tiny preset the tests use (its text is gibberish, as transformers' is).
 demo-tiny: setup models/tiny
