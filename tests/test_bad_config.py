@@ -46,6 +46,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("logging.wandb_mode", "cloud", "logging.wandb_mode must be offline, online or disabled"),
     ("baseline", "foo", "unknown baseline='foo'"),
     ("model.colour", "red", "unknown key model.colour"),
+    ("model.quant", "int3", "unknown quantization 'int3': choose one of none, int8, int4"),
+    ("model.group_size", 64, "a group size applies to int4 only"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 
@@ -82,6 +84,11 @@ BAD_SPLITS: list[tuple[list[str], str]] = [
     (["--world-size", "2", "--ratios", "1.5,-0.5"], "ratios must all be positive"),
     (["--world-size", "3", "--ratios", "0.5,0.5"], "2 ratios given for a world size of 3"),
     (["--world-size", "2", "--ratios", "half,half"], "--ratios takes comma-separated numbers"),
+    (["--world-size", "1", "--quant", "int3"], "unknown quantization 'int3': choose one of none, int8, int4"),
+    (["--world-size", "1", "--quant", "int4", "--group-size", "48"], "int4 group size 48 is not supported"),
+    # 8 heads of 32: a slice of whole groups of 128 columns is 4 heads, so 2 ranks at most
+    (["--world-size", "3", "--quant", "int4", "--group-size", "128"],
+     "group size 128 does not divide the attention slices of 3 ranks"),
 ]
 
 
@@ -132,6 +139,8 @@ BAD_RUNS: list[tuple[int, list[str], str]] = [
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),
     (2, ["memory.resident=false", "memory.window=-1"], "memory.window must be a positive integer or null"),
+    # Hydra's own error (a key not in the config): one line too, not Hydra's message and exit(1)
+    (2, ["model.colour=red"], "Could not override 'model.colour'. To append to your config use +model.colour=red"),
 ]
 
 

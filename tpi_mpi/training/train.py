@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 from tpi_mpi.perplexity import hf_perplexity, unigram_perplexity
 from tpi_mpi.training import corpus as corpus_mod
 from tpi_mpi.training.tokenizer import BOS_ID, EOS_ID, train_tokenizer
@@ -221,6 +221,7 @@ def _save(out: Path, model: Any, tok: Any, report: dict[str, Any]) -> None:
     tmp.rename(out)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.training.train", description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True, help="new folder for the checkpoint")
