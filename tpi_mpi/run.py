@@ -12,48 +12,54 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
 
 from tpi_mpi.comm import sentinel
-from tpi_mpi.errors import UserError, agree_or_abort, main_guard, run_or_abort
+from tpi_mpi.errors import UserError, main_guard, run_or_abort
 from tpi_mpi.faults import fail_point
 from tpi_mpi.job import (
     generate_record,
     load_tokenizer,
-    memory_plan,
-    prepare_shards,
+    open_engine,
     report,
+    serve_until_stopped,
     set_threads,
     start_together,
 )
 
 log = logging.getLogger("tpi_mpi")
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 @main_guard  # an exception anywhere (the sentinel, Hydra, between jobs) aborts every rank: no hang
-def main() -> None:
+def main(job_fn: Any = None) -> None:
+    """`job_fn(comm, cfg)`: what every rank does with the run configuration (default: job, generation);
+    tpi_mpi.eval passes its own, on the same configuration."""
+    job_fn = job_fn or job
     comm = MPI.COMM_WORLD
     fail_point("startup", comm.rank)
     sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
-        _master_main(comm)
+        _master_main(comm, job_fn)
         return
     while True:  # one job per message: a Hydra multirun sends several
         msg = comm.bcast(None, root=0)
         if msg[0] == "exit":  # rank 0 is done, or stopped in Hydra (--help, --cfg)
             sys.exit(msg[1])
         fail_point("config", comm.rank)
-        run_or_abort(comm, functools.partial(job, comm, msg[1]))
+        run_or_abort(comm, functools.partial(job_fn, comm, msg[1]))
 
 
-def _master_main(comm: MPI.Comm) -> None:
+def _master_main(comm: MPI.Comm, job_fn: Any) -> None:
     import hydra
     from hydra.errors import CompactHydraException
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="config")
+    # An absolute path: a relative one resolves from the module that called main(), which may be tpi_mpi.eval.
+    @hydra.main(version_base=None, config_path=str(CONF_DIR), config_name="config")
     def hydra_entry(dcfg: DictConfig) -> None:
         from tpi_mpi.config import build_config
 
@@ -64,7 +70,7 @@ def _master_main(comm: MPI.Comm) -> None:
             print(f"tpi_mpi: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         comm.bcast(("run", cfg.public()), root=0)
-        run_or_abort(comm, lambda: job(comm, cfg))
+        run_or_abort(comm, lambda: job_fn(comm, cfg))
 
     # Hydra would print an error of its own start-up (its output folder on a full disk) and sys.exit(1);
     # raised instead, it becomes main_guard's one line and an abort like any other.
@@ -90,44 +96,11 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
         baseline_job(comm, cfg)
         return
-    from tpi_mpi.engine import Master, Worker
-    from tpi_mpi.weights.shards import open_rank_shard
-
-    path = prepare_shards(comm, cfg)
-    fail_point("shards", comm.rank)
-    shard, error = None, None
-    try:
-        shard = open_rank_shard(path, comm.rank, comm.size, cfg.model.verify_checksums)
-    except UserError as exc:
-        error = str(exc)
-    agree_or_abort(comm, error)
-    assert shard is not None
-    ids = comm.gather(shard.split_id, root=0)
-    foreign = None
-    if ids is not None and len(set(ids)) > 1:  # rank 0 only
-        r = next(r for r, i in enumerate(ids) if i != ids[0])
-        foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
-    agree_or_abort(comm, foreign)
-    plan = memory_plan(comm, shard, cfg)
-
-    links = None
-    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
-        from tpi_mpi.comm.links import SoftwareLinks
-
-        links = SoftwareLinks(comm.rank, comm.size, cfg.network)
+    engine, path = open_engine(comm, cfg)
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-        worker.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
-        start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
-        worker.serve()
-        worker.close()
-        fail_point("record", comm.rank)
-        comm.gather(worker.rank_record(), root=0)
+        serve_until_stopped(comm, engine)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-    master.blocks.wait_filled()
+    master = engine
     tok = load_tokenizer(cfg, path)
     start_together(comm)
     try:
