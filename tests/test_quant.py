@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import SCRIPTS, mpirun, run_tpi
 from transformers import AutoModelForCausalLM
 
@@ -88,6 +89,25 @@ def test_packed_kernel_equals_the_dequantized_weights(fmt: str, m: int) -> None:
     got = linear(x, t, "w")
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got - ref).abs() <= ref.abs() * 2**-8 + 1e-3 * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("dtype,m", [(torch.float32, 1), (torch.float32, 7), (torch.float16, 7), (torch.float16, 1)])
+def test_float_paths_equal_torch_linear(dtype: torch.dtype, m: int) -> None:
+    """fp32 one row split over 2 threads by rows, fp32 prefill on oneDNN, fp16 prefill in fp32 chunks: each equals
+    the product in fp32 to its dtype's rounding."""
+    g = torch.Generator().manual_seed(2)
+    w, x, b = torch.randn(2304, 320, generator=g), torch.randn(m, 320, generator=g), torch.randn(2304, generator=g)
+    ref = F.linear(x.to(dtype).float(), w.to(dtype).float(), b.to(dtype).float())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # the row split needs more than one thread
+    try:
+        with torch.inference_mode():
+            got = linear(x.to(dtype), {"w.weight": w.to(dtype), "w.bias": b.to(dtype)}, "w")
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == dtype and got.shape == (m, 2304)
+    eps = 2**-10 if dtype == torch.float16 else 1e-6
+    assert ((got.float() - ref).abs() <= eps * ref.abs().max()).all()
 
 
 def test_kernel_constraints_are_refused_at_split_time() -> None:

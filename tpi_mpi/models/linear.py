@@ -110,9 +110,12 @@ def _fp16_by_chunks(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None)
     rows = max(64, FP16_CHUNK_BYTES // (4 * k))
     x32 = x.float().contiguous()
     out = torch.empty((x.shape[0], n), dtype=x.dtype)
+    buf = torch.empty((min(rows, n), k), dtype=torch.float32)  # one buffer for every chunk: no page faults
     for a in range(0, n, rows):
         b = min(n, a + rows)
-        out[:, a:b] = _onednn(x32, w[a:b].float(), bias[a:b].float() if bias is not None else None)
+        chunk = buf[:b - a]
+        chunk.copy_(w[a:b])
+        out[:, a:b] = _onednn(x32, chunk, bias[a:b].float() if bias is not None else None)
     return out
 
 
