@@ -12,6 +12,7 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
@@ -50,7 +51,9 @@ def _master_main(comm: MPI.Comm, entry: Callable[[MPI.Comm, Any], None]) -> None
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="config")
+    # An absolute path: relative, Hydra would look for a package when this module is imported (tpi_mpi.serve).
+    @hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="config")
     def hydra_entry(dcfg: DictConfig) -> None:
         from tpi_mpi.config import build_config
 
