@@ -52,8 +52,10 @@ def _turn(session: Session, cfg: Any, history: list[dict[str, str]], out: TextIO
     stop.clear()
     try:
         result = session.generate(req, between_tokens)
+        lat = result.token_latencies_s
         note = (f"[{result.completion_tokens} tokens, {result.cached_tokens}/{result.prompt_tokens} prompt "
-                f"tokens cached, first token {result.ttft_s * 1e3:.0f} ms]")
+                f"tokens cached, first token {result.ttft_s * 1e3:.0f} ms"
+                + (f", then {sum(lat) / len(lat) * 1e3:.1f} ms/token]" if lat else "]"))
     except Cancelled:
         note = "[stopped]"
     out.write("\n")

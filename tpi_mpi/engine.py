@@ -321,7 +321,9 @@ class Master(Engine):
         """Every rank's counters (Engine.counters), rank by rank; between passes of a sequence too."""
         self._send(OP_REPORT)
         with self.watchdog("gather of the counters"):
-            return self.comm.gather(self.counters(), root=0)
+            report = self.comm.gather(self.counters(), root=0)
+        assert report is not None  # rank 0
+        return report
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -54,7 +54,7 @@ def _serve(session: Session, cfg: Any, sock: socket.socket) -> None:
     metrics = Metrics()
 
     def finished(req: Request, result: Finished | None, outcome: str) -> None:
-        metrics.finished(req.label, outcome, result, result.queued_s if result else None)
+        metrics.finished(req.label, outcome, result, result.queued_s if result else None, req.generated)
 
     engine = EngineLoop(session, s.queue_size, s.heartbeat_s, finished)
     master = session.master

@@ -175,17 +175,14 @@ async def _stream(reply: Reply, params: Params, events: asyncio.Queue[Any]) -> A
 
 async def _whole(reply: Reply, receive: Receive, req: Request, events: asyncio.Queue[Any]) -> Response:
     watch = asyncio.ensure_future(_watch_disconnect(receive, req, events))
-    text: list[str] = []
     try:
         while True:
             ev = await events.get()
             if ev is None:
                 return Response(status_code=499)  # nobody reads it
-            if isinstance(ev, Delta):
-                text.append(ev.text)
-            elif isinstance(ev, Finished):
+            if isinstance(ev, Finished):
                 use = usage(ev.prompt_tokens, ev.completion_tokens, ev.cached_tokens)
-                return JSONResponse(reply.whole("".join(text), ev.finish_reason, use))
+                return JSONResponse(reply.whole(ev.text, ev.finish_reason, use))
             elif isinstance(ev, Failed):
                 return JSONResponse(error_body(ev.message, "server_error"), status_code=ev.status)
     finally:
@@ -217,7 +214,7 @@ def _completions(chat: bool) -> Any:
                 pass
 
         req = Request(ids, params.max_tokens, emit, params.temperature, params.top_p, params.seed, params.stop,
-                      label=endpoint)
+                      label=endpoint, deltas=params.stream)
         try:
             state.engine.submit(req)
         except QueueFull:

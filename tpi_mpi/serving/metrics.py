@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -42,6 +42,7 @@ class _Ranks(Collector):
 
 class Metrics:
     def __init__(self) -> None:
+        disable_created_metrics()  # no *_created series: a scrape shows what it measures
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tpi_serve_requests", "requests by endpoint and outcome",
@@ -50,6 +51,8 @@ class Metrics:
         self.cached_tokens = Counter("tpi_serve_cached_prompt_tokens", "prompt tokens found in the KV cache",
                                      registry=r)
         self.completion_tokens = Counter("tpi_serve_completion_tokens", "generated tokens", registry=r)
+        self.cancelled_tokens = Counter("tpi_serve_cancelled_tokens", "tokens generated for clients that then left",
+                                        registry=r)
         self.ttft = Histogram("tpi_serve_ttft_seconds", "arrival to first token, queue included",
                               buckets=TTFT_BUCKETS, registry=r)
         self.token_latency = Histogram("tpi_serve_token_latency_seconds", "time between generated tokens",
@@ -61,9 +64,12 @@ class Metrics:
         self.ranks = _Ranks()
         r.register(self.ranks)
 
-    def finished(self, endpoint: str, outcome: str, result: Any = None, queued_s: float | None = None) -> None:
-        """`result`: the scheduler's Finished of a completed request."""
+    def finished(self, endpoint: str, outcome: str, result: Any = None, queued_s: float | None = None,
+                 generated: int = 0) -> None:
+        """`result`: the scheduler's Finished of a completed request; `generated`: tokens of one cancelled."""
         self.requests.labels(endpoint, outcome).inc()
+        if outcome == "cancelled":
+            self.cancelled_tokens.inc(generated)
         if queued_s is not None:
             self.queue_time.observe(queued_s)
         if result is None:

@@ -36,8 +36,10 @@ class Request:
     seed: int | None = None  # sampling without a seed draws one
     stop: tuple[str, ...] = ()
     label: str = ""  # the caller's name for it (the endpoint, in the metrics)
+    deltas: bool = True  # emit a Delta per token (streaming); else the text comes with Finished only
     cancelled: threading.Event = field(default_factory=threading.Event)
     arrived: float = field(default_factory=time.monotonic)
+    generated: int = 0  # tokens so far (set by the engine thread)
 
 
 @dataclass
@@ -56,6 +58,7 @@ class Delta:
 @dataclass
 class Finished:
     finish_reason: str  # stop (end of sequence token or a stop string), length (max_tokens or context full)
+    text: str
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int
@@ -135,11 +138,13 @@ class Session:
             else:
                 latencies.append(now - t_prev)
             t_prev, n = now, n + 1
+            req.generated = n
             if token in self.eos_ids:
                 reason = "stop"
                 break
             text, stopped = stops.add(detok.add(token))
-            req.emit(Delta(text, n))
+            if req.deltas:
+                req.emit(Delta(text, n))
             if stopped:
                 reason = "stop"
                 break
@@ -151,9 +156,9 @@ class Session:
             logits = self.master.forward([token], len(self.cached))
             self.cached.append(token)
         rest = stops.flush() if reason == "length" else ""
-        if rest:
+        if rest and req.deltas:
             req.emit(Delta(rest, n))
-        return Finished(reason, len(ids), n, start, queued, ttft, latencies)
+        return Finished(reason, stops.text, len(ids), n, start, queued, ttft, latencies)
 
 
 class EngineLoop:
