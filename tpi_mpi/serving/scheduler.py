@@ -128,7 +128,7 @@ class Session:
         self.cached = self.cached[:start]  # positions from `start` on are overwritten below
         logits = self.master.forward(ids[start:], start, self.context if start == 0 else 0)
         self.cached = list(ids)
-        ttft, latencies, n, reason = 0.0, [], 0, "length"
+        ttft, latencies, n, reason, stopped = 0.0, [], 0, "length", False
         t_prev = time.monotonic()
         while n < max_tokens:
             token = sampler(logits)
@@ -145,19 +145,19 @@ class Session:
             text, stopped = stops.add(detok.add(token))
             if req.deltas:
                 req.emit(Delta(text, n))
-            if stopped:
-                reason = "stop"
-                break
-            if n == max_tokens:
+            if stopped or n == max_tokens:
                 break
             between_tokens()
             if req.cancelled.is_set():
                 raise Cancelled
             logits = self.master.forward([token], len(self.cached))
             self.cached.append(token)
-        rest = stops.flush() if reason == "length" else ""
-        if rest and req.deltas:
-            req.emit(Delta(rest, n))
+        if not stopped:  # what was held back is final now (a stop string may still be in it)
+            text, stopped = stops.add(detok.flush())
+            text += "" if stopped else stops.flush()
+            if text and req.deltas:
+                req.emit(Delta(text, n))
+        reason = "stop" if stopped else reason
         return Finished(reason, stops.text, len(ids), n, start, queued, ttft, latencies)
 
 
