@@ -203,16 +203,23 @@ def test_full_queue_is_429_and_serving_goes_on(server: Server) -> None:
     finally:
         for s in [running, *waiting]:
             s.close()
+    deadline = time.monotonic() + 60  # until the server has seen the clients go (their connections closed)
+    while metric(server, "tpi_serve_queue_waiting") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     assert c.completions.create(model=MODEL, prompt="Hello", max_tokens=2).usage.completion_tokens >= 1
 
 
 def test_missing_or_wrong_key_is_401(server: Server) -> None:
-    for key in ("wrong", ""):
+    for key in ("wrong", KEY + "x", KEY[:-1]):
         with pytest.raises(openai.AuthenticationError) as exc:
             client(server, key).completions.create(model=MODEL, prompt="Hello", max_tokens=1)
         assert exc.value.status_code == 401
-    r = httpx.post(f"{server.url}/completions", json={"model": MODEL, "prompt": "x"}, timeout=60)
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    for headers in ({}, {"Authorization": KEY}, {"Authorization": f"Basic {KEY}"}):  # none, not a bearer
+        r = httpx.post(f"{server.url}/completions", json={"model": MODEL, "prompt": "x"}, headers=headers,
+                       timeout=60)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    r = httpx.post(f"{server.url}/chat/completions", json={"model": MODEL, "messages": []}, timeout=60)
+    assert r.status_code == 401  # the key is checked before anything else
     assert httpx.get(f"{server.base}/metrics", timeout=60).status_code == 401
 
 

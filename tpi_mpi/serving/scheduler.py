@@ -180,7 +180,7 @@ class EngineLoop:
         with self._cv:
             if self._closing:
                 raise ShuttingDown
-            if len(self._requests) >= self.queue_size and (self.running is not None or self._requests):
+            if self._waiting() >= self.queue_size and (self.running is not None or self._requests):
                 raise QueueFull
             self._requests.append(req)
             self._cv.notify()
@@ -202,9 +202,14 @@ class EngineLoop:
             self._closing = True
             self._cv.notify()
 
+    def _waiting(self) -> int:
+        """Requests waiting whose clients are still there (the others are dropped when their turn comes)."""
+        return sum(not r.cancelled.is_set() for r in self._requests)
+
     @property
     def waiting(self) -> int:
-        return len(self._requests)
+        with self._cv:
+            return self._waiting()
 
     # ---- the engine thread -----------------------------------------------------------------------------
     def _run_calls(self) -> None:
