@@ -286,6 +286,12 @@ def test_stop_strings(server: Server) -> None:
     assert "".join(x.choices[0].text for x in streamed) == cut.choices[0].text
 
 
+def assert_all_gone(procs: list[psutil.Process]) -> None:
+    """mpirun, its proxy, the ranks and the sentinel (which exits on its own once the ranks are gone)."""
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], alive
+
+
 def test_worker_killed_while_streaming(model: dict[str, Path], tmp_path: Path) -> None:
     srv = Server(N, model, tmp_path, ["serve.max_tokens=400"])
     try:
@@ -306,7 +312,33 @@ def test_worker_killed_while_streaming(model: dict[str, Path], tmp_path: Path) -
         errors = [line for line in srv.stderr().splitlines() if line.startswith("tpi_mpi: error:")]
         assert len(errors) == 1 and "rank 1" in errors[0], srv.stderr()
         assert "Traceback" not in srv.stderr()
-        left = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
-        assert not left, left
+        assert_all_gone(procs)
     finally:
+        srv.kill()
+
+
+def test_worker_stalled_health_says_so_and_job_ends(model: dict[str, Path], tmp_path: Path) -> None:
+    srv = Server(N, model, tmp_path, ["serve.max_tokens=400", "comm.timeout_s=6", "serve.health_timeout_s=1"])
+    try:
+        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+        worker = next(p for p in procs if p.environ().get("PMI_RANK") == "1" and "tpi_mpi.serve" in " ".join(p.cmdline()))
+        c = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
+        chunks = iter(c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=400, stream=True))
+        next(chunks)
+        worker.send_signal(signal.SIGSTOP)
+        h = httpx.get(f"{srv.base}/health", timeout=30)
+        assert h.status_code == 503 and h.json()["status"] == "unavailable", h.text
+        assert "did not answer" in h.json()["detail"]
+        with pytest.raises(openai.APIError) as exc:  # the error event the server sends before the job ends
+            for chunk in chunks:
+                assert chunk.choices[0].finish_reason is None
+        assert "the job is ending" in str(exc.value) and "watchdog" in str(exc.value)
+        assert srv.wait(60) != 0
+        errors = [line for line in srv.stderr().splitlines() if line.startswith("tpi_mpi: error:")]
+        assert len(errors) == 1 and "watchdog" in errors[0] and "rank 1" in errors[0], srv.stderr()
+        assert_all_gone(procs)
+    finally:
+        for p in psutil.Process().children(recursive=True):
+            if p.status() == psutil.STATUS_STOPPED:
+                p.resume()
         srv.kill()

@@ -202,6 +202,14 @@ class EngineLoop:
             self._closing = True
             self._cv.notify()
 
+    def fail_all(self, message: str) -> None:
+        """From any thread, when the job is going down: the running and the waiting requests get an error."""
+        with self._cv:
+            self._closing = True
+            reqs = ([self.running] if self.running is not None else []) + list(self._requests)
+        for req in reqs:
+            req.emit(Failed(message, 500))
+
     def _waiting(self) -> int:
         """Requests waiting whose clients are still there (the others are dropped when their turn comes)."""
         return sum(not r.cancelled.is_set() for r in self._requests)
