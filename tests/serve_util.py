@@ -41,7 +41,8 @@ def chat_model(root: Path, ranks: int) -> dict[str, Path]:
 class Server:
     """`mpirun -n N python -m tpi_mpi.serve` on 127.0.0.1 and a free port (serve.port=0, read from its line)."""
 
-    def __init__(self, n: int, model: dict[str, Path], tmp: Path, overrides: list[str], env: dict[str, str] | None = None):
+    def __init__(self, n: int, model: dict[str, Path], tmp: Path, overrides: list[str],
+                 env: dict[str, str] | None = None):
         self.proc = start_mpirun(n, [
             "-m", "tpi_mpi.serve", f"hydra.run.dir={tmp}/hydra", f"model.path={model['model']}",
             f"model.shards={model['shards']}", "serve.host=127.0.0.1", "serve.port=0", "threads=1", *overrides],

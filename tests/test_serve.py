@@ -286,6 +286,13 @@ def test_stop_strings(server: Server) -> None:
     assert "".join(x.choices[0].text for x in streamed) == cut.choices[0].text
 
 
+def processes(srv: Server) -> tuple[list[psutil.Process], psutil.Process]:
+    """Every process of the job (mpirun, its proxy, the ranks, the sentinel), and rank 1."""
+    procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
+    rank1 = next(p for p in procs if p.environ().get("PMI_RANK") == "1" and "tpi_mpi.serve" in " ".join(p.cmdline()))
+    return procs, rank1
+
+
 def assert_all_gone(procs: list[psutil.Process]) -> None:
     """mpirun, its proxy, the ranks and the sentinel (which exits on its own once the ranks are gone)."""
     _, alive = psutil.wait_procs(procs, timeout=15)
@@ -295,8 +302,7 @@ def assert_all_gone(procs: list[psutil.Process]) -> None:
 def test_worker_killed_while_streaming(model: dict[str, Path], tmp_path: Path) -> None:
     srv = Server(N, model, tmp_path, ["serve.max_tokens=400"])
     try:
-        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
-        worker = next(p for p in procs if p.environ().get("PMI_RANK") == "1" and "tpi_mpi.serve" in " ".join(p.cmdline()))
+        procs, worker = processes(srv)
         c = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
         stream = c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=400, stream=True)
         chunks = iter(stream)
@@ -320,8 +326,7 @@ def test_worker_killed_while_streaming(model: dict[str, Path], tmp_path: Path) -
 def test_worker_stalled_health_says_so_and_job_ends(model: dict[str, Path], tmp_path: Path) -> None:
     srv = Server(N, model, tmp_path, ["serve.max_tokens=400", "comm.timeout_s=6", "serve.health_timeout_s=1"])
     try:
-        procs = [psutil.Process(srv.proc.pid), *psutil.Process(srv.proc.pid).children(recursive=True)]
-        worker = next(p for p in procs if p.environ().get("PMI_RANK") == "1" and "tpi_mpi.serve" in " ".join(p.cmdline()))
+        procs, worker = processes(srv)
         c = openai.OpenAI(base_url=srv.url, api_key="none", max_retries=0, timeout=60)
         chunks = iter(c.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=400, stream=True))
         next(chunks)
