@@ -1,4 +1,4 @@
-"""docker/: what can be checked without a container engine (none runs here; see README "Docker emulation").
+"""docker/: what can be checked without a container engine (none runs here; see docs/slurm_docker.md).
 
 - the build context: every file the Dockerfile COPYs exists and is not excluded by .dockerignore;
 - the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and

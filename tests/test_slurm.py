@@ -27,7 +27,7 @@ from tpi_mpi.weights.split import split
 
 IDS = [1, 40, 41, 300, 7]
 NEW = 6
-JOB_TIMEOUT = 300  # s for one sbatch --wait; a 4-rank job took 163 s here under load 22 (README)
+JOB_TIMEOUT = 300  # s for one sbatch --wait; a 4-rank job took 163 s here under load 22 (docs/slurm_docker.md)
 
 pytestmark = pytest.mark.skipif(missing_requirement() is not None, reason=str(missing_requirement()))
 

@@ -1,6 +1,6 @@
 """Typed, frozen run configuration, built from the Hydra config and validated in one place.
 
-Every field is documented in conf/*.yaml and the README. Validation errors are UserErrors: one line.
+Every field is documented in conf/*.yaml and docs/configuration.md. Validation errors are UserErrors: one line.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from tpi_mpi.units import parse_size
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
-# baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines/hf.py)
+# baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines/harness.py)
 BASELINES = ("transformers", "accelerate", "pipeline")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
 MPICH_ALLREDUCE_ALGORITHMS = ("auto", "nb", "smp", "recursive_doubling", "recursive_multiplying",

@@ -80,7 +80,7 @@ def _master_main(comm: MPI.Comm, entry: Callable[[MPI.Comm, Any], None]) -> None
 def job(comm: MPI.Comm, cfg: Any) -> None:
     set_threads(comm, cfg.threads)
     if cfg.baseline is not None:  # transformers, accelerate or pipeline, in the same harness
-        from tpi_mpi.baselines.hf import baseline_job
+        from tpi_mpi.baselines.harness import baseline_job
 
         baseline_job(comm, cfg)
         return

@@ -1,19 +1,13 @@
-"""Baselines in the same harness as tensor parallelism: `baseline=transformers|accelerate|pipeline`.
+"""The Hugging Face baselines: `baseline=transformers` and `baseline=accelerate` on one process.
 
-Same prompt, same sampler, same timing (engine.generate) and the same run record; only what computes the
-logits differs:
-    transformers  Hugging Face transformers on one process, all weights in memory (mpirun -n 1)
-    accelerate    HF Accelerate big-model inference on one process: device_map="auto" under
-                  accelerate.max_memory, the layers that do not fit offloaded to disk (mpirun -n 1)
-    pipeline      our pipeline parallelism over N ranks (tpi_mpi/baselines/pipeline.py)
-The two HF baselines are one device by nature, so they refuse N > 1 instead of leaving ranks idle.
+HFRunner puts an HF model behind the Master interface, so engine.generate times it exactly as tensor
+parallelism; load_hf loads the checkpoint (under Accelerate: device_map="auto" within
+accelerate.max_memory, the rest offloaded to disk). Which baseline runs is chosen in harness.py.
 """
 
 from __future__ import annotations
 
 import resource
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +16,7 @@ import torch
 from mpi4py import MPI
 
 from tpi_mpi.engine import Master
-from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.errors import UserError
 
 TORCH_DTYPES: dict[str, Any] = {"auto": "auto", "fp32": torch.float32, "fp16": torch.float16,
                                 "bf16": torch.bfloat16}
@@ -86,66 +80,3 @@ def load_hf(cfg: Any, offload_dir: Path | None) -> tuple[Any, float]:
             kw["max_memory"] = {"cpu": size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")}
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kw).eval()
     return model, time.perf_counter() - t0
-
-
-def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
-    """One run of cfg.baseline; rank 0 writes the record exactly as for tensor parallelism."""
-    from tpi_mpi.job import generate_record, load_tokenizer, report
-
-    if cfg.baseline == "pipeline":
-        _pipeline_job(comm, cfg)
-        return
-    agree_or_abort(comm, None if comm.size == 1 else
-                   f"baseline={cfg.baseline} runs on one process: start it with mpirun -n 1 "
-                   f"(got {comm.size} ranks); baseline=pipeline uses several")
-    offload_dir = None
-    if cfg.baseline == "accelerate":
-        Path(cfg.accelerate.offload_folder).mkdir(parents=True, exist_ok=True)
-        offload_dir = Path(tempfile.mkdtemp(dir=cfg.accelerate.offload_folder, prefix="run-"))
-    try:
-        model, load_s = load_hf(cfg, offload_dir)
-        runner = HFRunner(comm, model, load_s, cfg.baseline)
-        record = generate_record(runner, cfg, Path(cfg.model.path), load_tokenizer(cfg, Path(cfg.model.path)))
-    finally:
-        if offload_dir is not None:  # what Accelerate offloaded is a copy of the checkpoint: remove it
-            shutil.rmtree(offload_dir, ignore_errors=True)
-    record["baseline"] = cfg.baseline
-    record["ranks"] = [runner.rank_record()]
-    if runner.device_map is not None:
-        record["offloaded_modules"] = sorted(k for k, v in runner.device_map.items() if str(v) == "disk")
-    report(record, cfg)
-
-
-def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
-    from tpi_mpi.baselines.pipeline import PipelineMaster, PipelineWorker, layer_ranges
-    from tpi_mpi.job import generate_record, load_tokenizer, prepare_shards, report, start_together
-    from tpi_mpi.weights.shards import open_rank_shard
-
-    path = prepare_shards(comm, cfg, world_size=1)  # whole layers; every rank reads only its own
-    shard, error = None, None
-    try:
-        shard = open_rank_shard(path, 0, 1, cfg.model.verify_checksums)
-        if shard.num_layers < comm.size:
-            error = (f"baseline=pipeline needs at least one layer per rank: the model has "
-                     f"{shard.num_layers} layers for {comm.size} ranks")
-    except UserError as exc:
-        error = str(exc)
-    agree_or_abort(comm, error)
-    assert shard is not None
-    if comm.rank != 0:
-        worker = PipelineWorker(comm, shard, cfg.model.dtype)
-        start_together(comm)  # the first prompt's latency then holds no rank's loading
-        worker.serve()
-        comm.gather(worker.rank_record(), root=0)
-        return
-    master = PipelineMaster(comm, shard, cfg.model.dtype)
-    tok = load_tokenizer(cfg, path)
-    start_together(comm)
-    try:
-        record = generate_record(master, cfg, path, tok)
-    finally:
-        master.stop()
-    record["baseline"] = "pipeline"
-    record["layer_ranges"] = [list(r) for r in layer_ranges(shard.num_layers, comm.size)]
-    record["ranks"] = comm.gather(master.rank_record(), root=0)
-    report(record, cfg)

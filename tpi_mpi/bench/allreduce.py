@@ -4,7 +4,7 @@
         [--dtypes fp32,fp16] [--tokens 1] [--repeats 30] [--warmup 3] [--jsonl FILE] [--timeout 300]
         [--emulate SESSION | --software-links NETWORK]
 
-On emulated links (README "Emulation"): `--emulate SESSION` runs every rank through the per-rank wrapper of
+On emulated links (docs/emulation.md): `--emulate SESSION` runs every rank through the per-rank wrapper of
 a session brought up with `python -m tpi_mpi.emulate up ... session=SESSION` (real shaped links, MPICH on
 the wire); `--software-links wifi` models the links of conf/network/wifi.yaml in software instead (our
 algorithms only: MPI's own and star-bcast are not point-to-point, so they are left out). Every JSON line

@@ -1,6 +1,6 @@
 """Edge-device emulation: one MPI rank per emulated device, with a memory cap, a CPU share and a disk rate
 (cgroups) and shaped links (network namespaces, tc, and a delay stage). See `python -m tpi_mpi.emulate`
-and the README section "Emulation".
+and docs/emulation.md.
 
     profiles.py  device and network profiles (conf/device, conf/network)
     session.py   up / down / leftovers of a session; state.py its state file

@@ -39,6 +39,9 @@ def fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["--help"], ["-h"]):  # the wrapper's own options end at "--": what follows is the rank's
+        print(__doc__)
+        return 0
     if "--" not in argv:
         fail("usage: python -m tpi_mpi.emulate.rank --session NAME -- COMMAND ...")
     opts, cmd = argv[:argv.index("--")], argv[argv.index("--") + 1:]

@@ -29,7 +29,7 @@ PAPER_SHAPES = {
 
 @dataclass(frozen=True)
 class PaperAssumptions:
-    """The paper's testbed as we assume it where it does not say (documented in the README table):
+    """The paper's testbed as we assume it where it does not say (documented in docs/experiments.md):
     an 8-core laptop-class CPU per device, NVMe-class disk, links of the paper's network profile."""
 
     device_flops: float = 100e9  # fp32 FLOP/s of 8 cores with AVX2/NEON, sustained in torch
