@@ -45,6 +45,17 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("logging.wandb_mode", "cloud", "logging.wandb_mode must be offline, online or disabled"),
     ("baseline", "foo", "unknown baseline='foo'"),
     ("model.colour", "red", "unknown key model.colour"),
+    ("serve.port", 70000, "serve.port must be in 0..65535"),
+    ("serve.port", "http", "serve.port must be an integer, got 'http'"),
+    ("serve.queue_size", -1, "serve.queue_size must be >= 0"),
+    ("serve.max_tokens", 0, "serve.max_tokens must be >= 1"),
+    ("serve.max_body_bytes", 0, "serve.max_body_bytes must be >= 1"),
+    ("serve.api_key", " ", "serve.api_key is empty"),
+    ("serve.heartbeat_s", -1, "serve.heartbeat_s must be >= 0 seconds"),
+    ("serve.health_timeout_s", 0, "serve.health_timeout_s must be > 0"),
+    ("serve.chat_stop", [""], "serve.chat_stop has an empty string"),
+    ("serve.chat_stop", "x", "serve.chat_stop must be a list of strings"),
+    ("serve.colour", "red", "unknown key serve.colour"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 

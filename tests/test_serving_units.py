@@ -228,3 +228,12 @@ def test_engine_loop_idle_heartbeat_asks_the_ranks() -> None:
         loop.close()
         thread.join(10)
     assert not thread.is_alive()
+
+
+def test_api_key_is_not_sent_to_workers_nor_written_to_records() -> None:
+    from tpi_mpi.config import build_config
+
+    cfg = build_config({"model": {"path": "x"}, "prompt": "p", "serve": {"api_key": "secret"}})
+    assert cfg.serve.api_key == "secret"
+    assert cfg.public().serve.api_key is None  # what rank 0 sends the workers
+    assert cfg.to_json()["serve"]["api_key"] == "<set>" and "secret" not in str(cfg.to_json())
