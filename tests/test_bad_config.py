@@ -20,7 +20,8 @@ BASE: dict[str, Any] = {"model": {"path": "models/tiny"}, "prompt_ids": [1, 2, 3
 # (key as typed on the command line, value after Hydra, what the one line must say)
 BAD_VALUES: list[tuple[str, Any, str]] = [
     ("comm.algo", "foo", "unknown comm.algo='foo'"),
-    ("comm.dtype", "int8", "unknown comm.dtype='int8'"),
+    ("comm.dtype", "int4", "unknown comm.dtype='int4': choose one of fp32, fp16, bf16, int8, auto"),
+    ("comm.dtype", "auto", "comm.dtype=auto lets comm.algo=auto choose the wire, got comm.algo=star"),
     ("comm.timeout_s", -1, "comm.timeout_s must be >= 0 seconds"),
     ("comm.timeout_s", "abc", "comm.timeout_s must be a number or null, got 'abc'"),
     ("model.dtype", "fp8", "unknown model.dtype='fp8'"),
@@ -137,6 +138,7 @@ def test_bad_device_is_one_clear_line(capsys: pytest.CaptureFixture[str], args: 
 # Under mpirun: (ranks, overrides, what the one line must say). Every rank must exit, none with a traceback.
 BAD_RUNS: list[tuple[int, list[str], str]] = [
     (3, ["comm.algo=foo"], "unknown comm.algo='foo'"),
+    (2, ["comm=ring", "comm.dtype=auto"], "comm.dtype=auto lets comm.algo=auto choose the wire"),
     (2, ["comm.timeout_s=abc"], "comm.timeout_s must be a number or null"),
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),
