@@ -48,6 +48,17 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("model.colour", "red", "unknown key model.colour"),
     ("model.quant", "int3", "unknown quantization 'int3': choose one of none, int8, int4"),
     ("model.group_size", 64, "a group size applies to int4 only"),
+    ("serve.port", 70000, "serve.port must be in 0..65535"),
+    ("serve.port", "http", "serve.port must be an integer, got 'http'"),
+    ("serve.queue_size", -1, "serve.queue_size must be >= 0"),
+    ("serve.max_tokens", 0, "serve.max_tokens must be >= 1"),
+    ("serve.max_body_bytes", 0, "serve.max_body_bytes must be >= 1"),
+    ("serve.api_key", " ", "serve.api_key is empty"),
+    ("serve.heartbeat_s", -1, "serve.heartbeat_s must be >= 0 seconds"),
+    ("serve.health_timeout_s", 0, "serve.health_timeout_s must be > 0"),
+    ("serve.chat_stop", [""], "serve.chat_stop has an empty string"),
+    ("serve.chat_stop", "x", "serve.chat_stop must be a list of strings"),
+    ("serve.colour", "red", "unknown key serve.colour"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 

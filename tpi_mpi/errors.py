@@ -28,16 +28,25 @@ class UserError(Exception):
     """Bad input: reported as one line naming the problem and the fix, never as a traceback."""
 
 
-# Called before an abort: the sentinel (comm/sentinel.py) registers its `stopping`, since this line says
-# what happened and the sentinel need not add that a rank died. (A list, so that this module imports
-# nothing of tpi_mpi and every module can use it.)
-BEFORE_ABORT: list[Callable[[], None]] = []
+# Called with the message before an abort: the sentinel (comm/sentinel.py) registers its `stopping`, since
+# the line says what happened and the sentinel need not add that a rank died; a server tells its clients.
+# (A list, so that this module imports nothing of tpi_mpi and every module can use it.)
+BEFORE_ABORT: list[Callable[[str], None]] = []
+
+
+def before_abort(fn: Callable[[str], None]) -> None:
+    """Have fn(message) called when this process takes the job down."""
+    if fn not in BEFORE_ABORT:
+        BEFORE_ABORT.append(fn)
 
 
 def abort(comm: Any, message: str, code: int = 2) -> NoReturn:
     """Print one line and take every rank down: a peer blocked in a collective would otherwise hang."""
     for hook in BEFORE_ABORT:
-        hook()
+        try:
+            hook(message)
+        except Exception:  # the job is going down either way
+            pass
     print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)
     wait_until_read(sys.stderr)
     comm.Abort(code)

@@ -38,8 +38,7 @@ def start(comm: Any) -> None:
     global _marker
     if comm.rank != 0:
         fail_point("sentinel", comm.rank)
-    if stopping not in errors.BEFORE_ABORT:
-        errors.BEFORE_ABORT.append(stopping)  # an abort says what happened itself: keep quiet then
+    errors.before_abort(stopping)  # an abort says what happened itself: keep quiet then
     me = (socket.gethostname(), os.getpid())
     ranks = comm.gather(me, root=0)
     marker = None
@@ -66,7 +65,7 @@ def start(comm: Any) -> None:
     _marker = Path(marker) if marker else None
 
 
-def stopping() -> None:
+def stopping(_message: str = "") -> None:
     """This rank ends the job on purpose (an error it reports itself, or the normal end): keep quiet.
 
     On another host than rank 0 the directory is not there, and the sentinel does not watch the rank."""
