@@ -6,7 +6,7 @@ Every field is documented in conf/*.yaml and docs/configuration.md. Validation e
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_DTYPES
@@ -99,6 +99,23 @@ class OutputConfig:
     results: str | None = "results/results.jsonl"
 
 
+@dataclass(frozen=True)
+class ServeConfig:
+    """`python -m tpi_mpi.serve` and `python -m tpi_mpi.chat` only (docs/serving.md)."""
+
+    host: str = "127.0.0.1"  # where the HTTP server listens; 0.0.0.0 exposes it to the network
+    port: int = 8000  # 0: any free port (the one taken is printed)
+    api_key: str | None = None  # set: every request needs `Authorization: Bearer <key>` (else 401)
+    model_name: str | None = None  # the model's id in the API; null: model.path's folder name
+    queue_size: int = 16  # requests waiting behind the one generating; one more is answered 429
+    max_body_bytes: int = 1_000_000  # larger request bodies are answered 413
+    max_tokens: int = 256  # the most tokens a request may ask for, and what it gets when it does not say
+    prompt_cache: bool = True  # keep the last conversation's KV cache; a request extending it prefills the rest
+    heartbeat_s: float = 10.0  # idle: every rank is asked how it is this often (a stalled one ends the job); 0 off
+    health_timeout_s: float = 2.0  # /health: a rank not answering within this is reported down (503)
+    chat_stop: tuple[str, ...] = ()  # stop strings added to every chat request (e.g. a template's end of turn)
+
+
 LINK_MODES = ("none", "shaped", "software")
 
 
@@ -117,6 +134,7 @@ class RunConfig:
     output: OutputConfig
     accelerate: AccelerateConfig = AccelerateConfig()
     emulation: EmulationConfig = EmulationConfig()
+    serve: ServeConfig = ServeConfig()
     # Hydra groups network=NAME / device=NAME (conf/network, conf/device): the modelled links of
     # emulation.links=software, otherwise labels of the record (caps and shaped links: tpi_mpi.emulate).
     network: NetworkProfile | None = None
@@ -127,12 +145,16 @@ class RunConfig:
     baseline: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        d = asdict(self)
+        if d["serve"]["api_key"] is not None:  # records and logs never carry the key
+            d["serve"]["api_key"] = "<set>"
+        return d
 
     def public(self) -> RunConfig:
-        """What the workers may see: everything but the prompt (privacy: it never leaves rank 0)."""
+        """What the workers may see: everything but the prompt (privacy: it never leaves rank 0) and the
+        server's API key."""
         return RunConfig(**{**{f.name: getattr(self, f.name) for f in fields(self)},
-                            "prompt": None, "prompt_ids": None})
+                            "prompt": None, "prompt_ids": None, "serve": replace(self.serve, api_key=None)})
 
 
 def parse_bytes(value: str | int) -> int:
@@ -167,6 +189,7 @@ _KINDS: dict[str, tuple[tuple[type, ...], str]] = {
     "int": ((int,), "an integer"), "float": ((int, float), "a number"), "str": ((str,), "a string"),
     "bool": ((bool,), "true or false"), "None": ((type(None),), "null"),
     "tuple[float, ...]": ((list, tuple), "a list of numbers"), "tuple[int, ...]": ((list, tuple), "a list of integers"),
+    "tuple[str, ...]": ((list, tuple), "a list of strings"),
 }
 
 
@@ -180,7 +203,7 @@ def _check_type(key: str, value: Any, annotation: str) -> None:
         if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
             continue
         if isinstance(value, (list, tuple)):
-            item = int if p == "tuple[int, ...]" else (int, float)
+            item = {"tuple[int, ...]": int, "tuple[str, ...]": str}.get(p, (int, float))
             if not all(isinstance(v, item) and not isinstance(v, bool) for v in value):
                 continue
         return
@@ -200,6 +223,8 @@ def _section(cls: type, data: dict[str, Any] | None, name: str) -> Any:
             _check_type(f"{name}.{f.name}", data[f.name], str(f.type))
     if "ratios" in data and data["ratios"] is not None:
         data["ratios"] = tuple(float(r) for r in data["ratios"])
+    if "chat_stop" in data:
+        data["chat_stop"] = tuple(data["chat_stop"])
     return cls(**data)
 
 
@@ -210,7 +235,7 @@ def build_config(d: dict[str, Any]) -> RunConfig:
     sections = {"model": ModelConfig, "comm": CommConfig, "memory": MemoryConfig,
                 "generation": GenerationConfig, "logging": LoggingConfig, "output": OutputConfig,
                 "accelerate": AccelerateConfig,
-                "emulation": EmulationConfig}
+                "emulation": EmulationConfig, "serve": ServeConfig}
     unknown = sorted(set(d) - top - set(sections))
     if unknown:
         raise UserError(f"unknown config key {unknown[0]!r}: known are {', '.join(sorted(top | set(sections)))}")
@@ -305,8 +330,30 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
         raise UserError("baseline=pipeline splits whole layers evenly: set model.ratios=null")
     if cfg.accelerate.max_memory is not None:
         size_bytes(cfg.accelerate.max_memory, "accelerate.max_memory")
+    _validate_serve(cfg.serve)
     if cfg.logging.wandb_mode not in ("offline", "online", "disabled"):
         raise UserError(f"logging.wandb_mode must be offline, online or disabled, got {cfg.logging.wandb_mode!r}")
+
+
+def _validate_serve(s: ServeConfig) -> None:
+    if not 0 <= s.port <= 65535:
+        raise UserError(f"serve.port must be in 0..65535 (0: any free port), got {s.port}")
+    if not s.host:
+        raise UserError("serve.host is empty: give an address, e.g. 127.0.0.1")
+    if s.api_key is not None and not s.api_key.strip():
+        raise UserError("serve.api_key is empty: give a key or null (no key)")
+    if s.queue_size < 0:
+        raise UserError(f"serve.queue_size must be >= 0, got {s.queue_size}")
+    if s.max_body_bytes < 1:
+        raise UserError(f"serve.max_body_bytes must be >= 1, got {s.max_body_bytes}")
+    if s.max_tokens < 1:
+        raise UserError(f"serve.max_tokens must be >= 1, got {s.max_tokens}")
+    if s.heartbeat_s < 0:
+        raise UserError(f"serve.heartbeat_s must be >= 0 seconds (0: off), got {s.heartbeat_s}")
+    if not s.health_timeout_s > 0:
+        raise UserError(f"serve.health_timeout_s must be > 0 seconds, got {s.health_timeout_s}")
+    if any(not stop for stop in s.chat_stop):
+        raise UserError("serve.chat_stop has an empty string: every stop string needs a character")
 
 
 def size_bytes(text: str | int, key: str) -> int:

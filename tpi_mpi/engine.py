@@ -32,7 +32,10 @@ from tpi_mpi.weights.prefetch import BlockSource, LayerPrefetcher, ResidentBlock
 from tpi_mpi.weights.process_memory import process_memory
 from tpi_mpi.weights.shards import RankShard
 
-OP_STOP, OP_FORWARD = 0, 1
+# OP_IDLE: the sequence is over and the next header may be long in coming (a server between requests): the
+# workers wait for it sleeping, unwatched. OP_REPORT: every rank sends rank 0 its counters (Engine.counters).
+OP_STOP, OP_FORWARD, OP_IDLE, OP_REPORT = 0, 1, 2, 3
+IDLE_POLL_S = 0.001  # how often an idle worker looks for the next header (adds up to this to a request's TTFT)
 WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESIDENT = MemoryPlan("resident", 0, (), True)
@@ -172,6 +175,32 @@ class Engine:
         self.watchdog.close()
         self.blocks.close()
 
+    def counters(self) -> dict[str, Any]:
+        """What a server reports per rank (OP_REPORT): seconds computing, communicating, waiting for the disk."""
+        ar, bc, ga = self.allreduce.stats, self.times.bcast, self.times.gather
+        comm_s = ar.seconds + bc.seconds + ga.seconds
+        return {"rank": self.comm.rank, "compute_s": max(0.0, self.times.forward_s - comm_s), "comm_s": comm_s,
+                "disk_wait_s": self.blocks.stats.disk_wait_s, "forward_passes": self.passes,
+                "bytes_sent": ar.bytes_sent + bc.bytes_sent + ga.bytes_sent,
+                "bytes_received": ar.bytes_received + bc.bytes_received + ga.bytes_received,
+                "rss_bytes": process_memory()[1]}
+
+    def _bcast_header(self, idle: bool, watch: bool = True) -> None:
+        """The header from rank 0. After OP_IDLE it comes as a nonblocking broadcast that the workers poll,
+        sleeping: a blocking one would spin every idle worker on its core. Rank 0 knows when it is that one."""
+        if not idle:
+            with self.watchdog("bcast of the header", watch=watch):
+                self.comm.Bcast(self.header, root=0)
+            return
+        req = self.comm.Ibcast(self.header, root=0)
+        if self.comm.rank == 0:
+            with self.watchdog("bcast of the header"):
+                req.Wait()
+        else:
+            with self.watchdog("bcast of the header", watch=False):
+                while not req.Test():
+                    time.sleep(IDLE_POLL_S)
+
     def rank_record(self) -> dict[str, Any]:
         ar, bc, ga = self.allreduce.stats, self.times.bcast, self.times.gather
         comm_s = ar.seconds + bc.seconds + ga.seconds
@@ -210,15 +239,21 @@ class Engine:
 class Worker(Engine):
     def serve(self) -> None:
         """Run forward passes as the master asks, until it says stop."""
-        first = True
+        # Not watched before the first pass (rank 0 may still be loading its tokenizer), nor after OP_IDLE.
+        watch, idle = False, False
         while True:
-            # Not watched before the first pass: rank 0 may still be loading its tokenizer.
-            with self.watchdog("bcast of the header", watch=not first):
-                self.comm.Bcast(self.header, root=0)
-            first = False
+            self._bcast_header(idle, watch)
             op, q_len, start, capacity, logit_rows = (int(v) for v in self.header)
             if op == OP_STOP:
                 return
+            if op == OP_IDLE:
+                watch, idle = False, True
+                continue
+            if op == OP_REPORT:
+                with self.watchdog("gather of the counters"):
+                    self.comm.gather(self.counters(), root=0)
+                continue
+            watch, idle = True, False
             x = np.empty((q_len, self.hidden_size), dtype=np.float32)
             t0 = time.perf_counter()
             self._bcast_hidden(x)
@@ -247,6 +282,7 @@ class Master(Engine):
                                          else (head_file, "lm_head.weight")))
         self.bytes_read_load = self.blocks.stats.bytes_read
         self.max_positions = self.decoder.cfg.max_position_embeddings
+        self.idle = False  # after end_sequence(): the workers poll for the next header (Engine._bcast_header)
         self.eos_token_id = self.decoder.cfg.eos_token_id
         self.times.load_s += time.perf_counter() - t0
 
@@ -255,9 +291,7 @@ class Master(Engine):
         """Logits (float32) of the last position, or of every position with all_logits."""
         t0 = time.perf_counter()
         wanted = len(ids) if all_logits else 1  # positions whose logits are computed
-        self.header[:] = (OP_FORWARD, len(ids), start, capacity, wanted)
-        with self.watchdog("bcast of the header"):
-            self.comm.Bcast(self.header, root=0)
+        self._send(OP_FORWARD, len(ids), start, capacity, wanted)
         rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
         self.blocks.stats.add(bytes_read=n)
         x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
@@ -269,10 +303,27 @@ class Master(Engine):
         self._pass_done()
         return logits if all_logits else logits[0]
 
+    def _send(self, op: int, q_len: int = 0, start: int = 0, capacity: int = 0, rows: int = 0) -> None:
+        self.header[:] = (op, q_len, start, capacity, rows)
+        self._bcast_header(self.idle)
+        self.idle = op == OP_IDLE or (self.idle and op == OP_REPORT)
+
     def stop(self) -> None:
-        self.header[:] = (OP_STOP, 0, 0, 0, 0)
-        with self.watchdog("bcast of the header"):
-            self.comm.Bcast(self.header, root=0)
+        self._send(OP_STOP)
+
+    def end_sequence(self) -> None:
+        """The sequence is over and the next may be long in coming: the workers wait for it sleeping and
+        unwatched. The KV cache stays as it is (a server's prompt cache)."""
+        if not self.idle:
+            self._send(OP_IDLE)
+
+    def report(self) -> list[dict[str, Any]]:
+        """Every rank's counters (Engine.counters), rank by rank; between passes of a sequence too."""
+        self._send(OP_REPORT)
+        with self.watchdog("gather of the counters"):
+            report = self.comm.gather(self.counters(), root=0)
+        assert report is not None  # rank 0
+        return report
 
     def check_prompt(self, ids: list[int]) -> None:
         bad = [i for i in ids if not 0 <= i < self.vocab_size]

@@ -95,6 +95,39 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
     return plan
 
 
+def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
+    """Split on first use, open this rank's shard (of the same split as rank 0's), plan its memory and load
+    it: (the Master on rank 0 or a Worker, the split's path). A streamed window is filled before it returns."""
+    from tpi_mpi.engine import Master, Worker
+    from tpi_mpi.weights.shards import open_rank_shard
+
+    path = prepare_shards(comm, cfg)
+    shard, error = None, None
+    try:
+        shard = open_rank_shard(path, comm.rank, comm.size, cfg.model.verify_checksums)
+    except UserError as exc:
+        error = str(exc)
+    agree_or_abort(comm, error)
+    assert shard is not None
+    ids = comm.gather(shard.split_id, root=0)
+    foreign = None
+    if ids is not None and len(set(ids)) > 1:  # rank 0 only
+        r = next(r for r, i in enumerate(ids) if i != ids[0])
+        foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
+    agree_or_abort(comm, foreign)
+    plan = memory_plan(comm, shard, cfg)
+    links = None
+    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
+        from tpi_mpi.comm.links import SoftwareLinks
+
+        links = SoftwareLinks(comm.rank, comm.size, cfg.network)
+    cls = Master if comm.rank == 0 else Worker
+    engine = cls(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
+                 cfg.memory.head)
+    engine.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
+    return engine, path
+
+
 def load_tokenizer(cfg: Any, shard_path: Path) -> Any:
     from transformers import AutoTokenizer
 

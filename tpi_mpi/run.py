@@ -11,17 +11,18 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from mpi4py import MPI
 
 from tpi_mpi.comm import sentinel
-from tpi_mpi.errors import UserError, agree_or_abort, run_or_abort
+from tpi_mpi.errors import UserError, run_or_abort
 from tpi_mpi.job import (
     generate_record,
     load_tokenizer,
-    memory_plan,
-    prepare_shards,
+    open_engine,
     report,
     set_threads,
     start_together,
@@ -30,24 +31,29 @@ from tpi_mpi.job import (
 log = logging.getLogger("tpi_mpi")
 
 
-def main() -> None:
+def main(entry: Callable[[MPI.Comm, Any], None] | None = None) -> None:
+    """Rank 0 reads the config with Hydra and sends it to the others; every rank then runs `entry(comm, cfg)`
+    (default: job, one generation; tpi_mpi.serve and tpi_mpi.chat give theirs)."""
+    entry = entry or job
     comm = MPI.COMM_WORLD
     sentinel.start(comm)  # names a rank that dies: mpiexec kills the others before they could
     if comm.rank == 0:
-        _master_main(comm)
+        _master_main(comm, entry)
         return
     while True:  # one job per message: a Hydra multirun sends several
         msg = comm.bcast(None, root=0)
         if msg[0] == "exit":  # rank 0 is done, or stopped in Hydra (bad override, --help, --cfg)
             sys.exit(msg[1])
-        run_or_abort(comm, functools.partial(job, comm, msg[1]))
+        run_or_abort(comm, functools.partial(entry, comm, msg[1]))
 
 
-def _master_main(comm: MPI.Comm) -> None:
+def _master_main(comm: MPI.Comm, entry: Callable[[MPI.Comm, Any], None]) -> None:
     import hydra
     from omegaconf import DictConfig, OmegaConf
 
-    @hydra.main(version_base=None, config_path="../conf", config_name="config")
+    # An absolute path: relative, Hydra would look for a package when this module is imported (tpi_mpi.serve).
+    @hydra.main(version_base=None, config_path=str(Path(__file__).resolve().parent.parent / "conf"),
+                config_name="config")
     def hydra_entry(dcfg: DictConfig) -> None:
         from tpi_mpi.config import build_config
 
@@ -57,7 +63,7 @@ def _master_main(comm: MPI.Comm) -> None:
             print(f"tpi_mpi: error: {exc}", file=sys.stderr, flush=True)
             sys.exit(2)
         comm.bcast(("run", cfg.public()), root=0)
-        run_or_abort(comm, lambda: job(comm, cfg))
+        run_or_abort(comm, lambda: entry(comm, cfg))
 
     code: Any = 0
     try:
@@ -78,42 +84,14 @@ def job(comm: MPI.Comm, cfg: Any) -> None:
 
         baseline_job(comm, cfg)
         return
-    from tpi_mpi.engine import Master, Worker
-    from tpi_mpi.weights.shards import open_rank_shard
-
-    path = prepare_shards(comm, cfg)
-    shard, error = None, None
-    try:
-        shard = open_rank_shard(path, comm.rank, comm.size, cfg.model.verify_checksums)
-    except UserError as exc:
-        error = str(exc)
-    agree_or_abort(comm, error)
-    assert shard is not None
-    ids = comm.gather(shard.split_id, root=0)
-    foreign = None
-    if ids is not None and len(set(ids)) > 1:  # rank 0 only
-        r = next(r for r, i in enumerate(ids) if i != ids[0])
-        foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
-    agree_or_abort(comm, foreign)
-    plan = memory_plan(comm, shard, cfg)
-
-    links = None
-    if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
-        from tpi_mpi.comm.links import SoftwareLinks
-
-        links = SoftwareLinks(comm.rank, comm.size, cfg.network)
+    engine, path = open_engine(comm, cfg)
     if comm.rank != 0:
-        worker = Worker(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-        worker.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
         start_together(comm)  # every rank loaded: from here a long wait in a collective is a stall
-        worker.serve()
-        worker.close()
-        comm.gather(worker.rank_record(), root=0)
+        engine.serve()
+        engine.close()
+        comm.gather(engine.rank_record(), root=0)
         return
-    master = Master(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                        cfg.memory.head)
-    master.blocks.wait_filled()
+    master = engine
     tok = load_tokenizer(cfg, path)
     start_together(comm)
     try:
