@@ -83,7 +83,12 @@ result: dict = {"max_batch": max_batch}
 # 1. All together: more sequences than slots, so some wait for a slot that another frees.
 b = Batcher(master, CAPACITY, chunk)
 together = [b.submit(seq(p)) for p in PROMPTS]
+read0 = master.blocks.stats.blocks_read
 b.run()
+# Streaming: each pass reads every streamed block once, whatever the number of sequences it carries.
+result["together_blocks_read"] = master.blocks.stats.blocks_read - read0
+result["streamed_blocks"] = len(plan.streamed)
+result["window"] = plan.window
 result["together"] = [compare(s, r) for s, r in zip(together, refs, strict=True)]
 result["together_stats"] = b.stats.to_json()
 result["together_slot_uses"] = b.slot_uses

@@ -161,7 +161,8 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool,
     ffn_cols = files[(0, "ffn")].entries["gate_proj.weight"].shape[0] if files else 0
     kv_slot = shard.num_layers * 2 * kv_cols * kv_tokens * item
     # fp32 residual stream and its copies, q/k/v, the FFN's three intermediates, per position (prefill).
-    act = min(pass_tokens or kv_tokens, kv_tokens + slots - 1) * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
+    positions = min(pass_tokens or kv_tokens, kv_tokens + slots - 1)
+    act = positions * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
     # Per sequence of a batch: its KV cache slot and, on the master, the logits of its last position, their
     # softmax and sort when sampling.
     per_slot = kv_slot + (cfg["vocab_size"] * 4 * 3 if is_master else 0)
