@@ -20,9 +20,10 @@ tpi_stage() {
     rm -rf "$dst"; mv "$tmp" "$dst"' "$STAGE_DIR" "$SHARDS"
 }
 
-# tpi_launch HYDRA_RUN_DIR 'OVERRIDES': OVERRIDES are Hydra overrides quoted as in a shell.
+# tpi_launch HYDRA_RUN_DIR 'OVERRIDES' [MODULE]: OVERRIDES are Hydra overrides quoted as in a shell; MODULE is
+# the entry point (tpi_mpi.run by default; serve.sbatch gives tpi_mpi.serve).
 tpi_launch() {
-  local run_dir=$1 line=$2 shards=$SHARDS py=$VENV/bin/python
+  local run_dir=$1 line=$2 module=${3:-tpi_mpi.run} shards=$SHARDS py=$VENV/bin/python
   [ -x "$py" ] || tpi_fail "VENV=$VENV has no bin/python: set VENV to the tpi_mpi virtual environment"
   local -a args=() cmd=()
   # Split the override line as a shell would (prompt="two words" stays one word), without running it.
@@ -42,7 +43,7 @@ tpi_launch() {
   esac
   local -a base=("hydra.run.dir=$run_dir" "model.path=$MODEL" "output.results=$RESULTS")
   [ -n "$shards" ] && base+=("model.shards=$shards")
-  echo "tpi_mpi: job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}: ${cmd[*]} python -m tpi_mpi.run ${base[*]} ${args[*]}" >&2
+  echo "tpi_mpi: job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}: ${cmd[*]} python -m $module ${base[*]} ${args[*]}" >&2
   cd "$REPO" || tpi_fail "REPO=$REPO does not exist"
-  "${cmd[@]}" "$py" -m tpi_mpi.run "${base[@]}" "${args[@]}"
+  "${cmd[@]}" "$py" -m "$module" "${base[@]}" "${args[@]}"
 }

@@ -20,7 +20,7 @@ import torch
 from conftest import ROOT
 from transformers import AutoModelForCausalLM
 
-from tpi_mpi.cluster.local_slurm import LocalSlurm, missing_requirement
+from tpi_mpi.cluster.local_slurm import NODE, LocalSlurm, missing_requirement
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
 from tpi_mpi.weights.split import split
@@ -183,3 +183,49 @@ def test_sweep_line_missing_is_an_error(cluster: LocalSlurm, tiny: dict[str, Pat
         "RESULTS": str(tmp_path / "results.jsonl"), "OUTDIR": str(tmp_path / "out")}, ["--ntasks=2", "--array=2"])
     assert code != 0
     assert "array task 2 has no line in" in log and "(1 lines)" in log, log
+
+
+def test_serve_sbatch_listens_on_the_first_node_and_scancel_stops_it(cluster: LocalSlurm, tmp_path: Path) -> None:
+    """slurm/serve.sbatch: the job's output says where the server listens; a client is answered; scancel ends
+    the job cleanly (rank 0 stops the workers, no error line)."""
+    import re
+    import time
+
+    import openai
+
+    model = make_model(tmp_path / "tiny", "tiny", "llama", layers=2, seed=5)
+    env = {**cluster.env, "MODEL": str(model), "SHARDS": str(split(model, tmp_path / "shards2", 2)),
+           "OUTDIR": str(tmp_path / "out"), "SERVE_PORT": "0", "OVERRIDES": "threads=1",
+           "VENV": str(Path(sys.executable).parent.parent),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(["sbatch", "--parsable", f"--output={tmp_path}/job-%j.out", "--ntasks=2",
+                          "slurm/serve.sbatch"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    job_id = out.stdout.strip().split(";")[0]
+    assert out.returncode == 0 and job_id.isdigit(), out
+    log = tmp_path / f"job-{job_id}.out"
+    try:
+        deadline, url = time.monotonic() + JOB_TIMEOUT, None
+        while url is None and time.monotonic() < deadline:
+            m = re.search(r"serving tiny on (http://127\.0\.0\.1:\d+/v1) ", log.read_text() if log.exists() else "")
+            url = m.group(1) if m else None
+            if url is None:
+                time.sleep(0.2)
+        assert url, f"no 'serving' line:\n{_outputs(tmp_path)}\n{cluster.diagnostics()}"
+        text = log.read_text()
+        assert f"the server starts on {NODE}" in text and "srun --mpi=pmi2" in text
+        c = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
+        r = c.completions.create(model="tiny", prompt=IDS, max_tokens=NEW)
+        assert r.usage is not None and r.usage.prompt_tokens == len(IDS) and r.choices[0].finish_reason
+    finally:
+        subprocess.run(["scancel", job_id], env=cluster.env, capture_output=True, timeout=30)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-j", job_id], env=cluster.env, capture_output=True, text=True,
+                               timeout=30)
+        if job_id not in queue.stdout:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the server job did not end after scancel:\n{_outputs(tmp_path)}")
+    text = log.read_text()
+    assert "tpi_mpi: server stopped" in text and "tpi_mpi: error" not in text, text

@@ -58,8 +58,7 @@ def _turn(session: Session, cfg: Any, history: list[dict[str, str]], out: TextIO
                 + (f", then {sum(lat) / len(lat) * 1e3:.1f} ms/token]" if lat else "]"))
     except Cancelled:
         note = "[stopped]"
-    out.write("\n")
-    print(note, file=sys.stderr, flush=True)
+    out.write(f"\n{note}\n")
     history.append({"role": "assistant", "content": "".join(parts)})
 
 
@@ -76,8 +75,8 @@ def _chat(session: Session, cfg: Any, _: Any, inp: TextIO = sys.stdin, out: Text
             raise KeyboardInterrupt
 
     signal.signal(signal.SIGINT, interrupt)
-    print(f"tpi_mpi chat: {model_name(cfg)} on {session.master.comm.size} ranks, context {session.context} "
-          f"tokens. {HELP}", file=sys.stderr, flush=True)
+    out.write(f"tpi_mpi chat: {model_name(cfg)} on {session.master.comm.size} ranks, context {session.context} "
+              f"tokens. {HELP}\n")
     history: list[dict[str, str]] = []
     turn = 0
     try:

@@ -18,11 +18,24 @@ class UserError(Exception):
     """Bad input: reported as one line naming the problem and the fix, never as a traceback."""
 
 
+_before_abort: list[Callable[[str], None]] = []
+
+
+def before_abort(fn: Callable[[str], None]) -> None:
+    """Have fn(message) called when this process takes the job down (a server tells its clients first)."""
+    _before_abort.append(fn)
+
+
 def abort(comm: Any, message: str, code: int = 2) -> NoReturn:
     """Print one line and take every rank down: a peer blocked in a collective would otherwise hang."""
     from tpi_mpi.comm import sentinel
 
     sentinel.stopping()  # this line says what happened: the sentinel need not add that a rank died
+    for fn in _before_abort:
+        try:
+            fn(message)
+        except Exception:  # the job is going down either way
+            pass
     print(f"tpi_mpi: error: {message}", file=sys.stderr, flush=True)
     wait_until_read(sys.stderr)
     comm.Abort(code)

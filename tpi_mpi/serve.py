@@ -17,11 +17,13 @@ from typing import Any
 
 from mpi4py import MPI
 
+from tpi_mpi import errors
 from tpi_mpi.errors import UserError
 from tpi_mpi.serving.host import model_name, run_session
 from tpi_mpi.serving.scheduler import EngineLoop, Finished, Request, Session
 
 STARTUP_S = 30.0  # the HTTP thread must be up by then
+ABORT_FLUSH_S = 0.5  # the job is going down: time for the HTTP thread to send its clients the error
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -74,6 +76,11 @@ def _serve(session: Session, cfg: Any, sock: socket.socket) -> None:
         print(f"tpi_mpi: {signal.Signals(signum).name}: stopping the server", file=sys.stderr, flush=True)
         engine.close()
 
+    def going_down(message: str) -> None:  # e.g. the watchdog found a rank stalled: tell the clients first
+        engine.fail_all(f"the job is ending: {message}")
+        time.sleep(ABORT_FLUSH_S)
+
+    errors.before_abort(going_down)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
     thread = threading.Thread(target=http, name="tpi_mpi-http", daemon=True)

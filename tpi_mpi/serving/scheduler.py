@@ -128,7 +128,7 @@ class Session:
         self.cached = self.cached[:start]  # positions from `start` on are overwritten below
         logits = self.master.forward(ids[start:], start, self.context if start == 0 else 0)
         self.cached = list(ids)
-        ttft, latencies, n, reason = 0.0, [], 0, "length"
+        ttft, latencies, n, reason, stopped = 0.0, [], 0, "length", False
         t_prev = time.monotonic()
         while n < max_tokens:
             token = sampler(logits)
@@ -145,19 +145,19 @@ class Session:
             text, stopped = stops.add(detok.add(token))
             if req.deltas:
                 req.emit(Delta(text, n))
-            if stopped:
-                reason = "stop"
-                break
-            if n == max_tokens:
+            if stopped or n == max_tokens:
                 break
             between_tokens()
             if req.cancelled.is_set():
                 raise Cancelled
             logits = self.master.forward([token], len(self.cached))
             self.cached.append(token)
-        rest = stops.flush() if reason == "length" else ""
-        if rest and req.deltas:
-            req.emit(Delta(rest, n))
+        if not stopped:  # what was held back is final now (a stop string may still be in it)
+            text, stopped = stops.add(detok.flush())
+            text += "" if stopped else stops.flush()
+            if text and req.deltas:
+                req.emit(Delta(text, n))
+        reason = "stop" if stopped else reason
         return Finished(reason, stops.text, len(ids), n, start, queued, ttft, latencies)
 
 
@@ -180,7 +180,7 @@ class EngineLoop:
         with self._cv:
             if self._closing:
                 raise ShuttingDown
-            if len(self._requests) >= self.queue_size and (self.running is not None or self._requests):
+            if self._waiting() >= self.queue_size and (self.running is not None or self._requests):
                 raise QueueFull
             self._requests.append(req)
             self._cv.notify()
@@ -202,9 +202,22 @@ class EngineLoop:
             self._closing = True
             self._cv.notify()
 
+    def fail_all(self, message: str) -> None:
+        """From any thread, when the job is going down: the running and the waiting requests get an error."""
+        with self._cv:
+            self._closing = True
+            reqs = ([self.running] if self.running is not None else []) + list(self._requests)
+        for req in reqs:
+            req.emit(Failed(message, 500))
+
+    def _waiting(self) -> int:
+        """Requests waiting whose clients are still there (the others are dropped when their turn comes)."""
+        return sum(not r.cancelled.is_set() for r in self._requests)
+
     @property
     def waiting(self) -> int:
-        return len(self._requests)
+        with self._cv:
+            return self._waiting()
 
     # ---- the engine thread -----------------------------------------------------------------------------
     def _run_calls(self) -> None:

@@ -32,6 +32,13 @@ class Detokenizer:
         self.prefix, self.read = self.read, len(self.ids)
         return text[len(done):]
 
+    def flush(self) -> str:
+        """At the end: what is left, an unfinished character included (decoded as U+FFFD, as in tpi_mpi.run)."""
+        done = self.tok.decode(self.ids[self.prefix:self.read], skip_special_tokens=True)
+        text = self.tok.decode(self.ids[self.prefix:], skip_special_tokens=True)
+        self.prefix = self.read = len(self.ids)
+        return text[len(done):]
+
 
 class StopStrings:
     """Holds back text that may be the start of a stop string; finds the first stop string in the text."""
