@@ -3,8 +3,10 @@
 Every sequence has a KV cache slot of its own on every rank (reserved up front, counted by the memory plan)
 and its own position and sampler here on rank 0. A step (Batcher.step) is one forward pass:
   1. sequences cancelled since the last step leave, and free their slot;
-  2. waiting sequences take the free slots, first come first served (a full batch leaves the rest waiting);
-     with the prompt cache, each the free slot whose cache shares the longest prefix with its prompt;
+  2. waiting sequences take the free slots, first come first served (a full batch leaves the rest waiting):
+     with the prompt cache, the free slot whose cache holds the longest prefix of its prompt, if that prefix
+     is at least half of what the slot holds (a conversation's next turn finds its slot; an unrelated prompt
+     sharing only a first token or a system prompt does not evict it); else the least recently used;
   3. the pass carries the next token of every decoding sequence and prefill chunks of the sequences still
      prefilling, at most `prefill_chunk` prompt tokens in all, so that a long prompt delays the others' next
      token by at most one chunk's compute (and a pass never carries more than chunk + max_batch positions);
@@ -43,7 +45,7 @@ class Sequence:
     logits: list[torch.Tensor] = field(default_factory=list)
     finish_reason: str | None = None  # stop (end of sequence token), length (max_new_tokens), cancelled
     cancel_requested: bool = False
-    arrived: float = field(default_factory=time.perf_counter)
+    arrived: float = field(default_factory=time.monotonic)
     admitted: float | None = None
     token_times: list[float] = field(default_factory=list)
 
@@ -99,6 +101,7 @@ class Batcher:
         self.slots: list[Sequence | None] = [None] * master.max_batch
         self.slot_ids: list[list[int]] = [[] for _ in self.slots]  # the ids each slot's KV cache holds, in order
         self.slot_uses = [0] * master.max_batch  # sequences each slot has held
+        self.slot_freed = [-1] * master.max_batch  # the pass after which each slot was last freed
         self.running: list[Sequence] = []  # in order of admission
         self.waiting: deque[Sequence] = deque()
         self.stats = BatchStats()
@@ -142,18 +145,29 @@ class Batcher:
         # last sampled one never was).
         held = seq.ids[:seq.prefilled] if seq.prefilled < len(seq.ids) else seq.ids + seq.tokens[:-1]
         self.slot_ids[seq.slot] = held
+        self.slot_freed[seq.slot] = self.stats.passes
         self.slots[seq.slot] = None
         self.running.remove(seq)
+
+    def _choose_slot(self, ids: list[int]) -> tuple[int, int]:
+        """(slot, prompt positions its cache already holds) for a new sequence; see the module's step 2."""
+        free = [i for i, s in enumerate(self.slots) if s is None]
+        lru = min(free, key=lambda i: self.slot_freed[i])
+        if not self.prompt_cache:
+            return lru, 0
+        prefix = {i: common_prefix(self.slot_ids[i], ids) for i in free}
+        match = [i for i in free if prefix[i] > 0 and 2 * prefix[i] >= len(self.slot_ids[i])]
+        if not match:
+            return lru, 0
+        best = max(match, key=lambda i: prefix[i])
+        return best, min(prefix[best], len(ids) - 1)  # the last prompt position runs: its logits give a token
 
     def _admit(self) -> None:
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            free = [i for i, s in enumerate(self.slots) if s is None]
-            slot = max(free, key=lambda i: common_prefix(self.slot_ids[i], seq.ids)) if self.prompt_cache else free[0]
-            # At least the last prompt position runs: its logits give the first token.
-            start = min(common_prefix(self.slot_ids[slot], seq.ids), len(seq.ids) - 1) if self.prompt_cache else 0
+            slot, start = self._choose_slot(seq.ids)
             self.slot_ids[slot] = self.slot_ids[slot][:start]  # positions from `start` on are overwritten
-            seq.slot, seq.cached, seq.prefilled, seq.admitted = slot, start, start, time.perf_counter()
+            seq.slot, seq.cached, seq.prefilled, seq.admitted = slot, start, start, time.monotonic()
             self.slots[slot] = seq
             self.slot_uses[slot] += 1
             self.running.append(seq)
@@ -184,9 +198,9 @@ class Batcher:
         if not self.running:
             return []
         plan = self._plan()
-        t0 = time.perf_counter()
+        t0 = time.monotonic()
         logits = self.master.forward_batch([step for _, step in plan])
-        now = time.perf_counter()
+        now = time.monotonic()
         touched = []
         for (seq, step), lg in zip(plan, logits, strict=True):
             if step.start < len(seq.ids):  # a prefill chunk
@@ -207,7 +221,7 @@ class Batcher:
                 self._leave(seq, "length")
         self.stats.passes += 1
         self.stats.occupancy[len(plan)] += 1
-        self.stats.pass_s += time.perf_counter() - t0
+        self.stats.pass_s += time.monotonic() - t0
         return touched
 
     def run(self) -> None:
