@@ -34,13 +34,21 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def server(model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     # Chunks of 4 prompt tokens: the longer prompts are prefilled over several passes, between decode steps.
-    srv = Server(N, model, tmp_path_factory.mktemp("server"), [
+    tmp = tmp_path_factory.mktemp("server")
+    srv = Server(N, model, tmp, [
         f"serve.max_batch={SLOTS}", "serve.prefill_chunk=4", "serve.queue_size=16", "serve.max_tokens=200",
-        f"serve.model_name={MODEL}"])
+        f"serve.model_name={MODEL}", f"output.json={tmp}/record.json"])
     try:
         yield srv
         assert srv.stop() == 0, srv.stderr()
         assert "tpi_mpi: error" not in srv.stderr()
+        # The run record at the end: how full the passes were, aggregate tokens/s, per-sequence latencies.
+        rec = json.loads((tmp / "record.json").read_text())
+        assert rec["max_batch"] == SLOTS and 1 < rec["batch"]["mean_occupancy"] <= SLOTS
+        assert max(int(k) for k in rec["batch"]["occupancy"]) == SLOTS
+        assert rec["tokens_per_s"] > 0 and 0 < rec["token_latency_s"]["p50"] <= rec["token_latency_s"]["p99"]
+        assert rec["ttft_s"]["p50"] > 0
+        assert "batch occupancy mean" in srv.stderr()
     finally:
         srv.kill()
 

@@ -227,7 +227,8 @@ class Engine:
         ar, bc, ga = self.allreduce.stats, self.times.bcast, self.times.gather
         comm_s = ar.seconds + bc.seconds + ga.seconds
         return {"rank": self.comm.rank, "compute_s": max(0.0, self.times.forward_s - comm_s), "comm_s": comm_s,
-                "disk_wait_s": self.blocks.stats.disk_wait_s, "forward_passes": self.passes,
+                "disk_wait_s": self.blocks.stats.disk_wait_s, "bytes_read": self.blocks.stats.bytes_read,
+                "forward_passes": self.passes,
                 "bytes_sent": ar.bytes_sent + bc.bytes_sent + ga.bytes_sent,
                 "bytes_received": ar.bytes_received + bc.bytes_received + ga.bytes_received,
                 "rss_bytes": process_memory()[1]}

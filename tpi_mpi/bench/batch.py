@@ -1,7 +1,7 @@
 """Several users at once: B concurrent greedy streams decoded together (continuous batching) against one.
 
     python -m tpi_mpi.bench.batch [--preset llama2-7b] [--layers 4] [--dtypes fp16,bf16] [--world-sizes 1,2]
-        [--batches 1,2,4,8] [--prompt-tokens 16] [--new-tokens 32] [--repeats 3]
+        [--batches 1,2,4,8] [--prompt-tokens 16] [--new-tokens 32] [--repeats 3] [--stream]
         [--workdir bench_out/tp_latency]
 
 The checkpoint is tp_latency's (random weights of the preset's real layer shapes, --layers of them, cached
@@ -9,7 +9,8 @@ in the workdir), split once per dtype and world size. One mpirun per (dtype, N) 
 max(--batches) KV cache slots; inside it every batch size runs in turn, round by round (--repeats rounds),
 so the rows of one (dtype, N) are measured side by side. A run of B streams submits B different prompts
 at once to tpi_mpi.batching.Batcher (the engine directly, not through the HTTP server) and decodes until
-each has --new-tokens tokens.
+each has --new-tokens tokens. With --stream every rank streams every block from disk through a window of 2
+(memory.resident=false; the read pages are evicted as they are copied, so every pass reads from the disk).
 
 Table columns (medians over the rounds):
     agg tok/s      tokens of all streams after their first / (last token - first token of the batch)
@@ -18,6 +19,7 @@ Table columns (medians over the rounds):
     lat x B=1      tok p50 over the B=1 row's
     TTFT ms        submission to first token, median over the streams (all B prompts prefill in one pass)
     bound ms       one decode pass's weight bytes on the busiest rank / the memory bandwidth measured here
+    tok/GB         (--stream) tokens generated per GB of weights read from disk, all ranks together
 One JSON line per (dtype, N, B, round) goes to --jsonl (default WORKDIR/batch.jsonl).
 """
 
@@ -63,27 +65,34 @@ def percentile(xs: list[float], q: float) -> float:
     return float(np.percentile(xs, q)) if xs else float("nan")
 
 
-def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_tokens: int, new: int) -> None:
+def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_tokens: int, new: int,
+           stream: bool) -> None:
     """Under mpirun: the engine with max(batches) slots; rank 0 writes one record per (B, round)."""
     from mpi4py import MPI
 
     from tpi_mpi.batching import Batcher, Sequence
-    from tpi_mpi.engine import Master, Worker
+    from tpi_mpi.config import MemoryConfig
+    from tpi_mpi.engine import RESIDENT, Master, Worker
     from tpi_mpi.generate import Sampler
     from tpi_mpi.job import set_threads, start_together
+    from tpi_mpi.weights.memplan import plan_rank_memory
     from tpi_mpi.weights.shards import open_rank_shard
 
     comm = MPI.COMM_WORLD
     set_threads(comm, None)
     shard = open_rank_shard(shards, comm.rank, comm.size, verify_checksums="none")
     slots = max(batches)
+    plan = (plan_rank_memory(shard, MemoryConfig(resident=False, window=2), None, comm.rank == 0, slots)
+            if stream else RESIDENT)
     if comm.rank != 0:
-        w = Worker(comm, shard, "star", max_batch=slots)
+        w = Worker(comm, shard, "star", plan=plan, max_batch=slots)
+        w.blocks.wait_filled()
         start_together(comm)
         w.serve()
         w.close()
         return
-    master = Master(comm, shard, "star", max_batch=slots)
+    master = Master(comm, shard, "star", plan=plan, max_batch=slots)
+    master.blocks.wait_filled()
     start_together(comm)
     capacity = prompt_tokens + new
     # Different prompts per stream (shifted id sequences), the same for stream i whatever B.
@@ -95,9 +104,11 @@ def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_token
     records = []
     for rnd in range(repeats):
         for bsz in batches:
+            read0 = sum(r["bytes_read"] for r in master.report())
             seqs = [b.submit(Sequence(prompts[s], new, Sampler(False))) for s in range(bsz)]
             passes0 = b.stats.passes
             b.run()
+            read = sum(r["bytes_read"] for r in master.report()) - read0
             first = max(s.token_times[0] for s in seqs)
             last = max(s.token_times[-1] for s in seqs)
             decoded = sum(len(s.tokens) - 1 for s in seqs)
@@ -106,7 +117,9 @@ def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_token
                             "token_latency_p50_s": percentile(lat, 50), "token_latency_p99_s": percentile(lat, 99),
                             "ttft_s": statistics.median(s.ttft_s or 0.0 for s in seqs),
                             "ttft_max_s": max(s.ttft_s or 0.0 for s in seqs), "passes": b.stats.passes - passes0,
-                            "tokens": [s.tokens for s in seqs], "loadavg_1m": os.getloadavg()[0]})
+                            "tokens": [s.tokens for s in seqs], "loadavg_1m": os.getloadavg()[0],
+                            "bytes_read": read, "tokens_per_gb_read": sum(len(s.tokens) for s in seqs) / read * 1e9
+                            if read else None})
     master.stop()
     master.close()
     Path(out).write_text(json.dumps({"records": records, "rank_record": master.rank_record()}))
@@ -116,7 +129,9 @@ def weight_bytes(shards: Path) -> int:
     """The busiest rank's layer weights and lm_head slice: what one decode pass reads from memory."""
     best = 0
     for rank in sorted(shards.glob("rank_*")):
-        best = max(best, sum(f.stat().st_size for f in rank.rglob("*.safetensors") if "embed" not in f.name))
+        # Layer blocks and this rank's lm_head slice (head.safetensors is the whole head, for memory.head=master).
+        best = max(best, sum(f.stat().st_size for f in rank.glob("*.safetensors")
+                             if f.name.startswith("layer_") or f.name == "head_slice.safetensors"))
     return best
 
 
@@ -130,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--stream", action="store_true", help="stream every block from disk (window 2)")
     p.add_argument("--workdir", default="bench_out/tp_latency")
     p.add_argument("--jsonl", default=None, help="default: WORKDIR/batch.jsonl")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per mpirun")
@@ -137,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",")]
     if a.worker:
-        worker(a.worker[0], a.worker[1], batches, a.repeats, a.prompt_tokens, a.new_tokens)
+        worker(a.worker[0], a.worker[1], batches, a.repeats, a.prompt_tokens, a.new_tokens, a.stream)
         return 0
 
     workdir = Path(a.workdir)
@@ -157,37 +173,41 @@ def main(argv: list[str] | None = None) -> int:
             mpirun = Path(sys.executable).with_name("mpirun")
             cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), sys.executable, "-m",
                    "tpi_mpi.bench.batch", "--worker", str(shards), str(out), "--batches", a.batches, "--repeats",
-                   str(a.repeats), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens)]
+                   str(a.repeats), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
+                   *(["--stream"] if a.stream else [])]
             run_checked(cmd, a.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             recs = json.loads(out.read_text())["records"]
             bound_ms = weight_bytes(shards) / (gbs * 1e9) * 1e3
             with open(jsonl, "a") as f:
                 for r in recs:
-                    f.write(json.dumps({"bench": "batch", "preset": a.preset, "layers": a.layers, "dtype": dtype,
-                                        "world_size": n, "cores": cores(), "prompt_tokens": a.prompt_tokens,
-                                        "new_tokens": a.new_tokens, "bandwidth_gbs": gbs, **r}) + "\n")
+                    f.write(json.dumps({"bench": "batch", "stream": a.stream, "preset": a.preset, "layers": a.layers,
+                                        "dtype": dtype, "world_size": n, "cores": cores(),
+                                        "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                                        "bandwidth_gbs": gbs, **r}) + "\n")
             for bsz in batches:
                 mine = [r for r in recs if r["batch"] == bsz]
                 rows.append({"dtype": dtype, "n": n, "b": bsz, "bound_ms": bound_ms,
                              "loads": [r["loadavg_1m"] for r in mine],
                              **{k: statistics.median(r[k] for r in mine) for k in
-                                ("agg_tokens_per_s", "token_latency_p50_s", "token_latency_p99_s", "ttft_s")}})
+                                ("agg_tokens_per_s", "token_latency_p50_s", "token_latency_p99_s", "ttft_s")},
+                             "tok_gb": statistics.median(r["tokens_per_gb_read"] or 0.0 for r in mine)})
             # Random weights give near-tied logits that batched rounding can flip: a note, not a failure.
             alone = next(r["tokens"][0] for r in recs if r["batch"] == batches[0])
             if any(r["tokens"][0] != alone for r in recs):
                 print(f"note: {dtype} N={n}: stream 0's greedy tokens differ between batch sizes", file=sys.stderr)
     loads = [x for r in rows for x in r["loads"]]
     print(f"\n{a.preset}, {a.layers} layers | {cores()} cores | prompt {a.prompt_tokens} tok, {a.new_tokens} new "
-          f"tok per stream | median of {a.repeats} rounds | engine directly (tpi_mpi.batching) | memory "
+          f"tok per stream | median of {a.repeats} rounds | engine directly (tpi_mpi.batching) | "
+          f"{'streamed from disk, window 2' if a.stream else 'resident'} | memory "
           f"{gbs:.1f} GB/s | load avg {load0:.1f} before, {min(loads):.1f}-{max(loads):.1f} during")
     print(f"{'dtype':6} {'N':>2} {'B':>2} {'agg tok/s':>10} {'x B=1':>6} {'tok p50 ms':>10} {'tok p99 ms':>10} "
-          f"{'lat x B=1':>9} {'TTFT ms':>8} {'bound ms':>8}")
+          f"{'lat x B=1':>9} {'TTFT ms':>8} {'bound ms':>8}" + (f" {'tok/GB':>7}" if a.stream else ""))
     for r in rows:
         one = next(x for x in rows if x["dtype"] == r["dtype"] and x["n"] == r["n"] and x["b"] == batches[0])
         print(f"{r['dtype']:6} {r['n']:>2} {r['b']:>2} {r['agg_tokens_per_s']:10.2f} "
               f"{r['agg_tokens_per_s'] / one['agg_tokens_per_s']:6.2f} {r['token_latency_p50_s'] * 1e3:10.1f} "
               f"{r['token_latency_p99_s'] * 1e3:10.1f} {r['token_latency_p50_s'] / one['token_latency_p50_s']:9.2f} "
-              f"{r['ttft_s'] * 1e3:8.1f} {r['bound_ms']:8.1f}")
+              f"{r['ttft_s'] * 1e3:8.1f} {r['bound_ms']:8.1f}" + (f" {r['tok_gb']:7.2f}" if a.stream else ""))
     print(f"(per-round records: {jsonl})")
     return 0
 

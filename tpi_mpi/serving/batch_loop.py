@@ -13,15 +13,21 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
 
 from tpi_mpi.batching import Batcher, BatchStats, Sequence
 from tpi_mpi.errors import UserError
 from tpi_mpi.generate import Sampler
 from tpi_mpi.serving.scheduler import Delta, EngineLoop, Failed, Finished, Request, Session, Started
 from tpi_mpi.serving.text import Detokenizer, StopStrings
+
+KEPT_LATENCIES = 100_000  # latencies kept for the record's percentiles (a long-running server keeps the latest)
 
 
 @dataclass
@@ -45,6 +51,10 @@ class BatchLoop(EngineLoop):
         self.batcher = Batcher(session.master, session.context, prefill_chunk, session.prompt_cache)
         self.on_pass = on_pass
         self.active: dict[Sequence, _Active] = {}
+        # For the record at the end: each finished sequence's TTFT and token latencies (the latest ones).
+        self.ttfts: deque[float] = deque(maxlen=KEPT_LATENCIES)
+        self.latencies: deque[float] = deque(maxlen=KEPT_LATENCIES)
+        self.started_at = time.monotonic()
 
     @property
     def generating(self) -> int:
@@ -153,5 +163,29 @@ class BatchLoop(EngineLoop):
         result = Finished(reason, a.stops.text, len(seq.ids), len(seq.tokens), seq.cached,
                           seq.admitted - a.req.arrived, seq.ttft_s, seq.token_latencies_s)
         self.active.pop(seq)
+        self.ttfts.append(result.ttft_s)
+        self.latencies.extend(result.token_latencies_s)
         a.req.emit(result)
         self._finish(a.req, result, "ok")
+
+    def record(self) -> dict[str, Any]:
+        """The server's run record: the batch (occupancy of its passes), aggregate tokens/s and per-sequence
+        token latency and TTFT (percentiles over the finished sequences)."""
+        st = self.batcher.stats
+
+        def pct(xs: deque[float]) -> dict[str, float | None]:
+            return {f"p{q}": float(np.percentile(list(xs), q)) if xs else None for q in (50, 90, 99)}
+
+        return {"kind": "serve", "max_batch": self.max_batch, "prefill_chunk": self.batcher.prefill_chunk,
+                "batch": st.to_json(), "slot_uses": self.batcher.slot_uses,
+                "tokens_per_s": st.decode_tokens / st.pass_s if st.pass_s else None,
+                "token_latency_s": pct(self.latencies), "ttft_s": pct(self.ttfts),
+                "uptime_s": time.monotonic() - self.started_at}
+
+    def summary(self) -> str:
+        r = self.record()
+        lat, occ = r["token_latency_s"]["p50"], r["batch"]["mean_occupancy"]
+        return (f"{r['batch']['decode_tokens']} tokens in {r['batch']['passes']} passes | batch occupancy mean "
+                + (f"{occ:.2f}" if occ else "-") + f" of {self.max_batch} | "
+                + (f"{r['tokens_per_s']:.1f} tok/s aggregate | " if r["tokens_per_s"] else "")
+                + (f"token latency p50 {lat * 1e3:.1f} ms per sequence" if lat else "no token latencies"))
