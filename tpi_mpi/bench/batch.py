@@ -1,7 +1,7 @@
 """Several users at once: B concurrent greedy streams decoded together (continuous batching) against one.
 
     python -m tpi_mpi.bench.batch [--preset llama2-7b] [--layers 4] [--dtypes fp16,bf16] [--world-sizes 1,2]
-        [--batches 1,2,4,8] [--prompt-tokens 16] [--new-tokens 32] [--repeats 3] [--stream]
+        [--batches 1,2,4,8] [--prompt-tokens 16] [--new-tokens 32] [--repeats 3] [--stream] [--threads T]
         [--workdir bench_out/tp_latency]
 
 The checkpoint is tp_latency's (random weights of the preset's real layer shapes, --layers of them, cached
@@ -66,7 +66,7 @@ def percentile(xs: list[float], q: float) -> float:
 
 
 def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_tokens: int, new: int,
-           stream: bool) -> None:
+           stream: bool, threads: int | None) -> None:
     """Under mpirun: the engine with max(batches) slots; rank 0 writes one record per (B, round)."""
     from mpi4py import MPI
 
@@ -79,7 +79,7 @@ def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_token
     from tpi_mpi.weights.shards import open_rank_shard
 
     comm = MPI.COMM_WORLD
-    set_threads(comm, None)
+    set_threads(comm, threads)
     shard = open_rank_shard(shards, comm.rank, comm.size, verify_checksums="none")
     slots = max(batches)
     plan = (plan_rank_memory(shard, MemoryConfig(resident=False, window=2), None, comm.rank == 0, slots)
@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--stream", action="store_true", help="stream every block from disk (window 2)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per rank (default: cores / ranks; 1 on a machine others load)")
     p.add_argument("--workdir", default="bench_out/tp_latency")
     p.add_argument("--jsonl", default=None, help="default: WORKDIR/batch.jsonl")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per mpirun")
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",")]
     if a.worker:
-        worker(a.worker[0], a.worker[1], batches, a.repeats, a.prompt_tokens, a.new_tokens, a.stream)
+        worker(a.worker[0], a.worker[1], batches, a.repeats, a.prompt_tokens, a.new_tokens, a.stream, a.threads)
         return 0
 
     workdir = Path(a.workdir)
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), sys.executable, "-m",
                    "tpi_mpi.bench.batch", "--worker", str(shards), str(out), "--batches", a.batches, "--repeats",
                    str(a.repeats), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-                   *(["--stream"] if a.stream else [])]
+                   *(["--stream"] if a.stream else []), *(["--threads", str(a.threads)] if a.threads else [])]
             run_checked(cmd, a.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
             recs = json.loads(out.read_text())["records"]
             bound_ms = weight_bytes(shards) / (gbs * 1e9) * 1e3
@@ -198,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     loads = [x for r in rows for x in r["loads"]]
     print(f"\n{a.preset}, {a.layers} layers | {cores()} cores | prompt {a.prompt_tokens} tok, {a.new_tokens} new "
           f"tok per stream | median of {a.repeats} rounds | engine directly (tpi_mpi.batching) | "
-          f"{'streamed from disk, window 2' if a.stream else 'resident'} | memory "
+          f"{'streamed from disk, window 2' if a.stream else 'resident'} | "
+          f"{a.threads or 'cores/ranks'} thread(s) per rank | memory "
           f"{gbs:.1f} GB/s | load avg {load0:.1f} before, {min(loads):.1f}-{max(loads):.1f} during")
     print(f"{'dtype':6} {'N':>2} {'B':>2} {'agg tok/s':>10} {'x B=1':>6} {'tok p50 ms':>10} {'tok p99 ms':>10} "
           f"{'lat x B=1':>9} {'TTFT ms':>8} {'bound ms':>8}" + (f" {'tok/GB':>7}" if a.stream else ""))
