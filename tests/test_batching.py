@@ -40,15 +40,15 @@ def _check(s: dict, name: str) -> None:
     assert s["logit_scale"] > 0.1  # the logits compared are not all near zero
 
 
-@pytest.mark.parametrize("n,ratios,max_batch,chunk,stream", [
-    (2, None, 3, 8, False),
-    (3, [0.5, 0.3, 0.2], 4, 5, True),
-], ids=["n2-resident-b3", "n3-uneven-stream-b4"])
+@pytest.mark.parametrize("n,ratios,max_batch,chunk,algo,stream", [
+    (2, None, 3, 8, "star", False),
+    (3, [0.5, 0.3, 0.2], 4, 5, "auto", True),
+], ids=["n2-resident-b3-star", "n3-uneven-stream-b4-auto"])
 def test_batched_equals_solo(model: Path, tmp_path: Path, n: int, ratios: list[float] | None, max_batch: int,
-                             chunk: int, stream: bool) -> None:
+                             chunk: int, algo: str, stream: bool) -> None:
     shards = split(model, tmp_path / "s", n, ratios)
     out = tmp_path / "out.json"
-    r = mpirun(n, [str(SCRIPTS / "batch_decode.py"), str(shards), str(out), str(max_batch), str(chunk),
+    r = mpirun(n, [str(SCRIPTS / "batch_decode.py"), str(shards), str(out), str(max_batch), str(chunk), algo,
                    *(["stream"] if stream else [])], timeout=240)
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -84,6 +84,8 @@ def test_batched_equals_solo(model: Path, tmp_path: Path, n: int, ratios: list[f
     _check(other, "cache other")
     assert again["slot"] == res["cache_first_slot"] and again["cached"] == 4 + 10 - 1
     assert other["cached"] == 0
+    if algo == "auto":  # it chose per message size: B x hidden fp32 for batches of 1..max_batch at least
+        assert {b * SHAPE["hidden_size"] * 4 for b in range(1, max_batch + 1)} <= set(res["auto_sizes"])
 
 
 def test_memory_plan_refuses_max_batch(model: Path, tmp_path: Path) -> None:

@@ -1,9 +1,10 @@
 """Under mpirun: sequences decoded alone, then batched (all at once; joining, leaving, cancelled, refused,
 queued; a prompt extending a finished one's), on the same engine; rank 0 writes a JSON of what each got.
 
-usage: batch_decode.py SHARDS OUT.json MAX_BATCH PREFILL_CHUNK [stream]
+usage: batch_decode.py SHARDS OUT.json MAX_BATCH PREFILL_CHUNK ALGO [stream]
 
-`stream`: every block streamed through a window of 2 (memory.resident=false). For each batched sequence
+ALGO: comm.algo (auto: chosen per message size, which the batch changes). `stream`: every block streamed
+through a window of 2 (memory.resident=false). For each batched sequence
 the JSON has its tokens, its solo run's tokens (the first of them, for a cancelled one) and the largest
 absolute difference between the logits each of its tokens was sampled from and the solo run's.
 """
@@ -25,7 +26,8 @@ from tpi_mpi.weights.shards import open_rank_shard
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
 shards, out, max_batch, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-stream = sys.argv[5:] == ["stream"]
+algo = sys.argv[5]
+stream = sys.argv[6:] == ["stream"]
 shard = open_rank_shard(shards, comm.rank, comm.size)
 mem = MemoryConfig(resident=False) if stream else MemoryConfig()
 plan = plan_rank_memory(shard, mem, None, comm.rank == 0, slots=max_batch)
@@ -71,14 +73,15 @@ def compare(s: Sequence, ref: tuple[list[int], list[torch.Tensor]]) -> dict:
 
 
 if comm.rank != 0:
-    w = Worker(comm, shard, "star", plan=plan, max_batch=max_batch)
+    w = Worker(comm, shard, algo, plan=plan, max_batch=max_batch)
     w.serve()
     w.close()
     sys.exit(0)
 
-master = Master(comm, shard, "star", plan=plan, max_batch=max_batch)
+master = Master(comm, shard, algo, plan=plan, max_batch=max_batch)
 refs = [solo(master, p, NEW) for p in PROMPTS]
 result: dict = {"max_batch": max_batch}
+choices = getattr(master.allreduce, "choices", None)
 
 # 1. All together: more sequences than slots, so some wait for a slot that another frees.
 b = Batcher(master, CAPACITY, chunk)
@@ -133,6 +136,8 @@ other = b.submit(seq(PROMPTS[5], 6))
 b.run()
 result["cache"] = [compare(again, solo(master, follow, 6)), compare(other, solo(master, PROMPTS[5], 6))]
 result["cache_first_slot"] = first[0].slot
+# comm.algo=auto: the message sizes it chose an algorithm for (one per number of positions a pass carried)
+result["auto_sizes"] = sorted(choices) if choices is not None else None
 
 master.stop()
 master.close()
