@@ -31,6 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     calib_path = results / "calibration.json"
     predict = None
     overhead, fixed = 1e-3, None
+    calib: dict[str, Any] | None = None
     if calib_path.is_file():
         from tpi_mpi.perf.measure import fit_fixed_costs
         from tpi_mpi.perf.records import predict_record
@@ -53,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     if predict is not None:
         summary += ["## Performance model vs measured points", "", tables.validation_table(results, predict)]
     summary += ["## Performance model: the paper's settings", "", tables.paper_table(overhead, fixed)]
+    summary += ["## Performance model: the paper's 8 devices per weight format", "",
+                tables.paper_formats_table(overhead, fixed, calib)]
     skipped = {k: v["skipped"] for k, v in meta.get("sweeps", {}).items() if "skipped" in v}
     if skipped:
         summary += ["## Sweeps not run here", ""] + [f"- {k}: {v}" for k, v in skipped.items()] + [""]

@@ -77,3 +77,15 @@ def paper_table(layer_overhead_s: float, fixed: Any = None) -> str:
                      f"{f(r['pred_ttft_8_s'])} | {f(r['pred_peak_gb_8'])} / {f(r['pred_peak_worker_gb_8'])} / "
                      f"{f(r['paper_peak_gb_8'])} |")
     return "\n".join(lines) + "\n"
+
+
+def paper_formats_table(layer_overhead_s: float, fixed: Any = None, calib: dict[str, Any] | None = None) -> str:
+    """The paper's 8-device setting per weight format (perf.paper.predict_paper_formats) and the 70B target."""
+    from tpi_mpi.perf.paper import PaperAssumptions, formats_table, predict_paper_formats, target_70b
+    from tpi_mpi.perf.records import wire_costs
+
+    kernels = (calib or {}).get("formats_all_cores")
+    codecs = wire_costs(calib) if calib and "wire_codecs" in calib else None
+    a = PaperAssumptions()
+    rows = predict_paper_formats(a, layer_overhead_s, fixed, kernels, codecs)
+    return formats_table(rows, target_70b(a, layer_overhead_s, fixed, kernels, codecs))

@@ -20,7 +20,8 @@ BASE: dict[str, Any] = {"model": {"path": "models/tiny"}, "prompt_ids": [1, 2, 3
 # (key as typed on the command line, value after Hydra, what the one line must say)
 BAD_VALUES: list[tuple[str, Any, str]] = [
     ("comm.algo", "foo", "unknown comm.algo='foo'"),
-    ("comm.dtype", "int8", "unknown comm.dtype='int8'"),
+    ("comm.dtype", "int4", "unknown comm.dtype='int4': choose one of fp32, fp16, bf16, int8, auto"),
+    ("comm.dtype", "auto", "comm.dtype=auto lets comm.algo=auto choose the wire, got comm.algo=star"),
     ("comm.timeout_s", -1, "comm.timeout_s must be >= 0 seconds"),
     ("comm.timeout_s", "abc", "comm.timeout_s must be a number or null, got 'abc'"),
     ("model.dtype", "fp8", "unknown model.dtype='fp8'"),
@@ -45,6 +46,17 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("logging.wandb_mode", "cloud", "logging.wandb_mode must be offline, online or disabled"),
     ("baseline", "foo", "unknown baseline='foo'"),
     ("model.colour", "red", "unknown key model.colour"),
+    ("serve.port", 70000, "serve.port must be in 0..65535"),
+    ("serve.port", "http", "serve.port must be an integer, got 'http'"),
+    ("serve.queue_size", -1, "serve.queue_size must be >= 0"),
+    ("serve.max_tokens", 0, "serve.max_tokens must be >= 1"),
+    ("serve.max_body_bytes", 0, "serve.max_body_bytes must be >= 1"),
+    ("serve.api_key", " ", "serve.api_key is empty"),
+    ("serve.heartbeat_s", -1, "serve.heartbeat_s must be >= 0 seconds"),
+    ("serve.health_timeout_s", 0, "serve.health_timeout_s must be > 0"),
+    ("serve.chat_stop", [""], "serve.chat_stop has an empty string"),
+    ("serve.chat_stop", "x", "serve.chat_stop must be a list of strings"),
+    ("serve.colour", "red", "unknown key serve.colour"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 
@@ -126,6 +138,7 @@ def test_bad_device_is_one_clear_line(capsys: pytest.CaptureFixture[str], args: 
 # Under mpirun: (ranks, overrides, what the one line must say). Every rank must exit, none with a traceback.
 BAD_RUNS: list[tuple[int, list[str], str]] = [
     (3, ["comm.algo=foo"], "unknown comm.algo='foo'"),
+    (2, ["comm=ring", "comm.dtype=auto"], "comm.dtype=auto lets comm.algo=auto choose the wire"),
     (2, ["comm.timeout_s=abc"], "comm.timeout_s must be a number or null"),
     (2, ["model.verify_checksums=md5"], "unknown model.verify_checksums='md5'"),
     (2, ["threads=0"], "threads must be >= 1 or null"),

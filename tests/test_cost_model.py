@@ -2,7 +2,7 @@
 
 import pytest
 
-from tpi_mpi.comm.cost_model import LinkModel, choose, predict, tree_rounds
+from tpi_mpi.comm.cost_model import LinkModel, WireCost, choose, choose_wire, predict, predict_wire, tree_rounds
 
 HIDDEN_4096_FP32 = 4096 * 4  # one decode token of a 7B model
 
@@ -43,3 +43,28 @@ def test_predictions_follow_the_formulas() -> None:
     assert predict("ring", 1, m, link) == 0 and predict("star", 8, 0, link) == 0
     with pytest.raises(ValueError):
         predict("mpi", n, m, link)
+
+
+# Wire formats as allreduce.probe_codecs measures them here (roughly): fp16 and int8 cost time to encode.
+WIRES = {"fp32": WireCost(4.0), "fp16": WireCost(2.0, 5e-9, 5e-9), "int8": WireCost(1.125, 20e-9, 2e-9)}
+
+
+def test_wire_bytes_scale_the_message_terms_only() -> None:
+    link = LinkModel(alpha=1e-3, beta=1e-8, gamma=1e-10)
+    values = 8192
+    fp32, int8 = (predict_wire("star", 8, values, link, WIRES[w]) for w in ("fp32", "int8"))
+    assert fp32 == pytest.approx(predict("star", 8, 4 * values, link))
+    # messages at 1.125 / 4 of the bytes, the sums still over float32, plus 2 encodes and 8 decodes
+    messages = predict("star", 8, int(values * 1.125), LinkModel(1e-3, 1e-8))
+    sums = 7 * 4 * values * 1e-10
+    assert int8 == pytest.approx(messages + sums + values * (2 * 20e-9 + 8 * 2e-9))
+
+
+def test_lossy_wire_only_where_the_bytes_cost_more_than_encoding() -> None:
+    # The paper's links (1 ms, 300 Mbit/s), one token of Llama 2-70B (8192 values) on 8 devices: int8
+    (algo, wire), pred = choose_wire(8, 8192, LinkModel(1e-3, 8 / 300e6), WIRES)
+    assert wire == "int8" and pred[algo, "int8"] < pred[algo, "fp16"] < pred[algo, "fp32"]
+    # Shared memory (10 us, 10 GB/s): encoding costs more than the bytes it saves: fp32
+    assert choose_wire(8, 8192, LinkModel(10e-6, 1e-10), WIRES)[0][1] == "fp32"
+    # One value: int8's 4-byte scale makes it bigger than fp16 (5 bytes against 2)
+    assert choose_wire(2, 1, LinkModel(1e-3, 8 / 1e6), WIRES)[0][1] == "fp16"

@@ -79,6 +79,24 @@ def test_text_prompt_streams_and_mpi_allreduce_agrees(tiny: dict[str, Path], tmp
     assert len(read_jsonl(tmp_path / "results.jsonl")) == 2
 
 
+def test_auto_picks_the_int8_wire_when_allowed(tiny: dict[str, Path], tmp_path: Path) -> None:
+    """comm=auto with comm.dtype=auto (lossy wires allowed) on a bandwidth-bound link (the software-modelled
+    4G profile, 20 Mbit/s) sends int8 blocks, ~0.28 x fp32's bytes, and every rank records the same choice.
+    (With a fixed comm.dtype auto keeps that wire whatever the link: allreduce_check.py.)"""
+    proc = run_tpi(2, [*base(tiny, tmp_path), f"prompt_ids={IDS}", "generation.max_new_tokens=3",
+                       "generation.stop_on_eos=false", "comm=auto", "comm.dtype=auto",
+                       "emulation.links=software", "network=4g"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads((tmp_path / "r.json").read_text())
+    choices = [r["allreduce_auto"] for r in rec["ranks"]]
+    assert all(c == choices[0] for c in choices), choices
+    decode, prefill = 4 * 256, 4 * 256 * len(IDS)  # float32 bytes of 1 and of 6 tokens' hidden states (256)
+    assert {choices[0][str(decode)]["wire"], choices[0][str(prefill)]["wire"]} == {"int8"}, choices[0]
+    ar = rec["ranks"][1]["allreduce"]
+    int8_bytes = 2 * 2 * (256 * 1.125 * 2 + 256 * len(IDS) * 1.125)  # 2 layers x 2 allreduces x 3 passes
+    assert ar["calls"] == 2 * 2 * 3 and ar["bytes_sent"] == int8_bytes, ar  # N=2: rank 1 sends its partial once
+
+
 def test_sampling_is_seeded(tiny: dict[str, Path], tmp_path: Path) -> None:
     runs = []
     for seed in (1, 1, 2):

@@ -9,7 +9,7 @@ import os
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
-from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_DTYPES
+from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_CHOICES
 from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
 from tpi_mpi.errors import UserError
 from tpi_mpi.units import parse_size
@@ -37,7 +37,9 @@ class ModelConfig:
 @dataclass(frozen=True)
 class CommConfig:
     algo: str = "star"
-    dtype: str = "fp32"  # partial sums on the wire; sums are taken in fp32
+    # partial sums on the wire (fp32, fp16, bf16, int8) or auto (algo=auto picks the wire too, lossy ones
+    # included: the user opts in); sums are taken in fp32
+    dtype: str = "fp32"
     mpi_algorithm: str | None = None  # MPICH's own allreduce algorithm, for algo=mpi (set by mpirun -genv)
     timeout_s: float | None = 60.0  # watchdog: a collective stalled this long aborts the job; null/0 = off
 
@@ -261,8 +263,11 @@ def build_config(d: dict[str, Any]) -> RunConfig:
 def _validate_comm(c: CommConfig, env: dict[str, str]) -> None:
     if c.algo not in ALGORITHMS:
         raise UserError(f"unknown comm.algo={c.algo!r}: choose one of {', '.join(ALGORITHMS)}")
-    if c.dtype not in WIRE_DTYPES:
-        raise UserError(f"unknown comm.dtype={c.dtype!r}: choose one of {', '.join(WIRE_DTYPES)}")
+    if c.dtype not in WIRE_CHOICES:
+        raise UserError(f"unknown comm.dtype={c.dtype!r}: choose one of {', '.join(WIRE_CHOICES)}")
+    if c.dtype == "auto" and c.algo != "auto":
+        raise UserError(f"comm.dtype=auto lets comm.algo=auto choose the wire, got comm.algo={c.algo}: set "
+                        "comm.algo=auto or a fixed comm.dtype (fp32, fp16, bf16, int8)")
     if c.algo == "mpi" and c.dtype != "fp32":
         raise UserError(f"comm.algo=mpi sums fp32 only, got comm.dtype={c.dtype}: set comm.dtype=fp32 or "
                         "another comm.algo")

@@ -279,8 +279,9 @@ class Engine:
             "heap_warm_bytes": self.rss_warm_bytes[2] if self.rss_warm_bytes else None,
             "heap_bytes": process_memory()[2],
             "forward_passes": self.passes,
-            **({"allreduce_auto": {str(nbytes): {"algo": algo, "predicted_s": t}
-                                   for nbytes, (algo, t) in choices.items()}} if choices is not None else {}),
+            # keys: bytes of the float32 message; wire: what went on the wire (comm.dtype, or its choice if auto)
+            **({"allreduce_auto": {str(nbytes): {"algo": algo, "wire": wire, "predicted_s": t}
+                                   for nbytes, (algo, wire, t) in choices.items()}} if choices is not None else {}),
         }
 
 

@@ -13,17 +13,21 @@ says which (`links`: none, shaped or software).
 For each world size N the driver starts `mpirun -n N` three times (each with a timeout): once for our
 algorithms and MPI_Allreduce as MPICH chooses, and once each with MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM=ring
 and =recursive_doubling for the rows mpi(ring) and mpi(rd) (MPICH reads the variable only at start-up).
-A message is one token's hidden state (hidden x tokens floats); fp16 rows send half the bytes (MPI
-rows: fp32 only). Inside a run the algorithms are interleaved call by call, after warm-up calls; each
-sample is one allreduce started right after a barrier, timed as the slowest rank's time.
+A message is one token's hidden state (hidden x tokens floats); fp16/bf16 rows send half the bytes, int8
+rows 0.28 x (blocks of 32 int8 + a float32 scale; MPI rows: fp32 only); an `auto` wire row is comm.algo=auto
+with comm.dtype=auto (it picks the wire too; star at fp32 beside it for the ratio). Inside a run the
+algorithms are interleaved call by call, after warm-up calls; each sample is one allreduce started right
+after a barrier, timed as the slowest rank's time.
 
 Table: median microseconds, and in brackets the ratio to `star` on the same row (below 1: faster); for
 mpi(ring) and mpi(rd), to the star timed alongside them in their own mpirun.
     star-bcast  star whose way back is MPI_Bcast instead of point-to-point sends
     tree        our recursive doubling
     auto        comm.algo=auto; "auto picks" is its choice for that size, from its start-up probe
-A second table gives the error of the fp16/bf16 wire against the exact (float64) sum, relative to the
-largest magnitude of the sum, over all our algorithms and sizes (inputs: standard normal per rank).
+A second table gives the error of each wire against the exact (float64) sum, relative to the largest
+magnitude of the sum, over all our algorithms and sizes (inputs: standard normal per rank), and for int8
+the largest error as a fraction of its derived bound (tpi_mpi/comm/wire.py: half a step per block per
+quantization), over every value: at most 1 if the bound holds.
 One JSON line per (N, size, wire, algorithm) goes to --jsonl (default bench_out/allreduce.jsonl).
 """
 
@@ -57,6 +61,7 @@ def worker(args: argparse.Namespace) -> None:
         StarAllreduce,
         probe_link,
     )
+    from tpi_mpi.comm.wire import WireFormat, int8_error_bound
 
     comm = MPI.COMM_WORLD
     n, rank = comm.size, comm.rank
@@ -73,6 +78,8 @@ def worker(args: argparse.Namespace) -> None:
     def algorithms(wire: str) -> dict[str, Allreduce]:
         if mpich:  # a run for one of MPICH's forced algorithms: MPI_Allreduce, and star to compare with
             return {"star": StarAllreduce(comm), MPICH_VARIANTS[mpich]: MpiAllreduce(comm)} if wire == "fp32" else {}
+        if wire == "auto":  # comm.dtype=auto: only comm.algo=auto takes it
+            return {"star": StarAllreduce(comm, "fp32", links), "auto": AutoAllreduce(comm, "auto", links, link=link)}
         algos: dict[str, Allreduce] = {"star": StarAllreduce(comm, wire, links)}
         if links is None:
             algos["star-bcast"] = StarAllreduce(comm, wire, bcast=True)
@@ -101,14 +108,17 @@ def worker(args: argparse.Namespace) -> None:
                     if rep >= args.warmup:
                         samples[name].append(dt)
             for name, ar in algos.items():
-                itemsize = 4 if wire == "fp32" else 2
+                sent_as = "fp32" if wire == "auto" and name == "star" else wire
+                if isinstance(ar, AutoAllreduce):
+                    sent_as = ar.choose(size)[1]
                 row = {"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
-                       "bytes": size * itemsize, "median_us": statistics.median(samples[name]) * 1e6,
+                       "bytes": WireFormat(sent_as).nbytes(size), "median_us": statistics.median(samples[name]) * 1e6,
                        "samples_us": [round(s * 1e6, 1) for s in samples[name]], "mpich_algorithm": mpich,
                        "links": link_mode, "network": args.software_links or os.environ.get("TPI_MPI_EMU_NETWORK")}
                 if isinstance(ar, AutoAllreduce):
-                    choice, predicted = ar.choices[size * itemsize]
-                    row.update(auto_choice=choice, auto_predicted_us=predicted * 1e6,
+                    choice, chosen_wire, predicted = ar.choices[4 * size]
+                    row.update(auto_choice=choice if wire != "auto" else f"{choice} {chosen_wire}",
+                               auto_predicted_us=predicted * 1e6,
                                link={"alpha_s": link.alpha, "beta_s_per_byte": link.beta,
                                      "gamma_s_per_byte": link.gamma})
                 rows.append(row)
@@ -122,9 +132,12 @@ def worker(args: argparse.Namespace) -> None:
                 for name in ("star", "ring", "mesh", "tree"):
                     buf = inputs_all[rank].copy()
                     ALGORITHMS[name](comm, wire)(buf)
-                    err = float(np.max(np.abs(buf - exact)) / np.max(np.abs(exact)))
-                    rows.append({"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
-                                 "kind": "error", "max_rel_error": err})
+                    diff = np.abs(buf - exact)
+                    row = {"n": n, "hidden": hidden, "tokens": args.tokens, "wire": wire, "algo": name,
+                           "kind": "error", "max_rel_error": float(np.max(diff) / np.max(np.abs(exact)))}
+                    if wire == "int8":
+                        row["max_error_over_bound"] = float(np.max(diff / int8_error_bound(name, inputs_all)))
+                    rows.append(row)
     if rank == 0:
         with open(args.out, "w") as f:
             for row in rows:
@@ -182,12 +195,19 @@ def table(rows: list[dict]) -> str:
                      + f" | {fastest} | {auto} |")
     errors = [r for r in rows if r.get("kind") == "error"]
     if errors:
-        wires = sorted({r["wire"] for r in errors}, key=["fp32", "fp16", "bf16"].index)
-        lines += ["", "| N | " + " | ".join(f"max rel. error {w}" for w in wires) + " |",
-                  "|---|" + "---|" * len(wires)]
+        wires = sorted({r["wire"] for r in errors}, key=["fp32", "fp16", "bf16", "int8"].index)
+        bounded = "int8" in wires
+        lines += ["", "| N | " + " | ".join(f"max rel. error {w}" for w in wires)
+                  + (" | int8 max error / bound (star, ring, mesh, tree) |" if bounded else " |"),
+                  "|---|" + "---|" * (len(wires) + bounded)]
         for n in sorted({r["n"] for r in errors}):
             errs = [max(r["max_rel_error"] for r in errors if r["n"] == n and r["wire"] == w) for w in wires]
-            lines.append(f"| {n} | " + " | ".join(f"{e:.1e}" for e in errs) + " |")
+            line = f"| {n} | " + " | ".join(f"{e:.1e}" for e in errs) + " |"
+            if bounded:
+                per_algo = [max(r["max_error_over_bound"] for r in errors if r["n"] == n and r["wire"] == "int8"
+                                and r["algo"] == a) for a in ("star", "ring", "mesh", "tree")]
+                line += " " + ", ".join(f"{x:.2f}" for x in per_algo) + " |"
+            lines.append(line)
     return "\n".join(lines)
 
 
@@ -195,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-sizes", default="2,3,4,5,6,7,8")
     p.add_argument("--hidden", default="4096,5120,8192", help="hidden sizes: Llama-2 7B, 13B, 70B")
-    p.add_argument("--dtypes", default="fp32,fp16", help="wire dtypes to time (fp32, fp16, bf16)")
+    p.add_argument("--dtypes", default="fp32,fp16,int8",
+                   help="wire dtypes to time (fp32, fp16, bf16, int8; auto: comm.algo=auto picking the wire too)")
     p.add_argument("--tokens", type=int, default=1, help="tokens per message (1: decoding)")
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--warmup", type=int, default=3)

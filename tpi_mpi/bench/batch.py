@@ -21,6 +21,13 @@ Table columns (medians over the rounds):
     bound ms       one decode pass's weight bytes on the busiest rank / the memory bandwidth measured here
     tok/GB         (--stream) tokens generated per GB of weights read from disk, all ranks together
 One JSON line per (dtype, N, B, round) goes to --jsonl (default WORKDIR/batch.jsonl).
+
+    python -m tpi_mpi.bench.batch --kernels [--repeats 5]
+
+times, on one thread, the matrix products a pass is made of: [B, 4096] x W[11008, 4096] (Llama-2-7B's FFN)
+for B = --batches, in fp32, fp16, bf16 and torch's packed int8 / int4 kernels (the kernels issue 15's
+quantized weights use), over 4 distinct matrices in turn (so that they do not sit in the cache). Whether a
+batch is nearly free is decided here: a kernel whose time grows with B gains nothing from batching.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tpi_mpi.bench.tp_latency import cores, ensure_checkpoint, prompt_ids, run_checked, warm_page_cache
 
@@ -125,6 +133,55 @@ def worker(shards: str, out: str, batches: list[int], repeats: int, prompt_token
     Path(out).write_text(json.dumps({"records": records, "rank_record": master.rank_record()}))
 
 
+def kernels(batches: list[int], repeats: int) -> None:
+    """The --kernels table: ms per product and the ratio to B=1, per kernel (medians of `repeats`)."""
+    import torch
+    import torch.nn.functional as F
+
+    torch.set_num_threads(1)
+    rows, cols, group = 11008, 4096, 128
+    ws = [torch.randn(rows, cols) for _ in range(4)]
+
+    def int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        g = w.reshape(rows, cols // group, group)
+        lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+        scale = (hi - lo).clamp(min=1e-6) / 15
+        q = ((g - lo) / scale).round().clamp(0, 15).to(torch.int32).reshape(rows, cols)
+        sz = torch.cat([scale, lo + 8 * scale], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 8), sz
+
+    def int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scale = w.abs().amax(1) / 127
+        return (w / scale[:, None]).round().to(torch.int8), scale.to(torch.bfloat16)
+
+    mats: dict[str, list] = {"fp32": ws, "fp16": [w.half() for w in ws], "bf16": [w.bfloat16() for w in ws],
+                             "int8 (bf16 x)": [int8(w) for w in ws], "int4 (bf16 x)": [int4(w) for w in ws]}
+
+    def product(kind: str, x: torch.Tensor, m: Any) -> None:
+        if kind.startswith("int8"):
+            torch.ops.aten._weight_int8pack_mm(x.bfloat16(), m[0], m[1])
+        elif kind.startswith("int4"):
+            torch.ops.aten._weight_int4pack_mm_for_cpu(x.bfloat16(), m[0], group, m[1])
+        else:
+            F.linear(x.to(m.dtype), m)
+
+    print(f"[B, {cols}] x W[{rows}, {cols}], 1 thread, median of {repeats} over 4 matrices | load avg "
+          f"{os.getloadavg()[0]:.1f}")
+    print(f"{'kernel':14}" + "".join(f" {'B=' + str(b) + ' ms':>9} {'xB=1':>5}" for b in batches))
+    for kind, ms in mats.items():
+        times = []
+        for b in batches:
+            x = torch.randn(b, cols)
+            runs = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for m in ms:
+                    product(kind, x, m)
+                runs.append((time.perf_counter() - t0) / len(ms))
+            times.append(statistics.median(runs) * 1e3)
+        print(f"{kind:14}" + "".join(f" {t:9.2f} {t / times[0]:5.2f}" for t in times))
+
+
 def weight_bytes(shards: Path) -> int:
     """The busiest rank's layer weights and lm_head slice: what one decode pass reads from memory."""
     best = 0
@@ -151,9 +208,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", default="bench_out/tp_latency")
     p.add_argument("--jsonl", default=None, help="default: WORKDIR/batch.jsonl")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per mpirun")
+    p.add_argument("--kernels", action="store_true", help="time the matrix-product kernels per batch size only")
     p.add_argument("--worker", nargs=2, metavar=("SHARDS", "OUT"), help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     batches = [int(x) for x in a.batches.split(",")]
+    if a.kernels:
+        kernels(batches, a.repeats)
+        return 0
     if a.worker:
         worker(a.worker[0], a.worker[1], batches, a.repeats, a.prompt_tokens, a.new_tokens, a.stream, a.threads)
         return 0

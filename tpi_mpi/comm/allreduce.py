@@ -4,9 +4,11 @@ Every algorithm works on contiguous float32 numpy buffers through mpi4py's buffe
 methods: no pickling) and counts its calls, bytes and time. Every rank ends with bitwise the same result:
 each element is summed by one fixed sequence of additions, the same on every rank.
 
-On the wire the partials are fp32, or fp16/bf16 (`comm.dtype`: half the bytes). Sums are always taken in
-fp32; whatever a rank keeps of a value that other ranks only see rounded (its own partial in mesh and
-tree, the sum it computed in star and ring) it rounds the same way, so the ranks still agree bit for bit.
+On the wire the partials are fp32, fp16/bf16 (`comm.dtype`: half the bytes) or int8 blocks with a scale
+each (0.28 x the bytes; wire.py has the formats and the int8 error bound). Sums are always taken in fp32;
+whatever a rank keeps of a value that other ranks only see rounded (its own partial in mesh and tree, the
+sum it computed in star and ring) it rounds the same way, and what a rank passes on unchanged (ring's
+all-gather) it forwards as the bytes it received, so the ranks still agree bit for bit.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from mpi4py import MPI
 
 from tpi_mpi.comm import cost_model
 from tpi_mpi.comm.links import P2P, SoftwareLinks
+from tpi_mpi.comm.wire import AUTO_WIRES, INT8_BLOCK, WIRE_CHOICES, WIRE_DTYPES, WireFormat, measure_codecs
+
+__all__ = ["ALGORITHMS", "AUTO_WIRES", "WIRE_CHOICES", "WIRE_DTYPES", "Allreduce", "AutoAllreduce", "CommStats",
+           "MeshAllreduce", "MpiAllreduce", "RecursiveDoublingAllreduce", "RingAllreduce", "StarAllreduce",
+           "WireFormat", "chunk_bounds", "make_allreduce", "probe_codecs", "probe_link"]
 
 _TAG = 17
 log = logging.getLogger("tpi_mpi")
@@ -37,56 +44,6 @@ class CommStats:
                 "bytes_received": self.bytes_received, "seconds": self.seconds}
 
 
-class WireFormat:
-    """How partial sums travel. fp16 and bf16 are held as uint16 bit patterns, so that MPI moves them as
-    plain 16-bit words (MPI has no standard half-precision type)."""
-
-    def __init__(self, name: str):
-        if name not in WIRE_DTYPES:
-            raise ValueError(f"unknown wire dtype {name!r}: choose one of {', '.join(WIRE_DTYPES)}")
-        self.name = name
-        self.itemsize = 4 if name == "fp32" else 2
-
-    def encode(self, x: np.ndarray) -> np.ndarray:
-        """float32 -> wire array. For fp32 this is `x` itself, not a copy."""
-        if self.name == "fp32":
-            return x
-        if self.name == "fp16":
-            return x.astype(np.float16).view(np.uint16)
-        # bf16: round to nearest even on the upper 16 bits of the float32 pattern; NaN stays NaN.
-        u = x.view(np.uint32)
-        rounded = ((u + np.uint32(0x7FFF) + ((u >> 16) & np.uint32(1))) >> 16).astype(np.uint16)
-        return np.where(np.isnan(x), np.uint16(0x7FC0), rounded)
-
-    def decode(self, w: np.ndarray, out: np.ndarray) -> None:
-        """Wire array -> float32, into `out`."""
-        if self.name == "fp32":
-            if w is not out:
-                out[...] = w
-        elif self.name == "fp16":
-            out[...] = w.view(np.float16)
-        else:
-            out.view(np.uint32)[...] = w.astype(np.uint32) << 16
-
-    def to_fp32(self, w: np.ndarray) -> np.ndarray:
-        """Wire array -> float32: `w` itself for fp32, else a new array."""
-        if self.name == "fp32":
-            return w
-        out = np.empty(w.size, dtype=np.float32)
-        self.decode(w, out)
-        return out
-
-    def empty(self, size: int) -> np.ndarray:
-        return np.empty(size, dtype=np.float32 if self.name == "fp32" else np.uint16)
-
-    def round(self, x: np.ndarray) -> np.ndarray:
-        """Round `x` in place to what the wire carries, and return its wire form."""
-        w = self.encode(x)
-        self.decode(w, x)
-        return w
-
-
-WIRE_DTYPES = ("fp32", "fp16", "bf16")
 
 
 class Allreduce:
@@ -137,7 +94,7 @@ class StarAllreduce(Allreduce):
 
     def _reduce(self, buf: np.ndarray) -> None:
         comm, n, wire = self.comm, self.comm.size, self.wire
-        nbytes = buf.size * wire.itemsize
+        nbytes = wire.nbytes(buf.size)
         if comm.rank != 0:
             w = wire.encode(buf)
             self.p2p.send(w, 0, _TAG)
@@ -154,7 +111,7 @@ class StarAllreduce(Allreduce):
         # later receives still proceed while the earlier partials are being added.
         for i, req in enumerate(recvs):
             req.Wait()
-            buf += wire.to_fp32(scratch[i])
+            buf += wire.to_fp32(scratch[i], buf.size)
         w = wire.round(buf)  # rank 0 keeps exactly what the workers get
         if self.bcast:
             comm.Bcast(w, root=0)
@@ -163,9 +120,11 @@ class StarAllreduce(Allreduce):
         self._count(nbytes * (n - 1), nbytes * (n - 1))
 
 
-def chunk_bounds(size: int, n: int) -> list[int]:
-    """n+1 offsets cutting `size` elements into n chunks whose sizes differ by at most one."""
-    return [i * size // n for i in range(n + 1)]
+def chunk_bounds(size: int, n: int, align: int = 1) -> list[int]:
+    """n+1 offsets cutting `size` elements into n chunks of whole `align`-element units (the last chunk
+    takes the rest) whose unit counts differ by at most one; align=1: sizes differ by at most one."""
+    units = -(-size // align)
+    return [min(size, (i * units // n) * align) for i in range(n + 1)]
 
 
 class RingAllreduce(Allreduce):
@@ -173,7 +132,9 @@ class RingAllreduce(Allreduce):
     the buffer, so each rank sends about 2(N-1)/N of it whatever N (bandwidth-optimal).
 
     Chunk c is summed along the ring starting at rank c and ending at rank c-1, which then owns it: one
-    fixed order of additions, and the all-gather only copies, so all ranks hold the same bits.
+    fixed order of additions, and the all-gather forwards the owner's wire bytes unchanged, so all ranks
+    hold the same bits (re-encoding a decoded int8 block need not give the same block back). On the int8
+    wire, chunks are whole blocks of 32 values, so a chunk's blocks are everyone's blocks.
     """
 
     name = "ring"
@@ -181,30 +142,31 @@ class RingAllreduce(Allreduce):
     def _reduce(self, buf: np.ndarray) -> None:
         n, r, wire = self.comm.size, self.comm.rank, self.wire
         right, left = (r + 1) % n, (r - 1) % n
-        bounds = chunk_bounds(buf.size, n)
+        bounds = chunk_bounds(buf.size, n, INT8_BLOCK if wire.name == "int8" else 1)
 
         def chunk(c: int) -> np.ndarray:
             c %= n
             return buf[bounds[c]:bounds[c + 1]]
 
-        recv = wire.empty(-(-buf.size // n))  # the largest chunk
+        largest = max(bounds[c + 1] - bounds[c] for c in range(n))
+        recv = [wire.empty(largest), wire.empty(largest)]  # all-gather: receive into one, forward the other
         sent = received = 0
         # Reduce-scatter: at step s, send the running sum of chunk r-s, receive and add chunk r-s-1.
         for s in range(n - 1):
             out, into = chunk(r - s), chunk(r - s - 1)
-            w, rw = wire.encode(out), recv[:into.size]
+            w, rw = wire.encode(out), recv[0][:wire.size(into.size)]
             self.p2p.sendrecv(w, right, rw, left, _TAG)
-            into += wire.to_fp32(rw)
+            into += wire.to_fp32(rw, into.size)
             sent, received = sent + w.nbytes, received + rw.nbytes
-        own = chunk(r + 1)  # fully summed here
-        wire.round(own)  # keep exactly what the others will get
-        # All-gather: at step s, pass on chunk r+1-s, receive the finished chunk r-s.
+        w = wire.round(chunk(r + 1))  # fully summed here; keep exactly what the others will get
+        # All-gather: at step s, pass on chunk r+1-s (ours, then what came in at step s-1), receive chunk r-s.
         for s in range(n - 1):
-            out, into = chunk(r + 1 - s), chunk(r - s)
-            w, rw = wire.encode(out), recv[:into.size]
+            into = chunk(r - s)
+            rw = recv[s % 2][:wire.size(into.size)]
             self.p2p.sendrecv(w, right, rw, left, _TAG)
             wire.decode(rw, into)
             sent, received = sent + w.nbytes, received + rw.nbytes
+            w = rw
         self._count(sent, received)
 
 
@@ -224,9 +186,9 @@ class MeshAllreduce(Allreduce):
         reqs = [self.p2p.irecv(parts[i], i, _TAG) for i in range(n) if i != r]
         reqs += [req for i in range(n) if i != r for req in self.p2p.isend(own, i, _TAG)]
         self.p2p.waitall(reqs)
-        total = wire.to_fp32(parts[0]).copy()
+        total = wire.to_fp32(parts[0], buf.size).copy()
         for i in range(1, n):
-            total += wire.to_fp32(parts[i])
+            total += wire.to_fp32(parts[i], buf.size)
         buf[...] = total
         self._count(own.nbytes * (n - 1), own.nbytes * (n - 1))
 
@@ -237,7 +199,7 @@ class RecursiveDoublingAllreduce(Allreduce):
     largest power of two p2 first hands its partial to rank i and gets the result back at the end.
 
     Both ranks of a pair add the same two (wire-rounded) values, and a + b == b + a in IEEE arithmetic,
-    so all ranks agree bitwise.
+    so all ranks agree bitwise. With extra ranks the sum is rounded once more, to what they are sent.
     """
 
     name = "tree"
@@ -256,19 +218,20 @@ class RecursiveDoublingAllreduce(Allreduce):
             return
         if r + p2 < n:
             self.p2p.recv(recv, r + p2, _TAG)
-            buf += wire.to_fp32(recv)
+            buf += wire.to_fp32(recv, buf.size)
             received += recv.nbytes
         mask = 1
         while mask < p2:
             partner = r ^ mask
             w = wire.round(buf)  # both ranks of the pair must add the same two values
             self.p2p.sendrecv(w, partner, recv, partner, _TAG)
-            buf += wire.to_fp32(recv)
+            buf += wire.to_fp32(recv, buf.size)
             sent, received, mask = sent + w.nbytes, received + recv.nbytes, mask * 2
-        w = wire.round(buf)
-        if r + p2 < n:
-            self.p2p.send(w, r + p2, _TAG)
-            sent += w.nbytes
+        if p2 < n:  # every rank rounds, so that the ones that send to an extra rank hold what it gets
+            w = wire.round(buf)
+            if r + p2 < n:
+                self.p2p.send(w, r + p2, _TAG)
+                sent += w.nbytes
         self._count(sent, received)
 
 
@@ -332,40 +295,60 @@ def probe_link(comm: MPI.Comm, small: int = 8, large: int = 1 << 18, repeats: in
     return link
 
 
+def probe_codecs(comm: MPI.Comm, wires: tuple[str, ...], values: int = 8192) -> dict[str, cost_model.WireCost]:
+    """Each wire format's bytes per value and seconds per value to encode and decode, timed on rank 0
+    (wire.measure_codecs); every rank gets rank 0's figures. Collective."""
+    costs = measure_codecs(wires, values) if comm.rank == 0 else None
+    costs = comm.bcast(costs, root=0)
+    assert costs is not None
+    return costs
+
+
 class AutoAllreduce(Allreduce):
-    """`auto`: probes the links once at start-up, then for each message size uses the algorithm the
-    alpha-beta model (cost_model.py) predicts to be fastest. Every rank holds rank 0's link figures, so
-    every rank picks the same algorithm for the same size. Choices are logged on rank 0 and kept in
-    `choices` (bytes on the wire -> algorithm, predicted seconds)."""
+    """`auto`: probes the links (and the wire formats' encoding speed) once at start-up, then for each
+    message size uses the algorithm the alpha-beta model (cost_model.py) predicts to be fastest; with
+    wire="auto" (comm.dtype=auto: lossy wires allowed) the wire format too, among AUTO_WIRES. Every rank
+    holds rank 0's figures, so every rank picks the same for the same size. Choices are logged on rank 0
+    and kept in `choices` (bytes of the float32 message -> algorithm, wire, predicted seconds)."""
 
     name = "auto"
 
     def __init__(self, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None,
-                 link: cost_model.LinkModel | None = None):
-        super().__init__(comm, wire, links)
+                 link: cost_model.LinkModel | None = None, codecs: dict[str, cost_model.WireCost] | None = None):
+        wires = AUTO_WIRES if wire == "auto" else (wire,)
+        super().__init__(comm, wires[0], links)
+        self.wire_choice = wire
         self.link = link if link is not None else probe_link(comm, p2p=self.p2p)
-        self.algorithms: dict[str, Allreduce] = {}
+        self.codecs = codecs if codecs is not None else probe_codecs(comm, wires)
+        self.algorithms: dict[tuple[str, str], Allreduce] = {}
         for algo in cost_model.CANDIDATES:
-            impl = ALGORITHMS[algo](comm, wire, links)
-            impl.stats = self.stats  # one set of counters for the whole run
-            self.algorithms[algo] = impl
-        self.choices: dict[int, tuple[str, float]] = {}
+            for w in wires:
+                impl = ALGORITHMS[algo](comm, w, links)
+                impl.stats = self.stats  # one set of counters for the whole run
+                self.algorithms[algo, w] = impl
+        self.choices: dict[int, tuple[str, str, float]] = {}
         if comm.rank == 0:
-            log.info("allreduce auto: link alpha %.1f us, beta %.3f ns/B (%.2f GB/s), gamma %.3f ns/B",
+            log.info("allreduce auto: link alpha %.1f us, beta %.3f ns/B (%.2f GB/s), gamma %.3f ns/B; wire %s",
                      self.link.alpha * 1e6, self.link.beta * 1e9,
-                     1e-9 / self.link.beta if self.link.beta else float("inf"), self.link.gamma * 1e9)
+                     1e-9 / self.link.beta if self.link.beta else float("inf"), self.link.gamma * 1e9,
+                     ", ".join(f"{w} enc {c.encode_s * 1e9:.2f} dec {c.decode_s * 1e9:.2f} ns/value"
+                               for w, c in self.codecs.items()))
 
-    def choose(self, nbytes: int) -> str:
+    def choose(self, values: int) -> tuple[str, str]:
+        """The algorithm and wire for a message of `values` float32 values."""
+        nbytes = 4 * values
         if nbytes not in self.choices:
-            best, predictions = cost_model.choose(self.comm.size, nbytes, self.link)
-            self.choices[nbytes] = (best, predictions[best])
+            wires = {w: self.codecs[w] for w in (AUTO_WIRES if self.wire_choice == "auto" else (self.wire_choice,))}
+            (algo, wire), predictions = cost_model.choose_wire(self.comm.size, values, self.link, wires)
+            self.choices[nbytes] = (algo, wire, predictions[algo, wire])
             if self.comm.rank == 0:
-                log.info("allreduce auto: %d B on %d ranks -> %s (predicted %s)", nbytes, self.comm.size, best,
-                         ", ".join(f"{a} {t * 1e6:.0f} us" for a, t in predictions.items()))
-        return self.choices[nbytes][0]
+                log.info("allreduce auto: %d values on %d ranks -> %s %s (predicted %s)", values, self.comm.size,
+                         algo, wire, ", ".join(f"{a} {w} {t * 1e6:.0f} us" for (a, w), t in predictions.items()))
+        algo, wire, _ = self.choices[nbytes]
+        return algo, wire
 
     def _reduce(self, buf: np.ndarray) -> None:
-        self.algorithms[self.choose(buf.size * self.wire.itemsize)]._reduce(buf)
+        self.algorithms[self.choose(buf.size)]._reduce(buf)
 
 
 ALGORITHMS: dict[str, type[Allreduce]] = {
@@ -379,4 +362,6 @@ ALGORITHMS: dict[str, type[Allreduce]] = {
 
 
 def make_allreduce(algo: str, comm: MPI.Comm, wire: str = "fp32", links: SoftwareLinks | None = None) -> Allreduce:
+    if wire == "auto" and algo != "auto":
+        raise ValueError("comm.dtype=auto lets comm.algo=auto choose the wire: it needs comm.algo=auto")
     return ALGORITHMS[algo](comm, wire, links)

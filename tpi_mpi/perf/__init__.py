@@ -3,6 +3,7 @@ links, disk and compute, each calibrated by a short measurement on the machine a
 
     python -m tpi_mpi.perf calibrate --out calib.json      # ~3 min here: see `calibrate`
     python -m tpi_mpi.perf paper --calibration calib.json  # the paper's settings, next to its numbers
+    python -m tpi_mpi.perf kernels --out kernels.json      # the weight formats' kernels alone (perf/kernels.py)
 
 One forward pass of q tokens (q = prompt: TTFT; q = 1: a token) through L layers on N tensor-parallel ranks:
 
@@ -31,6 +32,15 @@ One forward pass of q tokens (q = prompt: TTFT; q = 1: a token) through L layers
 On real devices (the paper's settings) there is no sharing: s = s_w = 1, P and o as measured on one process,
 allreduces over the paper's links, a disk per device (D = N x its bandwidth). Without a fixed-cost calibration
 (old calibration files) the per-layer cost is share(N) * (weights + o) + 2 AR with share = N / C.
+
+Weight formats (shapes.WeightFormat): the linear weights in fp32/fp16/bf16, int8 (a bf16 scale per output row)
+or int4 (a bf16 scale and zero per group of G input columns), as torch's packed kernels take them; norms and the
+embedding in the checkpoint's float dtype. B_l and the head's bytes follow the format; W and F become the format's:
+its kernel's bytes/s and FLOP/s measured side by side with fp32's (perf/kernels.py), as a ratio to fp32's. The
+allreduce messages are comm.dtype's bytes (int8: 1.125 a value) plus its encode/decode cost; comm.algo=auto takes
+the fastest algorithm (and, with comm.dtype=auto, wire). memory.budget (resident=auto) follows memplan's plan: the
+window, then lm_head rows, FFN and attention blocks resident as they fit; the rest is read every pass, overlapping
+the compute (the layer terms become max(them, streamed bytes / disk)).
 
 Peak memory per device = the process's base RSS (Python, torch, MPI) + resident weights (all of the rank's
 slices, or `window` layers' blocks when streaming) + rank 0's embedding and lm_head + the KV cache.

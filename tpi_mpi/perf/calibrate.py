@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from tpi_mpi.comm.cost_model import LinkModel
+from tpi_mpi.comm.wire import WIRE_DTYPES, measure_codecs
+from tpi_mpi.perf.kernels import measure_formats
 from tpi_mpi.perf.measure import (
     ALGOS,
     launcher,
@@ -118,6 +120,13 @@ def _probe_stretch(comm: Any, repeats: int = 5) -> dict[str, float]:
     return {"products_bytes": float(4 * f * h * FP32), "products_all_s": slowest, "products_wait_s": wait}
 
 
+def measure_kernels(cores: int) -> dict[str, Any]:
+    """Every weight format's kernel with one thread (a rank of the sweeps) and with all cores (a device of its
+    own), each beside the read bandwidth with as many threads: the calibration's `formats_*` entries."""
+    print("calibrating weight formats' kernels ...", file=sys.stderr, flush=True)
+    return {"formats_1_thread": measure_formats(1), "formats_all_cores": measure_formats(cores)}
+
+
 def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
     """alpha and beta of the cost model from two message sizes (gamma folded into beta)."""
     from tpi_mpi.comm.cost_model import predict
@@ -137,12 +146,15 @@ def fit_link(points: dict[str, float], algo: str, n: int) -> LinkModel:
 
 
 def calibrate(mpirun: str | list[str], world_sizes: tuple[int, ...] = (2, 4, 8), hidden: int = 1024,
-              repeats: int = 20, fixed_costs: bool = True) -> dict[str, Any]:
+              repeats: int = 20, fixed_costs: bool = True, formats: bool = True) -> dict[str, Any]:
     cores = len(os.sched_getaffinity(0))
     t0 = time.time()
     calib: dict[str, Any] = {"cores": cores, "loadavg_before": os.getloadavg()}
     calib["compute_all_cores"] = measure_compute(cores)
     calib["compute_1_thread"] = measure_compute(1)
+    if formats:  # each weight format's kernel, and the read bandwidth beside them (perf/kernels.py)
+        calib.update(measure_kernels(cores))
+    calib["wire_codecs"] = {k: asdict(v) for k, v in measure_codecs(WIRE_DTYPES).items()}
     calib["disk_bw"], calib["disk_bw_warm"] = measure_disk()
     with tempfile.TemporaryDirectory(prefix="perfmodel-") as d:
         calib["overheads"] = measure_overheads(Path(d))

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
+import math
+from dataclasses import dataclass, replace
 
-from tpi_mpi.comm.cost_model import CANDIDATES, LinkModel
-from tpi_mpi.comm.cost_model import predict as allreduce_time
+from tpi_mpi.comm.cost_model import CANDIDATES, LinkModel, WireCost, predict_wire
 from tpi_mpi.perf.shapes import FP32, Device, FixedCost, ModelShape, Prediction, Setting
+
+# As weights/memplan.py and weights/tensorfile.py plan a budget (not imported: they bring in MPI and torch;
+# tests/test_perfmodel.py checks that the figures agree).
+DEFAULT_WINDOW = 2
+HEAD_CHUNK_BYTES = 32 * 1024 * 1024
+READ_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def _share(dev: Device, active: int) -> float:
@@ -17,9 +23,8 @@ def _share(dev: Device, active: int) -> float:
 def _compute(shape: ModelShape, q: int, n: int, dev: Device, active: int) -> float:
     """One layer's slice of 1/n of the work on one rank, while `active` ranks compute at once on the host."""
     share = _share(dev, active)
-    flops = 2 * q * shape.layer_params / n
     # CPU time, overheads included, stretched by the number of ranks per core
-    return share * (max(flops / dev.flops, shape.layer_bytes / n / dev.weight_bw) + dev.layer_overhead_s)
+    return share * (_weights_time(shape, q, n, dev) + dev.layer_overhead_s)
 
 
 def _link(s: Setting, name: str) -> LinkModel:
@@ -27,7 +32,7 @@ def _link(s: Setting, name: str) -> LinkModel:
 
 
 def _head(shape: ModelShape, dev: Device) -> float:
-    return shape.vocab * shape.hidden * shape.bytes_per_param / dev.weight_bw  # rank 0 alone
+    return shape.head_bytes / dev.weight_bw_for(shape.weights)  # rank 0 alone
 
 
 def _head_time(s: Setting, dev: Device, stretch: float, stretch_wait: float) -> float:
@@ -59,23 +64,35 @@ def per_pair_time(algo: str, n: int, nbytes: int, link: LinkModel) -> float:
     return 2 * hop  # mpi: not modelled by the software links (they apply to our algorithms only)
 
 
-def _allreduce_fit(s: Setting, nbytes: int) -> float:
-    """One allreduce through the calibrated links (alpha-beta fits of the probe)."""
-    link = _link(s, s.algo)
-    if s.algo in CANDIDATES:
-        return allreduce_time(s.algo, s.n, nbytes, link)
-    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta
+def _choices(s: Setting) -> list[tuple[str, WireCost]]:
+    """The (algorithm, wire) pairs the run may use: its own, or every candidate for comm.algo=auto (which picks
+    the fastest per message size), over the wires of comm.dtype=auto if it may pick those too."""
+    if s.algo != "auto":
+        return [(s.algo, s.wire)]
+    wires = list((s.wire_choice or {"": s.wire}).values())
+    return [(a, w) for a in CANDIDATES for w in wires]
 
 
-def _allreduce_emulated(s: Setting, nbytes: int) -> float:
+def _allreduce_fit(s: Setting, nbytes: int, choice: tuple[str, WireCost] | None = None) -> float:
+    """One allreduce of `nbytes` of float32 values through the calibrated links (alpha-beta fits of the probe),
+    sent as the wire of `choice` (default: the setting's algorithm and wire)."""
+    algo, wire = choice or (s.algo, s.wire)
+    link = _link(s, algo)
+    if algo in CANDIDATES:
+        return predict_wire(algo, s.n, nbytes // FP32, link, wire)
+    return link.alpha + nbytes * link.beta if s.n > 1 else 0.0  # mpi: fitted as one alpha + m beta (fp32)
+
+
+def _allreduce_emulated(s: Setting, nbytes: int, choice: tuple[str, WireCost] | None = None) -> float:
     """What the software links (emulation.links=software) add to one allreduce."""
-    if s.emulated is None or s.algo == "mpi":
+    algo, wire = choice or (s.algo, s.wire)
+    if s.emulated is None or algo == "mpi":
         return 0.0
-    return per_pair_time(s.algo, s.n, nbytes, s.emulated)
+    return per_pair_time(algo, s.n, math.ceil(nbytes // FP32 * wire.bytes_per_value), s.emulated)
 
 
 def _allreduce(s: Setting, nbytes: int) -> float:
-    return _allreduce_fit(s, nbytes) + _allreduce_emulated(s, nbytes)
+    return min(_allreduce_fit(s, nbytes, c) + _allreduce_emulated(s, nbytes, c) for c in _choices(s))
 
 
 def _bcast(s: Setting, nbytes: int) -> float:
@@ -121,15 +138,90 @@ def fixed_cost(dev: Device, n: int, key: str) -> tuple[FixedCost, bool] | None:
 
 
 def _weights_time(shape: ModelShape, q: int, n: int, dev: Device) -> float:
-    """One layer's slice of 1/n of the work on one rank with a core of its own."""
-    return max(2 * q * shape.layer_params / n / dev.flops, shape.layer_bytes / n / dev.weight_bw)
+    """One layer's slice of 1/n of the work on one rank with a core of its own, at its weight format's speed."""
+    fmt = shape.weights
+    return max(2 * q * shape.layer_params / n / dev.flops_for(fmt), shape.layer_bytes / n / dev.weight_bw_for(fmt))
 
 
 def _stream_read(shape: ModelShape, n: int, dev: Device) -> float:
     """One layer's 1/n read from disk by each of the n ranks at once (they share the one disk here)."""
+    return _read_time(shape.layer_bytes / n, n, dev)
+
+
+def _read_time(rank_bytes: float, n: int, dev: Device) -> float:
+    """Seconds for each of the n ranks to read `rank_bytes` at once: from the one disk of this host (the
+    aggregate bandwidth of n readers), or each from a disk of its own."""
     if dev.disk_bw_readers and dev.host_cores:
-        return shape.layer_bytes / interpolate(dev.disk_bw_readers, n, dev.disk_bw)
-    return shape.layer_bytes / n / dev.disk_bw
+        return rank_bytes * n / interpolate(dev.disk_bw_readers, n, dev.disk_bw)
+    return rank_bytes / dev.disk_bw
+
+
+@dataclass(frozen=True)
+class BudgetLayout:
+    """What one rank holds under memory.budget (memory.resident=auto), as weights/memplan.py plans it: the
+    window first (lowered to 1 if that is all that fits), then with what is left lm_head (its rows), FFN
+    blocks, attention blocks resident; the rest is read from disk every forward pass."""
+
+    peak: float  # bytes: base, KV cache, window buffers, read cache, resident weights (the plan's total)
+    streamed: float  # weight bytes read per forward pass
+    first_blocks: float  # the window's first streamed blocks, read before the prompt's clock starts
+    resident_blocks: int  # of the 2L attention and FFN blocks
+
+
+def budget_layout(s: Setting, dev: Device, master: bool) -> BudgetLayout:
+    """The plan of rank 0 (`master`: its embedding and, with head=master, all of lm_head) or of a worker."""
+    assert s.budget is not None
+    sh, n = s.shape, s.n
+    attn, ffn = sh.attn_bytes / n, sh.ffn_bytes / n
+    blocks = sh.layers * (attn + ffn)
+    head = sh.head_bytes / n if s.head == "split" and n > 1 else (sh.head_bytes if master else 0.0)
+    fixed = sh.kv_bytes(s.prompt_tokens + s.new_tokens, n) + (dev.base_rss_master if master else dev.base_rss)
+    if master:
+        fixed += sh.master_bytes - sh.head_bytes  # the embedding and the final norm
+    if fixed + blocks + head <= s.budget:
+        return BudgetLayout(fixed + blocks + head, 0.0, 0.0, 2 * sh.layers)
+    largest, head_stream = max(attn, ffn), min(head, HEAD_CHUNK_BYTES)
+
+    def stream_cost(w: int) -> float:
+        return w * largest + READ_CHUNK_BYTES + head_stream
+
+    if s.budget < fixed + stream_cost(1):
+        raise ValueError(f"memory.budget {s.budget / 1e9:.2f} GB is below the smallest workable one, "
+                         f"{(fixed + stream_cost(1)) / 1e9:.2f} GB")
+    target = s.window or DEFAULT_WINDOW
+    window = target
+    while window > 1 and fixed + stream_cost(window) > s.budget:
+        window -= 1
+    left = s.budget - fixed - stream_cost(window) if window == target else 0.0
+    head_resident = 0 < head and head - head_stream <= left
+    if head_resident:
+        left -= head - head_stream
+    k_ffn = min(sh.layers, int(left // ffn))
+    left -= k_ffn * ffn
+    k_attn = min(sh.layers, int(left // attn))
+    resident = k_ffn * ffn + k_attn * attn
+    streamed = blocks - resident + (0.0 if head_resident else head)
+    per_block = (blocks - resident) / max(1, 2 * sh.layers - k_ffn - k_attn)
+    peak = fixed + stream_cost(window) + resident + (head - head_stream if head_resident else 0.0)
+    return BudgetLayout(peak, streamed, min(window * per_block, blocks - resident), k_ffn + k_attn)
+
+
+def _streamed(s: Setting, dev: Device, q: int) -> tuple[float, float]:
+    """Weight bytes the busiest rank reads from disk in one forward pass of q tokens, and the seconds that
+    takes (the reads overlap compute and communication). The prompt's pass is spared what the prefetcher
+    read into the window at start-up, before the clock started."""
+    sh, n = s.shape, s.n
+    if s.budget is not None:
+        plans = [budget_layout(s, dev, master) for master in ((True, False) if n > 1 else (True,))]
+        busiest = max(plans, key=lambda p: p.streamed)
+        rank_bytes = busiest.streamed - (busiest.first_blocks if q > 1 else 0.0)
+        return busiest.streamed, _read_time(max(0.0, rank_bytes), n, dev)
+    if s.window is None:
+        return 0.0, 0.0
+    read = sh.layers * _stream_read(sh, n, dev)
+    if q > 1:
+        read *= 1 - sh.window_bytes(s.window) / (sh.layers * sh.layer_bytes)
+    return sh.layers * sh.layer_bytes / n, read
 
 
 def _tp_forward(s: Setting, dev: Device, q: int) -> float:
@@ -138,22 +230,21 @@ def _tp_forward(s: Setting, dev: Device, q: int) -> float:
     measured = fixed_cost(dev, n, "tp:" + s.algo)
     if measured is None:  # not calibrated: a fixed cost per layer, stretched by the ranks per core
         per_layer = _compute(sh, q, n, dev, n) + 2 * _allreduce(s, msg)
-        if s.window is not None:  # streaming: the disk reads overlap compute and communication
+        if s.window is not None and s.budget is None:  # streaming: the disk reads overlap compute and comms
             per_layer = max(per_layer, _stream_read(sh, n, dev))
-        return _bcast(s, msg) + sh.layers * per_layer + _head_time(s, dev, _share(dev, n), 1.0) + dev.forward_overhead_s
+        layers = sh.layers * per_layer
+        if s.budget is not None:
+            layers = max(layers, _streamed(s, dev, q)[1])
+        return _bcast(s, msg) + layers + _head_time(s, dev, _share(dev, n), 1.0) + dev.forward_overhead_s
     fixed, paid = measured
     probe = q * fixed.probe_hidden * FP32 if paid else 0  # the messages the fixed costs already include
     stretch = interpolate(dev.stretch_all, n, _share(dev, n))
     # the bytes beyond the probe's: CPU work (copies, sums) too, so stretched like the products
-    more_bytes = stretch * max(0.0, _allreduce_fit(s, msg) - _allreduce_fit(s, probe))
+    comm = min(stretch * max(0.0, _allreduce_fit(s, msg, c) - _allreduce_fit(s, probe, c))
+               + _allreduce_emulated(s, msg, c) for c in _choices(s))
     per_layer = (stretch * _weights_time(sh, q, n, dev) + fixed.forward(1, q > 1) - fixed.forward(0, q > 1)
-                 + 2 * (more_bytes + _allreduce_emulated(s, msg)))
-    layers = sh.layers * per_layer
-    if s.window is not None:  # streaming: the disk reads overlap compute and communication
-        read = sh.layers * _stream_read(sh, n, dev)
-        if q > 1:  # the prompt: the prefetcher filled the window at start-up, before the clock started
-            read *= 1 - sh.window_bytes(s.window) / (sh.layers * sh.layer_bytes)
-        layers = max(layers, read)
+                 + 2 * comm)
+    layers = max(sh.layers * per_layer, _streamed(s, dev, q)[1])  # streaming: reads overlap the rest
     head = _head_time(s, dev, stretch, interpolate(dev.stretch_wait, n, 1.0))
     more_bcast = stretch * max(0.0, _bcast(s, msg) - _bcast(s, probe))
     return fixed.forward(0, q > 1) + more_bcast + layers + head
@@ -178,11 +269,13 @@ def _hf_device(dev: Device) -> Device:
 
 def _peak(s: Setting, dev: Device) -> tuple[float, float]:
     sh, n = s.shape, s.n
+    if s.budget is not None:
+        return budget_layout(s, dev, True).peak, budget_layout(s, dev, n == 1).peak
     layers_held = sh.layers if s.window is None else min(s.window, sh.layers)
     worker = dev.base_rss + layers_held * sh.layer_bytes / n + sh.kv_bytes(s.prompt_tokens + s.new_tokens, n)
     master_only = sh.master_bytes
     if s.head == "split" and n > 1:  # every rank holds vocab/N rows of lm_head; rank 0 still the embedding
-        head_bytes = sh.vocab * sh.hidden * sh.bytes_per_param
+        head_bytes = sh.head_bytes
         worker += head_bytes / n
         master_only -= head_bytes if not sh.tied else 0
     return worker - dev.base_rss + dev.base_rss_master + master_only, worker
@@ -190,7 +283,8 @@ def _peak(s: Setting, dev: Device) -> tuple[float, float]:
 
 def predict_tp(s: Setting, dev: Device) -> Prediction:
     master, worker = _peak(s, dev)
-    return Prediction(_tp_forward(s, dev, s.prompt_tokens), _tp_forward(s, dev, 1), master, worker)
+    return Prediction(_tp_forward(s, dev, s.prompt_tokens), _tp_forward(s, dev, 1), master, worker,
+                      streamed_bytes=_streamed(s, dev, 1)[0])
 
 
 def predict_transformers(s: Setting, dev: Device, memory: float | None = None) -> Prediction:

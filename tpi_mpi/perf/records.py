@@ -8,17 +8,25 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from tpi_mpi.comm.cost_model import LinkModel
+from tpi_mpi.comm.cost_model import FP32_WIRE, LinkModel, WireCost
+from tpi_mpi.comm.wire import AUTO_WIRES, WIRE_DTYPES, WireFormat
 from tpi_mpi.perf.measure import fit_fixed_costs
 from tpi_mpi.perf.predict import predict_accelerate, predict_pipeline, predict_tp, predict_transformers
-from tpi_mpi.perf.shapes import FP32, Device, ModelShape, Prediction, Setting
+from tpi_mpi.perf.shapes import FLOAT_BYTES, FP32, Device, ModelShape, Prediction, Setting, WeightFormat
 
 
 def device_from(calib: dict[str, Any]) -> Device:
-    """A rank of the sweeps: one torch thread (experiments.run_all runs them with threads=1)."""
+    """A rank of the sweeps: one torch thread (experiments.run_all runs them with threads=1). Weight formats
+    other than fp32 run at fp32's measured speed times their kernel's speed relative to fp32's kernel,
+    measured side by side (formats_1_thread), so that the fp32 figures stay those of compute_1_thread."""
     c = calib["compute_1_thread"]
     o = calib.get("overheads", {})
+    bw_formats = prefill_formats = None
+    if "formats_1_thread" in calib:
+        bw_ratio, prefill_formats = format_ratios(calib["formats_1_thread"])
+        bw_formats = {k: c["weight_bw"] * r for k, r in bw_ratio.items()}
     return Device(flops=c["flops"], weight_bw=c["weight_bw"],
+                  weight_bw_formats=bw_formats, prefill_speed_formats=prefill_formats,
                   layer_overhead_s=o.get("ours_layer_overhead_s", c["layer_overhead_s"]),
                   forward_overhead_s=o.get("ours_forward_overhead_s", 0.0),
                   hf_layer_overhead_s=o.get("hf_layer_overhead_s"),
@@ -33,8 +41,38 @@ def device_from(calib: dict[str, Any]) -> Device:
                   disk_bw_readers=_int_keys(calib.get("disk_bw_readers")))
 
 
+def format_ratios(measured: dict[str, Any]) -> tuple[dict[str, float], dict[str, float]]:
+    """From perf.kernels.measure_formats(...): each format's decode bytes/s and prefill FLOP/s relative to
+    fp32's kernel in the same run."""
+    f = measured["formats"]
+    return ({k: v["weight_bw"] / f["fp32"]["weight_bw"] for k, v in f.items()},
+            {k: v["flops"] / f["fp32"]["flops"] for k, v in f.items()})
+
+
+def record_format(record: dict[str, Any]) -> tuple[WeightFormat, int]:
+    """The linear weights' format of a run record and the bytes of its float tensors: the split's
+    quantization where the record has one (`weights`: format, group_size), else model.dtype (auto: fp32)."""
+    weights = record.get("weights") or {}
+    dtype = str(record["config"]["model"].get("dtype") or "auto")
+    float_bytes = FLOAT_BYTES.get(dtype, FP32)
+    fmt = weights.get("format")
+    if fmt == "int8":
+        return WeightFormat("int8"), float_bytes
+    if fmt == "int4":
+        return WeightFormat("int4", int(weights["group_size"])), float_bytes
+    return (WeightFormat(dtype) if dtype in FLOAT_BYTES else WeightFormat()), float_bytes
+
+
 def _int_keys(table: dict[str, float] | None) -> dict[int, float] | None:
     return {int(k): float(v) for k, v in table.items()} if table else None
+
+
+def wire_costs(calib: dict[str, Any]) -> dict[str, WireCost]:
+    """Each wire format's bytes per value and encode/decode seconds per value, as calibrated (older
+    calibrations: bytes only, no encoding cost)."""
+    if "wire_codecs" in calib:
+        return {k: WireCost(**v) for k, v in calib["wire_codecs"].items()}
+    return {k: WireCost(WireFormat(k).nbytes(8192) / 8192) for k in WIRE_DTYPES}
 
 
 def links_from(calib: dict[str, Any], n: int, beta_from_smallest: bool = False) -> dict[str, LinkModel]:
@@ -76,7 +114,8 @@ def _device_map_bytes(model: Path, device_map: dict[str, str] | None) -> tuple[f
 def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
     """What the model predicts for a measured run record (its model, N, baseline, algorithm, lengths)."""
     cfg = record["config"]
-    shape = ModelShape.from_hf_config(json.loads((Path(cfg["model"]["path"]) / "config.json").read_text()))
+    shape = ModelShape.from_hf_config(json.loads((Path(cfg["model"]["path"]) / "config.json").read_text()),
+                                      *record_format(record))
     n = record["world_size"]
     algo = cfg["comm"]["algo"]
     mem = cfg.get("memory", {})
@@ -86,10 +125,18 @@ def predict_record(record: dict[str, Any], calib: dict[str, Any]) -> Prediction:
         link = cfg["network"]["default"]  # the network=NAME profile as the run resolved it
         emulated = LinkModel(link["latency_s"], 8 / link["bandwidth_bit_s"])
     head = str(mem.get("head") or "master")  # absent in records from before the split: master
+    budget = None
+    if mem.get("resident") == "auto" and mem.get("budget") not in (None, "cgroup"):
+        from tpi_mpi.units import parse_size
+
+        budget = float(parse_size(mem["budget"], "memory.budget", "1.5GB"))
+    wire = str(cfg["comm"].get("dtype") or "fp32")
+    codecs = wire_costs(calib)
     s = Setting(shape, n, record["prompt_tokens"], record["generated_tokens"], algo,
                 window=window if window is None else int(window),
                 links=links_from(calib, n, beta_from_smallest="fixed_costs" in calib), emulated=emulated,
-                head=head)
+                head=head, budget=budget, wire=codecs.get(wire, FP32_WIRE),
+                wire_choice={w: codecs[w] for w in AUTO_WIRES if w in codecs} if wire == "auto" else None)
     dev = device_from(calib)
     baseline = record.get("baseline")
     if baseline == "transformers":

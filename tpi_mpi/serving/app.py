@@ -112,10 +112,10 @@ def _completion_ids(state: ServerState, body: dict[str, Any]) -> list[int]:
     return prompt
 
 
-def _check_length(state: ServerState, ids: list[int]) -> None:
+def _check_length(state: ServerState, ids: list[int], param: str) -> None:
     if len(ids) >= state.context:
         raise ApiError(400, f"the prompt has {len(ids)} tokens but the context holds {state.context} "
-                            "(the prompt and at least one generated token): shorten it", "messages",
+                            "(the prompt and at least one generated token): shorten it", param,
                        "context_length_exceeded")
 
 
@@ -200,7 +200,7 @@ def _completions(chat: bool) -> Any:
             body = await _json_body(state, request)
             params = parse_params(body, state.model, state.max_tokens, state.chat_stop if chat else ())
             ids = _chat_ids(state, body) if chat else _completion_ids(state, body)
-            _check_length(state, ids)
+            _check_length(state, ids, "messages" if chat else "prompt")
         except ApiError as exc:
             state.metrics.finished(endpoint, f"http_{exc.status}")
             return _error(exc)
