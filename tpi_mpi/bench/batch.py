@@ -2,7 +2,7 @@
 
     python -m tpi_mpi.bench.batch [--preset llama2-7b] [--layers 4] [--dtypes fp16,bf16] [--world-sizes 1,2]
         [--batches 1,2,4,8] [--prompt-tokens 16] [--new-tokens 32] [--repeats 3] [--stream] [--threads T]
-        [--workdir bench_out/tp_latency]
+        [--workdir bench_out/tp_latency] [--shards SPLIT]
 
 The checkpoint is tp_latency's (random weights of the preset's real layer shapes, --layers of them, cached
 in the workdir), split once per dtype and world size. One mpirun per (dtype, N) loads the engine once with
@@ -11,6 +11,9 @@ so the rows of one (dtype, N) are measured side by side. A run of B streams subm
 at once to tpi_mpi.batching.Batcher (the engine directly, not through the HTTP server) and decodes until
 each has --new-tokens tokens. With --stream every rank streams every block from disk through a window of 2
 (memory.resident=false; the read pages are evicted as they are copied, so every pass reads from the disk).
+--shards SPLIT measures an existing split instead (its world size and dtype), e.g. bench.memory's
+Llama-2-70B-shaped one: python -c "from pathlib import Path; from tpi_mpi.bench.memory import ensure_split;
+ensure_split(Path('bench_out/memory'), 2, 8)" makes bench_out/memory/shards/llama2-70b-L2-fp16-n8.
 
 Table columns (medians over the rounds):
     agg tok/s      tokens of all streams after their first / (last token - first token of the batch)
@@ -192,6 +195,44 @@ def weight_bytes(shards: Path) -> int:
     return best
 
 
+def measure(a: argparse.Namespace, dtype: str, n: int, shards: Path, stamp: str, gbs: float, jsonl: Path,
+            batches: list[int]) -> list[dict[str, Any]]:
+    """One mpirun of the worker for (dtype, N): its rows of the table (medians over the rounds)."""
+    rows = []
+    workdir = Path(a.workdir)
+    if not a.stream:
+        warm_page_cache(shards)
+    out = workdir / "runs" / f"{stamp}-batch-{dtype}-n{n}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    print(f"{dtype} N={n}: B={a.batches}, {a.repeats} rounds ...", file=sys.stderr, flush=True)
+    mpirun = Path(sys.executable).with_name("mpirun")
+    cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), sys.executable, "-m",
+           "tpi_mpi.bench.batch", "--worker", str(shards), str(out), "--batches", a.batches, "--repeats",
+           str(a.repeats), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
+           *(["--stream"] if a.stream else []), *(["--threads", str(a.threads)] if a.threads else [])]
+    run_checked(cmd, a.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    recs = json.loads(out.read_text())["records"]
+    bound_ms = weight_bytes(shards) / (gbs * 1e9) * 1e3
+    with open(jsonl, "a") as f:
+        for r in recs:
+            f.write(json.dumps({"bench": "batch", "stream": a.stream, "preset": a.preset, "layers": a.layers,
+                                "dtype": dtype, "world_size": n, "cores": cores(),
+                                "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
+                                "bandwidth_gbs": gbs, **r}) + "\n")
+    for bsz in batches:
+        mine = [r for r in recs if r["batch"] == bsz]
+        rows.append({"dtype": dtype, "n": n, "b": bsz, "bound_ms": bound_ms,
+                     "loads": [r["loadavg_1m"] for r in mine],
+                     **{k: statistics.median(r[k] for r in mine) for k in
+                        ("agg_tokens_per_s", "token_latency_p50_s", "token_latency_p99_s", "ttft_s")},
+                     "tok_gb": statistics.median(r["tokens_per_gb_read"] or 0.0 for r in mine)})
+    # Random weights give near-tied logits that batched rounding can flip: a note, not a failure.
+    alone = next(r["tokens"][0] for r in recs if r["batch"] == batches[0])
+    if any(r["tokens"][0] != alone for r in recs):
+        print(f"note: {dtype} N={n}: stream 0's greedy tokens differ between batch sizes", file=sys.stderr)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.batch", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama2-7b")
@@ -206,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads per rank (default: cores / ranks; 1 on a machine others load)")
     p.add_argument("--workdir", default="bench_out/tp_latency")
+    p.add_argument("--shards", default=None, help="an existing split to measure (instead of --dtypes/--world-sizes)")
     p.add_argument("--jsonl", default=None, help="default: WORKDIR/batch.jsonl")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per mpirun")
     p.add_argument("--kernels", action="store_true", help="time the matrix-product kernels per batch size only")
@@ -222,44 +264,26 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(a.workdir)
     jsonl = Path(a.jsonl) if a.jsonl else workdir / "batch.jsonl"
     load0 = os.getloadavg()[0]
-    model = ensure_checkpoint(workdir, a.preset, a.layers)
+    if a.shards:
+        given = Path(a.shards)
+        n = len(list(given.glob("rank_*")))
+        from tpi_mpi.weights.tensorfile import parse_header
+
+        first = parse_header(sorted(given.glob("rank_0/layer_*.safetensors"))[0])
+        kind = str(next(iter(first.entries.values())).torch_dtype).removeprefix("torch.")
+        configs = [({"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}.get(kind, kind), n, given)]
+    else:
+        model = ensure_checkpoint(workdir, a.preset, a.layers)
+        configs = [(dtype, n, ensure_split(workdir, model, n, dtype)) for dtype in a.dtypes.split(",")
+                   for n in (int(x) for x in a.world_sizes.split(","))]
     gbs = bandwidth_gbs()
     stamp = time.strftime("%Y%m%d-%H%M%S")
     rows = []
-    for dtype in a.dtypes.split(","):
-        for n in (int(x) for x in a.world_sizes.split(",")):
-            shards = ensure_split(workdir, model, n, dtype)
-            warm_page_cache(shards)
-            out = workdir / "runs" / f"{stamp}-batch-{dtype}-n{n}.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            print(f"{dtype} N={n}: B={a.batches}, {a.repeats} rounds ...", file=sys.stderr, flush=True)
-            mpirun = Path(sys.executable).with_name("mpirun")
-            cmd = [str(mpirun) if mpirun.exists() else "mpirun", "-n", str(n), sys.executable, "-m",
-                   "tpi_mpi.bench.batch", "--worker", str(shards), str(out), "--batches", a.batches, "--repeats",
-                   str(a.repeats), "--prompt-tokens", str(a.prompt_tokens), "--new-tokens", str(a.new_tokens),
-                   *(["--stream"] if a.stream else []), *(["--threads", str(a.threads)] if a.threads else [])]
-            run_checked(cmd, a.timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-            recs = json.loads(out.read_text())["records"]
-            bound_ms = weight_bytes(shards) / (gbs * 1e9) * 1e3
-            with open(jsonl, "a") as f:
-                for r in recs:
-                    f.write(json.dumps({"bench": "batch", "stream": a.stream, "preset": a.preset, "layers": a.layers,
-                                        "dtype": dtype, "world_size": n, "cores": cores(),
-                                        "prompt_tokens": a.prompt_tokens, "new_tokens": a.new_tokens,
-                                        "bandwidth_gbs": gbs, **r}) + "\n")
-            for bsz in batches:
-                mine = [r for r in recs if r["batch"] == bsz]
-                rows.append({"dtype": dtype, "n": n, "b": bsz, "bound_ms": bound_ms,
-                             "loads": [r["loadavg_1m"] for r in mine],
-                             **{k: statistics.median(r[k] for r in mine) for k in
-                                ("agg_tokens_per_s", "token_latency_p50_s", "token_latency_p99_s", "ttft_s")},
-                             "tok_gb": statistics.median(r["tokens_per_gb_read"] or 0.0 for r in mine)})
-            # Random weights give near-tied logits that batched rounding can flip: a note, not a failure.
-            alone = next(r["tokens"][0] for r in recs if r["batch"] == batches[0])
-            if any(r["tokens"][0] != alone for r in recs):
-                print(f"note: {dtype} N={n}: stream 0's greedy tokens differ between batch sizes", file=sys.stderr)
+    for dtype, n, shards in configs:
+        rows += measure(a, dtype, n, shards, stamp, gbs, jsonl, batches)
     loads = [x for r in rows for x in r["loads"]]
-    print(f"\n{a.preset}, {a.layers} layers | {cores()} cores | prompt {a.prompt_tokens} tok, {a.new_tokens} new "
+    what = str(a.shards) if a.shards else f"{a.preset}, {a.layers} layers"
+    print(f"\n{what} | {cores()} cores | prompt {a.prompt_tokens} tok, {a.new_tokens} new "
           f"tok per stream | median of {a.repeats} rounds | engine directly (tpi_mpi.batching) | "
           f"{'streamed from disk, window 2' if a.stream else 'resident'} | "
           f"{a.threads or 'cores/ranks'} thread(s) per rank | memory "
