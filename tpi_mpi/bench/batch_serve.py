@@ -11,7 +11,7 @@ client sees do not time single tokens; hence:
     agg tok/s      client side, end to end: all tokens of the round / (last stream done - requests sent)
     token ms       server side: the mean time between a sequence's tokens over the round (/metrics,
                    tpi_serve_token_latency_seconds sum / count)
-    TTFT ms        client side: request sent to its first chunk, median over the streams
+    TTFT ms        server side: arrival to first token, mean over the round's requests (tpi_serve_ttft_seconds)
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ def one_stream(host: str, port: int, ids: list[int], new: int, go: threading.Bar
     r = conn.getresponse()
     if r.status != 200:
         raise RuntimeError(f"{r.status} {r.read()[:200]!r}")
-    first = None
     tokens = 0
     for raw in r:
         line = raw.decode().strip()
@@ -59,21 +58,24 @@ def one_stream(host: str, port: int, ids: list[int], new: int, go: threading.Bar
             raise RuntimeError(chunk["error"]["message"])
         if chunk.get("usage"):
             tokens = chunk["usage"]["completion_tokens"]
-        elif chunk["choices"][0].get("text") and first is None:
-            first = time.perf_counter()
     done = time.perf_counter()
     conn.close()
-    return {"sent": t0, "first": first or done, "done": done, "tokens": tokens}
+    return {"sent": t0, "done": done, "tokens": tokens}
 
 
-def server_latency(host: str, port: int) -> tuple[float, float]:
+def server_sums(host: str, port: int) -> dict[str, float]:
+    """The sums and counts of the server's token latency and TTFT histograms (/metrics)."""
     conn = http.client.HTTPConnection(host, port, timeout=600)
     conn.request("GET", "/metrics")
     text = conn.getresponse().read().decode()
     conn.close()
-    got = [re.search(rf"^tpi_serve_token_latency_seconds_{k} (\S+)", text, re.M) for k in ("sum", "count")]
-    assert got[0] and got[1]
-    return float(got[0].group(1)), float(got[1].group(1))
+    out = {}
+    for h in ("token_latency", "ttft"):
+        for k in ("sum", "count"):
+            m = re.search(rf"^tpi_serve_{h}_seconds_{k} (\S+)", text, re.M)
+            assert m, f"no tpi_serve_{h}_seconds_{k} in /metrics"
+            out[f"{h}_{k}"] = float(m.group(1))
+    return out
 
 
 def one_round(host: str, port: int, prompts: list[list[int]], new: int) -> dict[str, Any]:
@@ -87,7 +89,7 @@ def one_round(host: str, port: int, prompts: list[list[int]], new: int) -> dict[
         except BaseException as exc:  # noqa: B036 - raised below
             errors.append(exc)
 
-    s0, c0 = server_latency(host, port)
+    before = server_sums(host, port)
     threads = [threading.Thread(target=client, args=(p,)) for p in prompts]
     for t in threads:
         t.start()
@@ -95,11 +97,11 @@ def one_round(host: str, port: int, prompts: list[list[int]], new: int) -> dict[
         t.join()
     if errors:
         raise errors[0]
-    s1, c1 = server_latency(host, port)
+    d = {k: v - before[k] for k, v in server_sums(host, port).items()}
     span = max(r["done"] for r in results) - min(r["sent"] for r in results)
     return {"batch": len(prompts), "agg_tokens_per_s": sum(r["tokens"] for r in results) / span,
-            "token_latency_s": (s1 - s0) / (c1 - c0) if c1 > c0 else float("nan"),
-            "ttft_s": statistics.median(r["first"] - r["sent"] for r in results), "loadavg_1m": os.getloadavg()[0]}
+            "token_latency_s": d["token_latency_sum"] / d["token_latency_count"] if d["token_latency_count"]
+            else float("nan"), "ttft_s": d["ttft_sum"] / d["ttft_count"], "loadavg_1m": os.getloadavg()[0]}
 
 
 def main(argv: list[str] | None = None) -> int:
