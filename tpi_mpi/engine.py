@@ -343,9 +343,11 @@ class Master(Engine):
     def forward_batch(self, steps: Sequence[Step]) -> list[torch.Tensor]:
         """One forward pass of up to max_batch sequences, each in its own slot: per step the logits (float32)
         of its last `rows` positions, [rows, vocab]."""
-        if not 1 <= len(steps) <= self.max_batch or len({s.slot for s in steps}) != len(steps):
-            raise ValueError(f"a pass carries 1..{self.max_batch} sequences in distinct slots, got slots "
-                             f"{[s.slot for s in steps]}")
+        slots = {s.slot for s in steps}
+        if (not 1 <= len(steps) <= self.max_batch or len(slots) != len(steps)
+                or not slots <= set(range(self.max_batch)) or not all(s.ids for s in steps)):
+            raise ValueError(f"a pass carries 1..{self.max_batch} sequences, each with positions, in distinct slots "
+                             f"0..{self.max_batch - 1}: got slots {[s.slot for s in steps]}")
         t0 = time.perf_counter()
         self._send(OP_FORWARD, steps)
         ids = [i for s in steps for i in s.ids]
