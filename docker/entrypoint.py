@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """Entrypoint of one emulated device (a container of docker/compose.yaml).
 
-Every device shapes its own outgoing link with tc netem, then runs sshd so that MPICH's mpirun can start
-its rank there. The launcher device (rank 0) also waits for the others' sshd, writes the hostfile (one
+Every device says what its cgroup gives it (memory limit, CPU share: one line), shapes its own outgoing
+link with tc netem, then runs sshd so that MPICH's mpirun can start its rank there. On a kernel without
+netem (sch_netem), the rate is shaped with tbf and one line says that the delay (jitter, loss) is not
+applied. The launcher device (rank 0) also waits for the others' sshd, writes the hostfile (one
 rank per device, in DEVICES order) and runs `mpirun -launcher ssh -f HOSTFILE -n N python -m tpi_mpi.run`.
 
 Set by the compose file (environment):
@@ -66,6 +68,65 @@ def netem_commands(env: Mapping[str, str]) -> list[list[str]]:
     return [["tc", "qdisc", "replace", "dev", iface, "root", "netem", *opts]]
 
 
+def tbf_command(env: Mapping[str, str], mtu: int = 1500) -> list[str]:
+    """The rate alone, with tbf (in every kernel): the bucket holds a packet and 1 ms at the rate, the queue
+    ~250 ms, as tpi_mpi's own emulation shapes its links."""
+    byte_s = _number(env, "LINK_RATE_MBIT") * 1e6 / 8
+    burst = int(max(2 * (mtu + 14), byte_s * 1e-3))
+    limit = int(max(4 * burst, byte_s * 0.25))
+    return ["tc", "qdisc", "replace", "dev", env.get("DEVICE_IFACE", "eth0"), "root", "tbf", "rate",
+            f"{_number(env, 'LINK_RATE_MBIT'):g}mbit", "burst", str(burst), "limit", str(limit)]
+
+
+def shape(env: Mapping[str, str], dry: bool) -> None:
+    """netem; where the kernel has none, tbf for the rate and one line saying what is not applied."""
+    for cmd in netem_commands(env):
+        print("+ " + shlex.join(cmd), flush=True)
+        if dry:
+            continue
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        if p.returncode == 0:
+            continue
+        if "unknown" not in p.stderr.lower():  # tc: "Specified qdisc kind is unknown." = no sch_netem
+            raise subprocess.CalledProcessError(p.returncode, cmd, p.stdout, p.stderr)
+        missing = [f"{k}={env[k]}" for k in ("LINK_DELAY_MS", "LINK_JITTER_MS", "LINK_LOSS_PCT")
+                   if _number(env, k)]
+        # One write: the container log keeps it one line beside the stdout lines around it.
+        sys.stderr.write(f"tpi_mpi device: warning: this kernel has no netem qdisc: {', '.join(missing)} not "
+                         "applied" + ("; the rate is shaped with tbf" if _number(env, "LINK_RATE_MBIT") else "") + "\n")
+        sys.stderr.flush()
+        if _number(env, "LINK_RATE_MBIT"):
+            iface = env.get("DEVICE_IFACE", "eth0")
+            tbf = tbf_command(env, int(open(f"/sys/class/net/{iface}/mtu").read()))
+            print("+ " + shlex.join(tbf), flush=True)
+            subprocess.run(tbf, check=True)
+
+
+def _cgroup_file(controller: str, name: str) -> str | None:
+    """A file of this container's cgroup: v2 (one hierarchy) or v1 (a directory per controller)."""
+    for path in (f"/sys/fs/cgroup/{name}", f"/sys/fs/cgroup/{controller}/{name}"):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            pass
+    return None
+
+
+def cgroup_line(host: str) -> str:
+    """What this container's cgroup gives it, read back from the cgroup itself."""
+    v2_mem, v2_cpu = _cgroup_file("", "memory.max"), _cgroup_file("", "cpu.max")
+    if v2_mem is not None or v2_cpu is not None:
+        memory, (quota, period) = v2_mem or "max", (v2_cpu or "max 100000").split()
+    else:
+        memory = _cgroup_file("memory", "memory.limit_in_bytes") or "?"
+        quota = _cgroup_file("cpu", "cpu.cfs_quota_us") or "?"
+        period = _cgroup_file("cpu", "cpu.cfs_period_us") or "?"
+    share = f"{int(quota) / int(period):g} CPU" if quota.isdigit() and period.isdigit() else "no CPU cap"
+    return (f"tpi_mpi device {host}: cgroup memory limit {memory} bytes, cpu quota {quota} / period {period} us "
+            f"({share})")
+
+
 def devices(env: Mapping[str, str]) -> list[str]:
     hosts = [h.strip() for h in env.get("DEVICES", "").split(",") if h.strip()]
     if not hosts:
@@ -115,8 +176,9 @@ def main(env: Mapping[str, str]) -> int:
         if not dry:
             subprocess.run(cmd, check=True)
 
-    for cmd in netem_commands(env):
-        run(cmd)
+    if not dry:
+        print(cgroup_line(socket.gethostname()), flush=True)
+    shape(env, dry)
     if role == "device":
         print("+ " + shlex.join(["/usr/sbin/sshd", "-D", "-e"]), flush=True)
         if dry:

@@ -30,6 +30,8 @@ from typing import Any
 
 import yaml
 
+from tpi_mpi.errors import main_guard
+
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
 SWEEP_ORDER = ("devices", "links", "algos", "window", "baselines")
@@ -171,6 +173,7 @@ def run_mpirun(cmd: list[str], log: Path, prefix: str, timeout: float) -> int:
         return code
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.run_all", description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", default=None, help="comma-separated (default: all in the sweeps folder)")

@@ -14,11 +14,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.errors import main_guard
+
 from . import fig_algos, fig_baselines, fig_devices, fig_extra, fig_perfmodel, tables
 
 SCRIPTS = (fig_devices, fig_algos, fig_baselines, fig_extra, fig_perfmodel)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m paper_figs.make_all", description=__doc__.splitlines()[0])
     p.add_argument("--results", default="results/experiments")

@@ -57,6 +57,8 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("serve.chat_stop", [""], "serve.chat_stop has an empty string"),
     ("serve.chat_stop", "x", "serve.chat_stop must be a list of strings"),
     ("serve.colour", "red", "unknown key serve.colour"),
+    ("model.quant", "int3", "unknown quantization 'int3': choose one of none, int8, int4"),
+    ("model.group_size", 64, "a group size applies to int4 only"),
     ("colour", "red", "unknown config key 'colour'"),
 ]
 
@@ -93,6 +95,11 @@ BAD_SPLITS: list[tuple[list[str], str]] = [
     (["--world-size", "2", "--ratios", "1.5,-0.5"], "ratios must all be positive"),
     (["--world-size", "3", "--ratios", "0.5,0.5"], "2 ratios given for a world size of 3"),
     (["--world-size", "2", "--ratios", "half,half"], "--ratios takes comma-separated numbers"),
+    (["--world-size", "1", "--quant", "int3"], "unknown quantization 'int3': choose one of none, int8, int4"),
+    (["--world-size", "1", "--quant", "int4", "--group-size", "48"], "int4 group size 48 is not supported"),
+    # 8 heads of 32: a slice of whole groups of 128 columns is 4 heads, so 2 ranks at most
+    (["--world-size", "3", "--quant", "int4", "--group-size", "128"],
+     "group size 128 does not divide the attention slices of 3 ranks"),
 ]
 
 

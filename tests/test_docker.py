@@ -1,4 +1,5 @@
-"""docker/: what can be checked without a container engine (none runs here; see docs/slurm_docker.md).
+"""docker/: what can be checked without a container engine, and the compose file run for real with podman
+(docs/slurm_docker.md).
 
 - the build context: every file the Dockerfile COPYs exists and is not excluded by .dockerignore;
 - the compose file: `docker compose config` / `docker-compose config` where a client has it (schema and
@@ -6,30 +7,38 @@
 - the entrypoint, run outside a container in dry-run mode: the tc netem commands, hostfile and mpirun
   command it would run for each device of the compose file, and its one-line errors;
 - that mpirun command itself, run here with the ranks as separate processes talking TCP over loopback
-  (MPICH's OFI netmod, shared memory off) in place of ssh to separate containers.
+  (MPICH's OFI netmod, shared memory off) in place of ssh to separate containers;
+- where podman runs (root, podman, debootstrap, runc, podman-compose): the images built and the compose file
+  run with podman-compose, measured, and everything it made removed (python -m tpi_mpi.cluster.podman).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from conftest import MPIRUN, ROOT
 
+from tpi_mpi.cluster import host_network, podman_images
+from tpi_mpi.emulate import netns
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import read_jsonl
 from tpi_mpi.weights.split import split
 
 DOCKER = ROOT / "docker"
 COMPOSE = DOCKER / "compose.yaml"
+DATA = "${TPI_DEVICE_DATA:-.}"  # the folder holding shards/ and results/ (default: docker/)
 
 
 def compose() -> dict[str, Any]:
@@ -92,7 +101,7 @@ def test_compose_devices_have_limits_net_admin_and_one_slice_each() -> None:
         dev = next(s for s in services.values() if s["hostname"] == host)
         assert "NET_ADMIN" in dev["cap_add"]
         assert dev["mem_limit"] and dev["memswap_limit"] == dev["mem_limit"] and 0 < float(dev["cpus"])
-        assert f"./shards/rank_{rank}:/shards/rank_{rank}:ro" in dev["volumes"], f"{host} must see only rank_{rank}"
+        assert f"{DATA}/shards/rank_{rank}:/shards/rank_{rank}:ro" in dev["volumes"], f"{host}: only rank_{rank}"
         assert not any("/shards/rank_" in v and f"rank_{rank}:" not in v for v in dev["volumes"])
         assert set(dev["networks"]) == {"devnet"}
     assert compose()["networks"]["devnet"]["internal"] is True
@@ -174,3 +183,91 @@ def test_launcher_command_runs_outside_a_container(tmp_path: Path) -> None:
     [rec] = read_jsonl(tmp_path / "results" / "docker.jsonl")
     assert rec["world_size"] == n and rec["generated_tokens"] == 4 and rec["config"]["prompt"] == "Once upon a time"
     assert rec["shards"] == str(tmp_path / "shards") and rec["hydra_output_dir"] == str(tmp_path / "results" / "hydra")
+
+
+# --- the compose file run for real, with podman (root, podman, debootstrap, runc, podman-compose) ----------
+
+PODMAN_MISSING = podman_images.missing_requirement()
+
+
+def podman_state() -> dict[str, Any]:
+    """Everything of the host that a podman run may change: podman's objects, the root namespace's
+    forwarding sysctl and iptables rules, the mounts."""
+    def podman(*args: str) -> list[str]:
+        return sorted(subprocess.run(["podman", *args], capture_output=True, text=True, timeout=60).stdout.split())
+
+    return {"containers": podman("ps", "-a", "-q"), "images": podman("images", "-a", "-q"),
+            "networks": podman("network", "ls", "-q"), "pods": podman("pod", "ps", "-q"),
+            "volumes": podman("volume", "ls", "-q"), "ip_forward": Path("/proc/sys/net/ipv4/ip_forward").read_text(),
+            "iptables": {(t, tb): host_network.rules(t, tb) for t in ("iptables", "ip6tables") if shutil.which(t)
+                         for tb in host_network.TABLES},
+            "mounts": sorted(line.split()[4] for line in Path("/proc/self/mountinfo").read_text().splitlines()),
+            "processes": sorted(p.name() for p in psutil.process_iter() if p.name() in ("conmon", "aardvark-dns"))}
+
+
+def hf_tokens(model_dir: Path, prompt: str, n: int) -> list[int]:
+    """transformers' greedy tokens on one process (a full forward per step, as in test_tp_vs_hf)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    ids = torch.tensor([AutoTokenizer.from_pretrained(str(model_dir))(prompt).input_ids])
+    tokens: list[int] = []
+    with torch.no_grad():
+        for _ in range(n):
+            tokens.append(int(model(ids).logits[0, -1].argmax()))
+            ids = torch.cat([ids, torch.tensor([[tokens[-1]]])], dim=1)
+    return tokens
+
+
+@pytest.mark.skipif(PODMAN_MISSING is not None, reason=f"podman cannot run containers here: {PODMAN_MISSING}")
+def test_compose_runs_with_podman(tmp_path: Path) -> None:
+    """docker/compose.yaml run with podman-compose: images built from a debootstrap root filesystem and the
+    Dockerfile, 4 containers generate transformers' tokens, each reads its memory limit and CPU quota back
+    from its cgroup, the links are shaped at the compose file's rates; afterwards every container, pod,
+    network, image, mount, iptables rule and the ip_forward sysctl are as they were."""
+    before = podman_state()
+    out = tmp_path / "podman.json"
+    cmd = [sys.executable, "-m", "tpi_mpi.cluster.podman", "--work", str(tmp_path / "work"), "--json", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    stdout = stderr = ""
+    try:
+        stdout, stderr = proc.communicate(timeout=1800)
+    except subprocess.TimeoutExpired:
+        pytest.fail("python -m tpi_mpi.cluster.podman ran past 1800 s")
+    finally:
+        if proc.poll() is None:  # past the timeout, or pytest interrupted: SIGTERM, and it removes what it made
+            proc.terminate()
+            try:
+                proc.communicate(timeout=300)
+            finally:
+                if proc.poll() is None:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+    print(stdout)
+    result = json.loads(out.read_text())
+    assert result["left"] == [], result["left"]
+    assert podman_state() == before
+    assert proc.returncode == 0, stdout + stderr[-3000:] + (tmp_path / "work" / "podman.log").read_text()[-3000:]
+    # 4 containers, one rank each, generated what transformers generates from the same checkpoint
+    services = compose()["services"]
+    _, svc = launcher(services)
+    args = dict(a.split("=", 1) for a in shlex.split(svc["environment"]["TPI_ARGS"]))
+    rec = result["record"]
+    assert rec["world_size"] == len(services) == 4
+    ref = hf_tokens(Path(result["model"]), args["prompt"], int(args["generation.max_new_tokens"]))
+    eos = json.loads((Path(result["model"]) / "config.json").read_text()).get("eos_token_id")
+    assert rec["token_ids"] == (ref[:ref.index(eos) + 1] if eos in ref else ref)  # stop_on_eos is on
+    for host, dev in result["devices"].items():
+        assert dev["cgroup"]["memory_limit_bytes"] == dev["mem_limit_bytes"], (host, dev)
+        assert dev["cgroup"]["cpu_quota_us"] / dev["cgroup"]["cpu_period_us"] == dev["cpus"], (host, dev)
+        warned = [line for line in result["logs"][host].splitlines() if line.startswith("tpi_mpi device: warning:")]
+        if netns.has_netem():
+            assert warned == [], warned
+        else:  # no netem: the rate is shaped, the delay is said not to be applied, in one line
+            assert warned == [f"tpi_mpi device: warning: this kernel has no netem qdisc: LINK_DELAY_MS="
+                              f"{dev['delay_ms']:g} not applied; the rate is shaped with tbf"], result["logs"][host]
+    slow, fast = result["rates"]  # device3 (50 Mbit/s) to device1, device1 (300 Mbit/s) to device2
+    assert abs(slow["bit_s"] / slow["expected_bit_s"] - 1) <= 0.15, slow
+    assert 2 * slow["bit_s"] < fast["bit_s"] <= 1.15 * fast["expected_bit_s"], fast

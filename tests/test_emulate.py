@@ -10,12 +10,14 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
-from conftest import ROOT, mpirun
+from conftest import ROOT, kill_tree, mpirun
 
 from tpi_mpi.emulate import cgroups, netns
 from tpi_mpi.emulate import session as sess
@@ -287,3 +289,134 @@ def test_cgroup_v2_limits_are_written_where_v2_wants_them(tmp_path: Path) -> Non
         assert re.fullmatch(r"\d+:\d+ rbps=40000000", (rank_dir / "io.max").read_text())
     (rank_dir / "memory.events").write_text("low 0\nhigh 0\nmax 3\noom 1\noom_kill 1\n")
     assert cgroups.oom_kills(backend, "sess", 0) == 1
+
+
+# --- a cut link (root) ------------------------------------------------------------------------------------
+
+class EmulatedRun:
+    """`python -m tpi_mpi.emulate run` of a long generation on 3 devices; the streamed text is collected
+    with the time each byte came, so that a test can act once the ranks are in the decode loop."""
+
+    def __init__(self, session: str, model: Path, shards: Path, tmp: Path, tokens: int, timeout_s: float):
+        self.record = tmp / "r.json"
+        self.proc = subprocess.Popen(
+            [*EMULATE, "run", f"session={session}", "network=wifi", "device=paper", "devices=3", "timeout=600", "--",
+             f"hydra.run.dir={tmp}/hydra", f"model.path={model}", f"model.shards={shards}", "prompt_ids=[1,40,41]",
+             f"generation.max_new_tokens={tokens}", "generation.stop_on_eos=false", "comm.algo=star",
+             f"comm.timeout_s={timeout_s:g}", f"output.json={self.record}", "output.results=null"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
+        self.arrivals: list[float] = []  # time of each streamed byte
+        self.streaming = threading.Event()
+        self.stderr: list[bytes] = []
+        threading.Thread(target=self._read, daemon=True).start()
+        threading.Thread(target=lambda: self.stderr.append(self.proc.stderr.read()), daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        while self.proc.stdout.read(1):
+            self.arrivals.append(time.monotonic())
+            if len(self.arrivals) >= 20:  # rank 0 streams generated text: every rank is in the decode loop
+                self.streaming.set()
+
+    def ranks(self, session: str) -> list[psutil.Process]:
+        """The processes inside the session's rank namespaces (the ranks themselves)."""
+        pids = [int(p) for k in range(3)
+                for p in subprocess.run(["ip", "netns", "pids", netns.rank_ns(session, k)], capture_output=True,
+                                        text=True).stdout.split()]
+        assert pids, "no process in the rank namespaces"
+        return [psutil.Process(p) for p in pids]
+
+    def wait(self, timeout: float) -> str:
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"the emulated run was still going {timeout:g} s later")
+        deadline = time.monotonic() + 10
+        while not self.stderr and time.monotonic() < deadline:  # the reader thread sees EOF at exit
+            time.sleep(0.01)
+        return self.stderr[0].decode() if self.stderr else ""
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)  # `run` stops mpirun and tears the session down
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                kill_tree(self.proc)
+                self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("cut")
+    model = make_model(root / "tiny", "tiny", "llama", layers=2, seed=5, overrides={"max_position_embeddings": 4096})
+    return model, split(model, root / "shards", 3)
+
+
+@needs_shaping
+def test_cut_link_is_named_by_the_watchdog_and_ends_the_job(session: str, tiny3: tuple[Path, Path],
+                                                            tmp_path: Path) -> None:
+    """Rank 2's link cut for good mid-generation (`emulate cut`): rank 0's watchdog names the operation and
+    rank 2, every rank is gone within seconds, and `emulate down` finds nothing left."""
+    timeout_s = 3
+    job = EmulatedRun(session, *tiny3, tmp_path, 4000, timeout_s)  # minutes: it never ends by itself here
+    try:
+        assert job.streaming.wait(300), "no generated text within 300 s"
+        ranks = job.ranks(session)
+        p = emulate(["cut", f"session={session}", "rank=2"])
+        cut_at = time.monotonic()
+        assert p.returncode == 0 and p.stdout.strip() == f"session {session}: rank 2's link cut", p.stderr
+        gone: dict[int, float] = {}
+        _, alive = psutil.wait_procs(ranks, timeout=60, callback=lambda q: gone.setdefault(q.pid, time.monotonic()))
+        assert not alive, f"ranks still running 60 s after the cut: {alive}"
+        stderr = job.wait(30)
+    finally:
+        job.close()
+    took = max(gone.values()) - cut_at
+    print(f"cut -> every rank gone: {took:.1f} s (comm.timeout_s={timeout_s})")
+    assert job.proc.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert len(errors) == 1, stderr[-3000:]
+    assert re.search(r"watchdog: [\w ]+ #\d+( of layer \d+ \(\w+\))? did not complete within "
+                     rf"comm.timeout_s={timeout_s} s; rank 2 did not arrive", errors[0]), errors[0]
+    assert "Traceback" not in stderr
+    assert timeout_s <= took < timeout_s + 10, f"{took:.1f} s from the cut until every rank was gone"
+    p = emulate(["down", f"session={session}"])
+    assert p.returncode == 0 and p.stdout.strip() == f"session {session}: down, nothing left", p.stdout + p.stderr
+
+
+@needs_shaping
+def test_short_outage_generation_completes_with_the_same_tokens(session: str, tiny3: tuple[Path, Path],
+                                                                tmp_path: Path) -> None:
+    """Rank 2's link down for a few seconds (less than comm.timeout_s) mid-generation, then back: TCP
+    retransmits, the generation stalls for the outage and completes with the tokens of a run without it."""
+    model, shards = tiny3
+    outage, timeout_s, tokens = 3.0, 20, 200
+    job = EmulatedRun(session, model, shards, tmp_path / "cut", tokens, timeout_s)
+    try:
+        assert job.streaming.wait(300), "no generated text within 300 s"
+        netns.set_link(session, 2, up=False)
+        cut_at = time.monotonic()
+        time.sleep(outage)  # the outage itself, not a synchronisation
+        netns.set_link(session, 2, up=True)
+        mended_at = time.monotonic()
+        stderr = job.wait(300)
+    finally:
+        job.close()
+    assert job.proc.returncode == 0, stderr[-3000:]
+    record = json.loads(job.record.read_text())
+    assert record["generated_tokens"] == tokens
+    # The cut cut: no text streamed while the link was down (but for a token already on its way), and the
+    # generation went on after it came back.
+    assert not [t for t in job.arrivals if cut_at + 0.5 < t < mended_at], "text streamed while the link was down"
+    before = max(t for t in job.arrivals if t <= cut_at + 0.5)
+    after = min(t for t in job.arrivals if t >= mended_at)
+    print(f"outage {outage:g} s (comm.timeout_s={timeout_s}): no text for {after - before:.2f} s, text again "
+          f"{after - mended_at:.2f} s after the link came back")
+    # The same tokens as a run without the outage (star allreduce: sums in rank order, the same bits).
+    ref = mpirun(3, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.path={model}",
+                     f"model.shards={shards}", "prompt_ids=[1,40,41]", f"generation.max_new_tokens={tokens}",
+                     "generation.stop_on_eos=false", "comm.algo=star", "threads=1",
+                     f"output.json={tmp_path}/ref.json", "output.results=null"], timeout=300)
+    assert ref.returncode == 0, ref.stderr[-3000:]
+    assert record["token_ids"] == json.loads((tmp_path / "ref.json").read_text())["token_ids"]

@@ -13,6 +13,7 @@ from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_CHOICES
 from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
 from tpi_mpi.errors import UserError
 from tpi_mpi.units import parse_size
+from tpi_mpi.weights.formats import make_spec
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -32,6 +33,8 @@ class ModelConfig:
     ratios: tuple[float, ...] | None = None
     dtype: str = "auto"
     verify_checksums: str = "xxh3"  # xxh3 (fast, default), sha256, none (sizes only)
+    quant: str = "none"  # linear weights of automatic splits: none (float), int8, int4 (weights/quant.py)
+    group_size: int | None = None  # int4 only: input columns per scale (32, 64, 128); null = quant's default
 
 
 @dataclass(frozen=True)
@@ -313,6 +316,7 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     _validate_emulation(cfg)
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
+    make_spec(cfg.model.quant, cfg.model.group_size)  # unknown format or group size: one line
     if cfg.model.path is None and cfg.model.shards is None:
         raise UserError("no model: set model.path=HF_CHECKPOINT_DIR and/or model.shards=SPLIT_DIR")
     _validate_memory(cfg.memory)

@@ -23,13 +23,14 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
 from tpi_mpi.comm.allreduce import CommStats, make_allreduce
 from tpi_mpi.comm.links import SoftwareLinks
 from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.errors import UserError
+from tpi_mpi.faults import fail_point
+from tpi_mpi.models.head import LMHead, head_entries
 from tpi_mpi.models.llama import ShardedDecoder, Span, rms_norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
@@ -88,14 +89,14 @@ class Engine:
                                     LayerPrefetcher(files, list(plan.streamed), plan.window, self.cast))
         self.max_batch = max_batch
         self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, self.cast, self.watchdog, max_batch)
+        fail_point("load", comm.rank)
+        self.quant = shard.quant
         self.hidden_size = self.decoder.cfg.hidden_size
         self.eps = self.decoder.cfg.rms_norm_eps
         self.header = np.zeros(HEADER_FIXED + HEADER_PER_SEQ * max_batch, dtype=np.int64)
-        self.lm_head: torch.Tensor | None = None
-        self.head_buffer: torch.Tensor | None = None
         if head == "split":
             slice_file = shard.master_tensor_file("head_slice.safetensors")
-            self._load_head(slice_file, slice_file, "lm_head.weight")
+            self._load_head(slice_file, slice_file, "lm_head", shard.vocab_range[1] - shard.vocab_range[0])
             # Rank 0 places each rank's slice of the logits; the ranges are fixed by the split.
             self.vocab_ranges: list[tuple[int, int]] = comm.gather(shard.vocab_range, root=0) or []
         self.times = RankTimes(load_s=time.perf_counter() - t0)
@@ -103,44 +104,19 @@ class Engine:
         self.rss_warm_bytes: tuple[int, int, int | None] | None = None  # process_memory() after WARMUP_PASSES passes
         self.bytes_read_load = self.blocks.stats.bytes_read  # what start-up read (the master adds its own)
 
-    def _load_head(self, norm_file: Any, file: Any, name: str) -> None:
+    def _load_head(self, norm_file: Any, file: Any, name: str, rows: int) -> None:
         """The final norm, and lm_head (or this rank's rows of it): in memory if the plan keeps it there,
-        else read in vocabulary chunks of HEAD_CHUNK_BYTES into one reused buffer at every use."""
+        else read in vocabulary chunks of HEAD_CHUNK_BYTES into reused buffers at every use (models/head.py)."""
         stats = self.blocks.stats
         self.norm, n = tensorfile.read_tensor(norm_file, "norm.weight")
         stats.add(bytes_read=n)
-        self.head_source = (file, name)
-        self.head_rows = file.entries[name].shape[0]
-        if self.plan.head_resident:
-            self.lm_head, n = tensorfile.read_tensor(file, name)
-            stats.add(head_bytes=n)
-        else:
-            entry = file.entries[name]
-            head_bytes = entry.shape[0] * entry.shape[1] * entry.torch_dtype.itemsize
-            self.head_buffer = torch.empty(min(HEAD_CHUNK_BYTES, head_bytes), dtype=torch.uint8)
+        self.head = LMHead(file, name, rows, self.plan.head_resident, self.cast, stats, HEAD_CHUNK_BYTES)
         if self.cast is not None:
             self.norm = self.norm.to(self.cast)
-            self.lm_head = self.lm_head.to(self.cast) if self.lm_head is not None else None
-
-    def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        """h (positions, hidden) after the final norm -> logits (float32) of this rank's lm_head rows."""
-        if self.lm_head is not None:
-            return F.linear(h, self.lm_head).float()
-        assert self.head_buffer is not None
-        file, name = self.head_source
-        rows = self.head_buffer.numel() // (h.shape[-1] * file.entries[name].torch_dtype.itemsize)
-        logits = torch.empty((h.shape[0], self.head_rows), dtype=torch.float32)
-        stats = self.blocks.stats
-        for r0 in range(0, self.head_rows, rows):
-            t0 = time.perf_counter()
-            w, n = tensorfile.read_rows(file, name, range(r0, min(r0 + rows, self.head_rows)), self.head_buffer)
-            stats.add(head_bytes=n, wait_s=time.perf_counter() - t0)
-            logits[:, r0:r0 + w.shape[0]] = F.linear(h, w.to(self.cast) if self.cast is not None else w)
-        return logits
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and this rank's lm_head rows on positions `h` of the last layer's output."""
-        return self._logits(rms_norm(h.to(self.norm.dtype), self.norm, self.eps))
+        return self.head.logits(rms_norm(h.to(self.norm.dtype), self.norm, self.eps))
 
     def _split_logits(self, h: torch.Tensor) -> torch.Tensor | None:
         """memory.head=split: this rank's slice of the logits of positions `h`, gathered on rank 0 into the
@@ -169,6 +145,8 @@ class Engine:
 
     def _pass_done(self) -> None:
         self.passes += 1
+        if self.passes == 2:  # mid-generation: the prompt and one more token done
+            fail_point("generate", self.comm.rank)
         if self.passes == WARMUP_PASSES:
             self.rss_warm_bytes = process_memory()
 
@@ -216,6 +194,13 @@ class Engine:
         if self.head_mode == "split":
             return self._split_logits(h)
         return self._head_logits(h) if self.comm.rank == 0 else None
+
+    def weights_record(self) -> dict[str, Any]:
+        """How the weights are stored and computed: the run record's `weights`, the summary line's weights=."""
+        dtype = str(self.decoder.layers[0].dtype if self.decoder.layers else torch.float32).removeprefix("torch.")
+        short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
+        return {**self.quant.to_json(), "float_dtype": short,
+                "label": self.quant.label if self.quant.quantized else short}
 
     def close(self) -> None:
         """Stop the watchdog and the prefetcher's thread (both idempotent)."""
@@ -326,8 +311,10 @@ class Master(Engine):
         self.vocab_size = self.embed_file.entries["embed_tokens.weight"].shape[0]
         if head == "master":
             head_file = shard.master_tensor_file("head.safetensors")
-            self._load_head(head_file, *((self.embed_file, "embed_tokens.weight") if shard.tied_embeddings
-                                         else (head_file, "lm_head.weight")))
+            # A quantized split holds a head of its own even when the float embedding is tied to it.
+            tied = shard.tied_embeddings and not head_entries(head_file, "lm_head")
+            self._load_head(head_file, *((self.embed_file, "embed_tokens") if tied else (head_file, "lm_head")),
+                            self.vocab_size)
         self.bytes_read_load = self.blocks.stats.bytes_read
         self.max_positions = self.decoder.cfg.max_position_embeddings
         self.idle = False  # after end_sequence(): the workers poll for the next header (Engine._bcast_header)

@@ -16,6 +16,8 @@ from typing import Any
 from mpi4py import MPI
 
 from tpi_mpi.errors import UserError, agree_or_abort
+from tpi_mpi.faults import fail_point
+from tpi_mpi.weights.formats import make_spec
 
 
 def set_threads(comm: MPI.Comm, threads: int | None) -> None:
@@ -37,6 +39,9 @@ def shard_dir(cfg: Any, world_size: int) -> Path:
 
     # The format's version is in the name: a split cached by an older tpi_mpi is split again, not reused.
     tag = f"{name}-n{world_size}-{cfg.model.dtype}-v{FORMAT.rsplit('/', 1)[1]}"
+    spec = make_spec(cfg.model.quant, cfg.model.group_size)
+    if spec.quantized:  # a float split and a packed one of the same model live side by side
+        tag += f"-{spec.label}"
     if cfg.model.ratios:
         tag += "-r" + "_".join(f"{r:g}" for r in cfg.model.ratios)
     return Path(cfg.model.cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]", "_", tag)
@@ -58,7 +63,8 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
                   file=sys.stderr, flush=True)
             try:
                 split(cfg.model.path, path, world_size, list(cfg.model.ratios) if cfg.model.ratios else None,
-                      "auto" if cfg.model.dtype == "auto" else cfg.model.dtype)
+                      "auto" if cfg.model.dtype == "auto" else cfg.model.dtype,
+                      quant_format=cfg.model.quant, group_size=cfg.model.group_size)
             except UserError as exc:
                 error = str(exc)
     wait_for_all(comm)
@@ -87,6 +93,7 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any, max_batch: int = 1) -> Any
     from tpi_mpi.engine import DTYPES
     from tpi_mpi.weights.memplan import plan_rank_memory
 
+    fail_point("memplan", comm.rank)
     plan, error = None, None
     pass_tokens = cfg.serve.prefill_chunk + max_batch - 1 if max_batch > 1 else None
     try:
@@ -102,9 +109,11 @@ def open_engine(comm: MPI.Comm, cfg: Any, max_batch: int = 1) -> tuple[Any, Path
     it: (the Master on rank 0 or a Worker, the split's path). A streamed window is filled before it returns.
     max_batch: KV cache slots (serve.max_batch; tpi_mpi.run decodes one sequence)."""
     from tpi_mpi.engine import Master, Worker
+    from tpi_mpi.faults import fail_point
     from tpi_mpi.weights.shards import open_rank_shard
 
     path = prepare_shards(comm, cfg)
+    fail_point("shards", comm.rank)
     shard, error = None, None
     try:
         shard = open_rank_shard(path, comm.rank, comm.size, cfg.model.verify_checksums)
@@ -185,6 +194,8 @@ def generate_record(master: Any, cfg: Any, shard_path: Path, tok: Any) -> dict[s
         },
         "tokens_per_s": (len(lat) / sum(lat)) if lat else None,
         "world_size": master.comm.size,
+        # format (none, int8, int4), group size, float dtype; the baselines have none of their own
+        "weights": getattr(master, "weights_record", lambda: None)(),
         "comm_algo": cfg.comm.algo if cfg.baseline is None else None,
         "baseline": cfg.baseline,
         # "software": allreduce times are modelled (emulation.links=software); "shaped": real shaped links
@@ -219,6 +230,7 @@ def report(record: dict[str, Any], cfg: Any) -> None:
     summary = (
         f"[tpi_mpi] N={record['world_size']} "
         + (f"baseline={record['baseline']}" if record.get("baseline") else f"algo={record['comm_algo']}")
+        + (f" weights={record['weights']['label']}" if record.get("weights") else "")
         + f" prompt={record['prompt_tokens']} tok "
         f"generated={record['generated_tokens']} tok | TTFT {record['ttft_s'] * 1e3:.1f} ms | "
         + (f"token latency mean {lat['mean'] * 1e3:.1f} ms p50 {lat['p50'] * 1e3:.1f} ms "

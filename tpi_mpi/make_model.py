@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 import zlib
@@ -18,9 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
+from tpi_mpi.weights import tensorfile
 
 ARCHS = ("llama", "qwen2", "mistral")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -176,6 +177,20 @@ def make_model(out: str | Path, preset: str = "tiny", arch: str = "llama", layer
 
     tmp = out.with_name(out.name + ".partial")
     tmp.mkdir(parents=True, exist_ok=False)
+    try:
+        _write_checkpoint(tmp, shapes, file_of, seed, config, dtype, total, file_per_layer, quiet)
+        tokenizer.save_pretrained(tmp)
+        if out.exists():  # empty, checked above
+            out.rmdir()
+        tmp.rename(out)  # atomic: a directory named `out` is always complete
+    except BaseException:  # a full disk, Ctrl-C: no half-written checkpoint left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _write_checkpoint(tmp: Path, shapes: dict[str, Any], file_of: Any, seed: int, config: Any, dtype: str,
+                      total: int, file_per_layer: bool, quiet: bool) -> None:
     groups: dict[str, list[str]] = {}
     for name in shapes:
         groups.setdefault(file_of(name), []).append(name)
@@ -183,7 +198,7 @@ def make_model(out: str | Path, preset: str = "tiny", arch: str = "llama", layer
     for i, (fname, names) in enumerate(groups.items()):
         tensors = {n: random_tensor(n, shapes[n][0], shapes[n][1], seed, config.initializer_range)
                    .to(DTYPES[dtype]) for n in names}
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        tensorfile.save(tmp / fname, tensors, metadata={"format": "pt"})
         del tensors
         if not quiet:
             print(f"  wrote {fname} ({i + 1}/{len(groups)}, {time.time() - t0:.0f}s)", file=sys.stderr)
@@ -192,11 +207,6 @@ def make_model(out: str | Path, preset: str = "tiny", arch: str = "llama", layer
                  "weight_map": {n: f for f, ns in groups.items() for n in ns}}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    if out.exists():  # empty, checked above
-        out.rmdir()
-    tmp.rename(out)  # atomic: a directory named `out` is always complete
-    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -212,6 +222,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.make_model", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", help=f"one of: {', '.join(PRESETS)} (default tiny)")

@@ -1,7 +1,9 @@
-"""Writing run records without ever leaving a half-written file behind."""
+"""Writing run records without ever leaving a half-written file behind, also on a full disk: a write that
+fails leaves the earlier records as they were and raises an OSError naming the file."""
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
@@ -21,6 +23,10 @@ def write_json_atomic(path: str | Path, record: dict[str, Any]) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # a full disk fails in a write or the close, which name no file
+        Path(tmp).unlink(missing_ok=True)
+        raise OSError(exc.errno, f"{exc.strerror} (not written; an earlier file there is unchanged)",
+                      str(path)) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -38,9 +44,17 @@ def append_jsonl(path: str | Path, record: dict[str, Any]) -> None:
         fcntl.flock(fd, fcntl.LOCK_EX)  # released by the kernel if this process dies
         size = os.fstat(fd).st_size
         if size and os.pread(fd, 1, size - 1) != b"\n":
-            os.ftruncate(fd, _end_of_last_line(fd, size))
-        os.write(fd, line)
-        os.fsync(fd)
+            size = _end_of_last_line(fd, size)
+            os.ftruncate(fd, size)
+        try:
+            # A full disk can take part of the line (a short write) or none of it (ENOSPC).
+            if os.write(fd, line) != len(line):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            os.fsync(fd)
+        except OSError as exc:
+            os.ftruncate(fd, size)  # whatever part of the line got in: the file ends with the last whole record
+            raise OSError(exc.errno, f"{exc.strerror} (the record was not appended; the earlier records are "
+                          "intact)", str(path)) from exc
     finally:
         os.close(fd)
 

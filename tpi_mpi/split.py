@@ -1,6 +1,7 @@
 """Entry point: split a Hugging Face checkpoint into one directory per rank (the work is in weights/split.py).
 
     python -m tpi_mpi.split --model models/tiny --out shards/tiny-4 --world-size 4 [--ratios .4,.2,.2,.2]
+        [--quant int8|int4 [--group-size 32|64|128]]
 """
 
 from __future__ import annotations
@@ -8,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
+from tpi_mpi.weights.formats import DEFAULT_GROUP_SIZE, FORMATS, GROUP_SIZES, make_spec
 from tpi_mpi.weights.split import DTYPES, split
 from tpi_mpi.weights.split import __doc__ as SPLIT_DOC
 
@@ -22,6 +24,7 @@ def parse_ratios(text: str | None) -> list[float] | None:
         raise UserError(f"--ratios takes comma-separated numbers, got {text!r}") from None
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.split", description=(SPLIT_DOC or "").splitlines()[0])
     p.add_argument("--model", required=True, help="Hugging Face checkpoint directory (safetensors)")
@@ -29,15 +32,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world-size", type=int, required=True)
     p.add_argument("--ratios", default=None, help="share of each rank, e.g. 0.4,0.2,0.2,0.2 (default equal)")
     p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="dtype on disk (auto: as source)")
+    p.add_argument("--quant", default="none", metavar="{" + ",".join(FORMATS) + "}",
+                   help="linear weights (q/k/v/o, gate/up/down, lm_head rows): none = float as --dtype; int8 = one "
+                        "scale per output channel; int4 = a scale and zero per group of --group-size input columns. "
+                        "Norms, biases and the embedding stay float (docs/quantization.md)")
+    p.add_argument("--group-size", type=int, default=None,
+                   help=f"int4 only: input columns per group, one of {', '.join(map(str, GROUP_SIZES))} "
+                        f"(default {DEFAULT_GROUP_SIZE})")
     p.add_argument("--force", action="store_true", help="replace OUT once the new split is complete")
     args = p.parse_args(argv)
     try:
         out = split(args.model, args.out, args.world_size, parse_ratios(args.ratios), args.dtype,
-                    args.force, quiet=False)
+                    args.force, quiet=False, quant_format=args.quant, group_size=args.group_size)
     except UserError as exc:
         print(f"tpi_mpi.split: error: {exc}", file=sys.stderr)
         return 2
-    print(f"wrote {args.world_size} rank directories to {out}")
+    spec = make_spec(args.quant, args.group_size)
+    print(f"wrote {args.world_size} rank directories to {out} (weights: "
+          f"{spec.label if spec.quantized else args.dtype})")
     return 0
 
 

@@ -51,6 +51,14 @@ def baseline_job(comm: MPI.Comm, cfg: Any) -> None:
     report(record, cfg)
 
 
+def check_model_dtype(shard: Any, dtype: str) -> None:
+    from tpi_mpi.engine import DTYPES
+    from tpi_mpi.weights import quant
+
+    quant.check_model_dtype(shard.quant, DTYPES[dtype], shard.tensor_file(0, "attn").entries["input_norm.weight"]
+                            .torch_dtype)
+
+
 def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
     from tpi_mpi.baselines.pipeline import PipelineMaster, PipelineWorker, layer_ranges
     from tpi_mpi.job import generate_record, load_tokenizer, prepare_shards, report, start_together
@@ -63,6 +71,7 @@ def _pipeline_job(comm: MPI.Comm, cfg: Any) -> None:
         if shard.num_layers < comm.size:
             error = (f"baseline=pipeline needs at least one layer per rank: the model has "
                      f"{shard.num_layers} layers for {comm.size} ranks")
+        check_model_dtype(shard, cfg.model.dtype)  # as tensor parallelism does (a quantized split stays packed)
     except UserError as exc:
         error = str(exc)
     agree_or_abort(comm, error)

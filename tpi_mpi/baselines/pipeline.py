@@ -24,8 +24,10 @@ from mpi4py import MPI
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tpi_mpi.engine import DTYPES, OP_FORWARD, OP_STOP, Master
+from tpi_mpi.models.linear import linear
 from tpi_mpi.models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
-from tpi_mpi.weights.prefetch import ResidentBlocks
+from tpi_mpi.weights import quant
+from tpi_mpi.weights.prefetch import ResidentBlocks, cast_block
 from tpi_mpi.weights.shards import RankShard
 
 POLL_S = 0.0002  # how often a rank waiting for its turn looks for the message (it sleeps in between)
@@ -158,9 +160,12 @@ class PipelineMaster(Stage):
         self.embed = shard.master_file("embed.safetensors")["embed_tokens.weight"]
         head = shard.master_file("head.safetensors")
         self.norm = head["norm.weight"]
-        self.lm_head = self.embed if shard.tied_embeddings else head["lm_head.weight"]
+        # float, or packed when the split is quantized (which has a head of its own even when tied)
+        self.lm_head = ({"lm_head.weight": self.embed} if not any(k.startswith("lm_head.") for k in head) else
+                        quant.head_kernel_tensors(head) if shard.quant.quantized else head)
         if cast is not None:
-            self.embed, self.norm, self.lm_head = (t.to(cast) for t in (self.embed, self.norm, self.lm_head))
+            self.embed, self.norm = self.embed.to(cast), self.norm.to(cast)
+            self.lm_head = cast_block(self.lm_head, cast)
         self.vocab_size = self.embed.shape[0]
         self.max_positions = self.cfg.max_position_embeddings
         self.eos_token_id = self.cfg.eos_token_id
@@ -185,7 +190,7 @@ class PipelineMaster(Stage):
             x = torch.from_numpy(back)
         t1 = time.perf_counter()
         h = rms_norm(x[-1:].to(self.norm.dtype), self.norm, self.eps)
-        logits = F.linear(h, self.lm_head).float()[0]
+        logits = linear(h, self.lm_head, "lm_head").float()[0, :self.vocab_size]  # int4 rows are padded
         self.compute_s += time.perf_counter() - t1
         return logits
 

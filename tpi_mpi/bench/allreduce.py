@@ -43,6 +43,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from tpi_mpi.errors import main_guard
+
 MPICH_VARIANTS = {"ring": "mpi(ring)", "recursive_doubling": "mpi(rd)"}  # MPICH name -> row label
 COLUMNS = ["star", "star-bcast", "ring", "mesh", "tree", "mpi", "mpi(ring)", "mpi(rd)", "auto"]
 
@@ -211,6 +213,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-sizes", default="2,3,4,5,6,7,8")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from tpi_mpi.errors import main_guard
 from tpi_mpi.weights.split import file_digests
 
 
@@ -41,6 +42,7 @@ def load_and_touch(path: Path) -> None:
     load_file(str(path))["w"].clone()
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.checksum", description=__doc__.splitlines()[0])
     p.add_argument("--mib", type=int, default=1024, help="size of the file in MiB")

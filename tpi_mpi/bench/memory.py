@@ -47,6 +47,7 @@ from typing import Any
 
 import torch
 
+from tpi_mpi.errors import main_guard
 from tpi_mpi.weights import tensorfile
 
 PRESET = "llama2-70b"
@@ -258,6 +259,7 @@ def summarise(rec: dict[str, Any], kv_layer_bytes: int, layers: int, block_bytes
     }
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.memory", description=__doc__.splitlines()[0])
     p.add_argument("--layers", type=int, default=4)

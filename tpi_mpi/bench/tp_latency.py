@@ -33,6 +33,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from tpi_mpi.errors import main_guard
+
 HF_ROW = "HF transformers (1 process)"
 KEPT = ("ttft_s", "token_latency_s", "tokens_per_s", "token_ids", "ranks")  # of each run's record
 
@@ -94,7 +96,8 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
 
 def run_tpi(model: Path, shards: Path, n: int, ids: list[int], new: int, out: Path, timeout: float,
             extra: list[str] | None = None) -> dict:
-    cmd = ["mpirun", "-n", str(n), sys.executable, "-m", "tpi_mpi.run", f"model.path={model}",
+    cmd = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, "-m", "tpi_mpi.run",
+           f"model.path={model}",
            f"model.shards={shards}", f"prompt_ids=[{','.join(map(str, ids))}]",
            f"generation.max_new_tokens={new}", "generation.do_sample=false", "generation.stop_on_eos=false",
            "logging.quiet=true", "threads=null", f"output.json={out}", "output.results=null",
@@ -163,6 +166,7 @@ def ratio(x: float, ref: float) -> float:
     return x / ref if ref else float("nan")  # --new-tokens 1 leaves no later tokens to time
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.tp_latency",
                                 description=__doc__.splitlines()[0])

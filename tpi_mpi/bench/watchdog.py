@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from tpi_mpi.bench.tp_latency import ensure_checkpoint, ensure_split, prompt_ids, run_tpi, warm_page_cache
+from tpi_mpi.errors import main_guard
 
 
 def mark_cost_ns(n: int = 1_000_000) -> float:
@@ -32,6 +33,7 @@ def mark_cost_ns(n: int = 1_000_000) -> float:
     return (time.process_time() - t0) / n * 1e9
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.watchdog", description=__doc__.splitlines()[0])
     p.add_argument("--world-size", type=int, default=4)

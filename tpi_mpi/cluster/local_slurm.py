@@ -23,6 +23,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from tpi_mpi.errors import main_guard
+
 NODE = "tpinode"
 PARTITION = "tpi"
 MARKER = "TPI_LOCAL_SLURM"
@@ -268,6 +270,7 @@ class LocalSlurm:
                     continue
             time.sleep(0.1)  # until they are gone: a killed process lingers until the kernel tears it down
 
+@main_guard
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dir", required=True, help="directory for the cluster's key, config, state and logs")

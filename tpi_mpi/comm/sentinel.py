@@ -9,7 +9,7 @@ exits itself: it never outlives rank 0.
 A rank that stops the job on purpose (tpi_mpi's own error line and MPI_Abort, or the normal end) first
 removes the sentinel's marker directory, so that the sentinel keeps quiet then. Removing it (rather than
 writing into it) means nothing is left behind even when a batch system SIGKILLs the sentinel with the job.
-Standard library only: it starts in ~30 ms.
+Standard library only (tpi_mpi.errors and faults are too): it starts in ~30 ms.
 """
 
 from __future__ import annotations
@@ -27,18 +27,36 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi import errors
+from tpi_mpi.faults import fail_point
+
 _marker: Path | None = None  # the sentinel's marker directory, if one watches: removed = "stopping on purpose"
 
 
 def start(comm: Any) -> None:
     """Collective, once per process: rank 0 starts the sentinel for the ranks on its host."""
     global _marker
+    if comm.rank != 0:
+        fail_point("sentinel", comm.rank)
+    if stopping not in errors.BEFORE_ABORT:
+        errors.BEFORE_ABORT.append(stopping)  # an abort says what happened itself: keep quiet then
     me = (socket.gethostname(), os.getpid())
     ranks = comm.gather(me, root=0)
     marker = None
     if comm.rank == 0 and hasattr(os, "pidfd_open"):
         watch = {r: pid for r, (host, pid) in enumerate(ranks) if host == me[0]}
-        marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-")
+        fail_point("sentinel", 0)  # where a full TMPDIR fails (tests/test_full_disk.py does that for real)
+        # In $TMPDIR itself: Python's tempfile would skip a full one for /tmp, /var/tmp or even the current
+        # directory, where a job killed with SIGKILL would leave the directory among the user's files.
+        try:
+            base = os.environ.get("TMPDIR") or tempfile.gettempdir()
+        except FileNotFoundError as exc:  # no candidate writable: the disk is full (the usual cause)
+            raise errors.UserError(f"{exc.strerror} (full, read-only or missing): set TMPDIR to a folder with "
+                                   "space") from None
+        try:
+            marker = tempfile.mkdtemp(prefix="tpi_mpi-sentinel-", dir=base)
+        except OSError as exc:  # rank 0 raises, main_guard aborts every rank with one line naming the path
+            raise OSError(exc.errno, f"{exc.strerror} (making the sentinel's directory in TMPDIR)", base) from exc
         # Removed by rank 0 when it exits normally (the sentinel may be killed with the job, e.g. by Slurm),
         # else by the sentinel; a missing directory means "stopping on purpose".
         atexit.register(shutil.rmtree, marker, True)

@@ -6,6 +6,8 @@
     status [session=tpiemu]             what the session has (and what is left of it)
     run    network=... device=... devices=N [timeout=S] -- <tpi_mpi.run overrides>
            up, mpirun -n N tpi_mpi.run through the wrapper, down (always: also on failure and Ctrl-C)
+    cut    rank=K [session=tpiemu]      cut rank K's link (its hub port down): a device losing its link
+    mend   rank=K [session=tpiemu]      bring it back (its connections resume, retransmitting)
     check  network=... device=... devices=N [links=shaped|software] [json=FILE] [tolerance=0.15]
            measure per-link latency and bandwidth (MPI ping-pong) and the per-rank caps; print a table
 
@@ -29,14 +31,14 @@ from typing import Any
 
 import psutil
 
+from tpi_mpi.emulate import netns, state
 from tpi_mpi.emulate import session as sess
-from tpi_mpi.emulate import state
 from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, load_device, load_network
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 
-COMMANDS = ("up", "down", "status", "run", "check")
+COMMANDS = ("up", "down", "status", "run", "check", "cut", "mend")
 KEYS = {"session", "network", "device", "devices", "allow_uncapped", "disk_path", "timeout", "links", "json",
-        "tolerance"}
+        "tolerance", "rank"}
 
 
 def _value(text: str) -> Any:
@@ -183,6 +185,19 @@ def cmd_status(opts: dict[str, Any]) -> int:
     return 0
 
 
+def cmd_link(opts: dict[str, Any], up: bool) -> int:
+    session = state.check_session(str(opts.get("session", "tpiemu")))
+    if os.geteuid() != 0:
+        raise UserError(sess.NEEDS_ROOT)
+    try:
+        rank = int(opts["rank"])
+    except (KeyError, ValueError):
+        raise UserError(f"{'mend' if up else 'cut'} needs rank=K (a number)") from None
+    netns.set_link(session, rank, up)
+    print(f"session {session}: rank {rank}'s link {'mended' if up else 'cut'}", flush=True)
+    return 0
+
+
 def _timeout(opts: dict[str, Any], default: float | None) -> float | None:
     t = opts.get("timeout")
     return default if t is None else float(t)
@@ -267,6 +282,7 @@ def cmd_check(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int
     return 0
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
@@ -285,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_status(opts)
         if command == "run":
             return cmd_run(opts, overrides, rest)
+        if command in ("cut", "mend"):
+            return cmd_link(opts, command == "mend")
         return cmd_check(opts, overrides)
     except UserError as exc:
         print(f"tpi_mpi: error: {exc}", file=sys.stderr, flush=True)

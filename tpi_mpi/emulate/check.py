@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.errors import main_guard
+
 _TAG = 31
 
 
@@ -161,6 +163,7 @@ def large_message_bytes(bandwidth_bit_s: float, seconds: float = 0.08) -> int:
     return int(min(64 * 2**20, max(64 * 2**10, bandwidth_bit_s / 8 * seconds))) // 4 * 4
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", required=True)

@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Any
 
+from tpi_mpi.errors import main_guard
+
 
 def _realtime_priority() -> None:
     """Release times matter more than anything else on a shared 2-core box: ask for a real-time
@@ -74,6 +76,7 @@ def serve(queue: int, ready_fd: int | None) -> None:
         sock.close()
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--queue", type=int, default=0)

@@ -123,6 +123,21 @@ def _delay_rules(session: str, devices: int, net: NetworkProfile) -> None:
           "--queue-num", str(QUEUE), "--queue-bypass")
 
 
+def set_link(session: str, rank: int, up: bool) -> None:
+    """Cut (up=False) or mend rank `rank`'s link: its port on the hub's bridge goes down or up.
+
+    Like a device losing its radio link: the rank's own end sees the carrier go, both directions stop, and
+    its TCP connections retransmit (with exponential backoff, as across a real cut) until the link is back
+    or the watchdog ends the job. The link's qdiscs stay configured while it is down.
+    """
+    port, h = f"d{rank}", hub(session)
+    if not (NETNS_DIR / h).exists():
+        raise UserError(f"session {session} is not up: no namespace {h}")
+    if sh("ip", "-n", h, "link", "show", port, check=False).returncode != 0:
+        raise UserError(f"session {session} has no rank {rank} (no port {port} on its hub)")
+    sh("ip", "-n", h, "link", "set", port, "up" if up else "down")
+
+
 def list_namespaces(session: str) -> list[str]:
     """This session's namespaces (all of them, when session is '')."""
     p = sh("ip", "netns", "list", check=False)

@@ -19,6 +19,7 @@ import sys
 
 from tpi_mpi.emulate import cgroups, netns, state
 from tpi_mpi.emulate.profiles import human_bytes
+from tpi_mpi.errors import main_guard
 
 # MPICH's default netmod would use shared memory between ranks of one host: force TCP over emu0.
 MPICH_ON_THE_WIRE = {"MPIR_CVAR_NOLOCAL": "1", "MPIR_CVAR_CH4_NETMOD": "ofi", "FI_PROVIDER": "tcp",
@@ -37,6 +38,7 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] in (["--help"], ["-h"]):  # the wrapper's own options end at "--": what follows is the rank's

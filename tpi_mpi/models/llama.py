@@ -24,7 +24,9 @@ from transformers import CONFIG_MAPPING
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.models.linear import linear
 from tpi_mpi.weights.prefetch import BlockSource, Weights
+from tpi_mpi.weights.quant import out_features
 from tpi_mpi.weights.shards import RankShard
 from tpi_mpi.weights.tensorfile import TensorFile
 
@@ -100,9 +102,9 @@ class ShardedLayer:
     def from_header(cls, attn: TensorFile, cfg: Any, head_dim: int, window: int | None,
                     dtype: torch.dtype | None, slots: int = 1) -> ShardedLayer:
         """Shaped from the layer's attention block header (its heads), nothing of the weights read."""
-        q, k = (attn.entries[f"{n}_proj.weight"] for n in ("q", "k"))
-        return cls(q.shape[0] // head_dim, k.shape[0] // head_dim, head_dim, cfg.rms_norm_eps, window,
-                   dtype or q.torch_dtype, slots)
+        q, k = (out_features(attn.entries, f"{n}_proj") for n in ("q", "k"))
+        return cls(q // head_dim, k // head_dim, head_dim, cfg.rms_norm_eps, window,
+                   dtype or attn.entries["input_norm.weight"].torch_dtype, slots)
 
     def reset_cache(self, capacity: int, slot: int = 0) -> None:
         """A new sequence in `slot`. A slot's cache of the same capacity is kept, not reallocated: every
@@ -121,9 +123,7 @@ class ShardedLayer:
         sequences of `spans`. cos/sin: RoPE of every row's position (positions_of)."""
         hd, q_len = self.head_dim, x.shape[0]
         h = rms_norm(x, a["input_norm.weight"], self.eps)
-        q = F.linear(h, a["q_proj.weight"], a.get("q_proj.bias"))
-        k = F.linear(h, a["k_proj.weight"], a.get("k_proj.bias"))
-        v = F.linear(h, a["v_proj.weight"], a.get("v_proj.bias"))
+        q, k, v = (linear(h, a, name) for name in ("q_proj", "k_proj", "v_proj"))
         q = q.view(1, q_len, self.n_heads, hd).transpose(1, 2)
         k = k.view(1, q_len, self.n_kv, hd).transpose(1, 2)
         v = v.view(1, q_len, self.n_kv, hd).transpose(1, 2)
@@ -137,7 +137,7 @@ class ShardedLayer:
                 outs.append(self._attend(q[:, :, o:o + s.q_len], k[:, :, o:o + s.q_len], v[:, :, o:o + s.q_len], s))
                 o += s.q_len
             out = torch.cat(outs)
-        return F.linear(out, a["o_proj.weight"], a.get("o_proj.bias"))
+        return linear(out, a, "o_proj")
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Span) -> torch.Tensor:
         """One sequence's attention over its own slot: [q_len, heads * head_dim]."""
@@ -157,9 +157,8 @@ class ShardedLayer:
 
     def ffn(self, f: Weights, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, f["post_norm.weight"], self.eps)
-        gate = F.linear(h, f["gate_proj.weight"], f.get("gate_proj.bias"))
-        up = F.linear(h, f["up_proj.weight"], f.get("up_proj.bias"))
-        return F.linear(F.silu(gate) * up, f["down_proj.weight"], f.get("down_proj.bias"))
+        gate, up = linear(h, f, "gate_proj"), linear(h, f, "up_proj")
+        return linear(F.silu(gate) * up, f, "down_proj")
 
 
 class ShardedDecoder:

@@ -7,6 +7,7 @@ import json
 import sys
 from pathlib import Path
 
+from tpi_mpi.errors import main_guard
 from tpi_mpi.perf.calibrate import calibrate, probe_links_rank
 from tpi_mpi.perf.measure import bound_mpirun, fit_fixed_costs
 from tpi_mpi.perf.paper import (
@@ -19,6 +20,7 @@ from tpi_mpi.perf.paper import (
 )
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.perf", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="cmd", required=True)

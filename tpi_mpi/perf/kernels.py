@@ -20,26 +20,16 @@ is known (the paper's devices get that fraction of their own bandwidth).
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
+from tpi_mpi.perf.measure import median_time
 from tpi_mpi.perf.shapes import WeightFormat, weight_format
 
 FORMAT_KEYS = ("fp32", "fp16", "bf16", "int8", "int4-g32", "int4-g64", "int4-g128")
 N_OUT, K_IN = 11008, 4096  # Llama-2-7B's gate/up projection
 MIN_BYTES = 720 << 20  # per format: ~3 x the L3 cache
 PROMPT = 16  # prefill rows
-
-
-def _median(fn: Callable[[], Any], repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
 
 
 def format_kernel(fmt: WeightFormat, copies: int) -> tuple[Callable[[Any, Any], Any], list[Any], Any]:
@@ -93,8 +83,8 @@ def measure_format(key: str, threads: int, repeats: int = 7) -> dict[str, float]
                     product(x, m)
         return all_copies
 
-    decode = _median(run(one), repeats)
-    prefill = _median(run(prompt), max(3, repeats // 2))
+    decode = median_time(run(one), repeats)
+    prefill = median_time(run(prompt), max(3, repeats // 2))
     return {"weight_bw": copies * nbytes / decode, "flops": copies * 2 * PROMPT * N_OUT * K_IN / prefill,
             "bytes_per_weight": nbytes / (N_OUT * K_IN), "matrices": copies}
 
@@ -105,7 +95,7 @@ def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5
 
     torch.set_num_threads(threads)
     x = torch.ones(nbytes // 4)
-    t = _median(lambda: x.sum(), repeats)
+    t = median_time(lambda: x.sum(), repeats)
     return nbytes / t
 
 

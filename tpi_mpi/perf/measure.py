@@ -17,7 +17,7 @@ ALGOS = ("star", "ring", "mesh", "tree", "mpi")
 PROBE_HIDDEN = 128  # hidden size of the fixed-cost probe's models: its layers cost next to nothing
 
 
-def _median_time(fn: Any, repeats: int) -> float:
+def median_time(fn: Any, repeats: int) -> float:
     fn()  # warm-up
     times = []
     for _ in range(repeats):
@@ -36,13 +36,13 @@ def measure_compute(threads: int) -> dict[str, float]:
     h, f, q = 2048, 5504, 16
     ws = [torch.randn(f, h) for _ in range(4)]  # 4 x 45 MB: weights come from memory, not cache
     v = torch.randn(1, h)
-    t = _median_time(lambda: [torch.nn.functional.linear(v, m) for m in ws], 15)
+    t = median_time(lambda: [torch.nn.functional.linear(v, m) for m in ws], 15)
     weight_bw = 4 * f * h * FP32 / t
-    overhead = _median_time(_layer_forward(64, 128, 4, 4, 16, distinct=1, q=1), 200)
+    overhead = median_time(_layer_forward(64, 128, 4, 4, 16, distinct=1, q=1), 200)
     # Prefill: whole layers (norms, RoPE, attention and SiLU with the products), a 4-way slice of a
     # 2048-wide layer (46 MB), 8 distinct ones in turn as in a forward pass: one layer's weights alone would
     # stay in this host's L3 cache (260 MB here) and run ~15 % faster than a forward pass does.
-    layer_s = _median_time(_layer_forward(h, f // 4, 4, 2, 128, distinct=8, q=q), 24)
+    layer_s = median_time(_layer_forward(h, f // 4, 4, 2, 128, distinct=8, q=q), 24)
     params = h * (4 + 2 + 2 + 4) * 128 + 3 * h * f // 4
     flops = 2 * q * params / max(layer_s - overhead, 1e-9)
     return {"flops": flops, "weight_bw": weight_bw, "layer_overhead_s": overhead}

@@ -27,6 +27,7 @@ from tpi_mpi.config import MemoryConfig
 from tpi_mpi.errors import UserError
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_usage
 from tpi_mpi.weights.prefetch import BlockKey
+from tpi_mpi.weights.quant import check_model_dtype, out_features
 from tpi_mpi.weights.tensorfile import READ_CHUNK_BYTES
 
 DEFAULT_WINDOW = 2
@@ -134,6 +135,14 @@ def smallest_budget(blocks: dict[BlockKey, int], fixed: dict[str, int], head_byt
             + min(head_bytes, HEAD_CHUNK_BYTES))
 
 
+def _head_bytes(shard: Any, name: str, as_float: int) -> int:
+    """A quantized head's bytes as stored; a float head's in the compute dtype (it is cast when loaded)."""
+    if not shard.quant.quantized:
+        return as_float
+    entries = shard.master_tensor_file(name).entries
+    return sum(e.nbytes for k, e in entries.items() if k.startswith("lm_head."))
+
+
 def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool, slots: int = 1,
                      pass_tokens: int | None = None) -> MemoryPlan:
     """The plan of this rank, from its shard's headers and its memory use now (the fixed overhead).
@@ -143,7 +152,9 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool,
     positions each; `pass_tokens`: the most positions one forward pass carries (default: a whole
     sequence's, a prompt prefilled in one pass)."""
     files = shard.block_files()
-    if mem.resident is not True:
+    if files:
+        check_model_dtype(shard.quant, dtype, files[(0, "attn")].entries["input_norm.weight"].torch_dtype)
+    if mem.resident is not True and not shard.quant.quantized:
         disk = {e.torch_dtype for tf in files.values() for e in tf.entries.values()}
         if dtype is not None and disk != {dtype}:
             raise UserError(f"memory.resident={str(mem.resident).lower()} streams weights as stored on disk "
@@ -151,14 +162,14 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool,
                             "asks for another: set model.dtype=auto, or split with --dtype")
     item = 4 if dtype is None else dtype.itemsize
     first = files[(0, "attn")].entries if files else {}
-    if first and dtype is None:
-        item = first["q_proj.weight"].torch_dtype.itemsize
+    if first and dtype is None:  # the compute dtype, that of the KV cache: the float tensors' (norms)
+        item = first["input_norm.weight"].torch_dtype.itemsize
     cfg = shard.config
     kv_tokens = mem.kv_cache_tokens or cfg["max_position_embeddings"]
     hidden = cfg["hidden_size"]
-    kv_cols = first["k_proj.weight"].shape[0] if first else 0
-    q_cols = first["q_proj.weight"].shape[0] if first else 0
-    ffn_cols = files[(0, "ffn")].entries["gate_proj.weight"].shape[0] if files else 0
+    kv_cols = out_features(first, "k_proj") if first else 0
+    q_cols = out_features(first, "q_proj") if first else 0
+    ffn_cols = out_features(files[(0, "ffn")].entries, "gate_proj") if files else 0
     kv_slot = shard.num_layers * 2 * kv_cols * kv_tokens * item
     # fp32 residual stream and its copies, q/k/v, the FFN's three intermediates, per position (prefill).
     positions = min(pass_tokens or kv_tokens, kv_tokens + slots - 1)
@@ -169,9 +180,9 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool,
     head = 0
     if mem.head == "split":
         v0, v1 = shard.vocab_range
-        head = (v1 - v0) * hidden * item
+        head = _head_bytes(shard, "head_slice.safetensors", (v1 - v0) * hidden * item)
     elif is_master:
-        head = cfg["vocab_size"] * hidden * item
+        head = _head_bytes(shard, "head.safetensors", cfg["vocab_size"] * hidden * item)
     # The overhead in the budget's own terms: against a cgroup's limit, what the cgroup is charged now (it
     # does not count library pages another process loaded first, which the RSS does).
     overhead = (cgroup_memory_usage() if mem.budget == "cgroup" else None) or current_rss_bytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from tpi_mpi.errors import UserError
@@ -93,32 +94,58 @@ def plan_shards(
     intermediate_size: int,
     world_size: int,
     ratios: list[float] | None = None,
+    column_multiple: int = 1,
+    row_multiple: int = 1,
 ) -> ShardPlan:
     """KV-head groups (a KV head with its query heads) and FFN columns in proportion to the ratios.
 
-    A query head must live with its KV head, so the unit of attention work is the KV group.
+    A query head must live with its KV head, so the unit of attention work is the KV group. Quantized splits
+    (quant.py) need every slice of a row-parallel weight (o_proj, down_proj: a slice of its input columns) a
+    whole number of quantization groups, `column_multiple` columns each, and every column-parallel slice a
+    multiple of `row_multiple` output rows: FFN columns and KV groups are then dealt out in such units.
     """
     ratios = check_ratios(ratios, world_size)
     if num_heads % num_kv_heads:
         raise UserError(f"{num_heads} attention heads are not a multiple of {num_kv_heads} KV heads")
-    if world_size > num_kv_heads:
+    q_per_kv = num_heads // num_kv_heads
+    unit = next((u for u in range(1, num_kv_heads + 1) if num_kv_heads % u == 0
+                 and (u * q_per_kv * head_dim) % column_multiple == 0 and (u * head_dim) % row_multiple == 0), None)
+    if unit is None:
+        raise UserError(f"group size {column_multiple} does not divide any slice of the attention heads "
+                        f"({num_heads} heads of {head_dim}, {num_kv_heads} KV heads): choose a smaller group size")
+    units = num_kv_heads // unit
+    what = "KV heads" if unit == 1 else f"units of {unit} KV heads (whole groups of {column_multiple} columns)"
+    if world_size > units and unit > 1:
         raise UserError(
-            f"world size {world_size} exceeds the model's {num_kv_heads} KV heads: every rank needs "
-            f"at least one KV head, so use at most {num_kv_heads} ranks"
+            f"group size {column_multiple} does not divide the attention slices of {world_size} ranks: a slice needs "
+            f"whole groups, here {unit} KV heads, and the model has {units} such units: use at most {units} ranks "
+            "or a smaller group size")
+    if world_size > units:
+        raise UserError(
+            f"world size {world_size} exceeds the model's {units} {what}: every rank needs at least one, "
+            f"so use at most {units} ranks"
         )
-    kv_counts = largest_remainder(num_kv_heads, ratios)
+    kv_counts = [c * unit for c in largest_remainder(units, ratios)]
     for rank, c in enumerate(kv_counts):
         if c == 0:
             raise UserError(
-                f"ratios {ratios} leave rank {rank} without a KV head (the model has {num_kv_heads}): "
-                f"raise its ratio to at least {1 / num_kv_heads:.3g}"
+                f"ratios {ratios} leave rank {rank} without a KV head (the model has {units} {what}): "
+                f"raise its ratio to at least {1 / units:.3g}"
             )
-    ffn_counts = largest_remainder(intermediate_size, ratios)
+    ffn_unit = math.lcm(column_multiple, row_multiple)
+    if intermediate_size % ffn_unit:
+        raise UserError(f"group size {column_multiple} does not divide the FFN's {intermediate_size} columns: "
+                        "choose a group size that divides it")
+    ffn_counts = [c * ffn_unit for c in largest_remainder(intermediate_size // ffn_unit, ratios)]
+    for rank, c in enumerate(ffn_counts):
+        if c == 0:
+            raise UserError(f"ratios {ratios} leave rank {rank} without FFN columns (groups of {ffn_unit}): "
+                            "raise its ratio or choose a smaller group size")
     return ShardPlan(
         world_size=world_size,
         ratios=tuple(ratios),
         head_dim=head_dim,
-        group_size=num_heads // num_kv_heads,
+        group_size=q_per_kv,
         kv_heads=tuple(ranges(kv_counts)),
         ffn_columns=tuple(ranges(ffn_counts)),
     )

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 
 import torch
 
-from tpi_mpi.weights import tensorfile
+from tpi_mpi.weights import quant, tensorfile
 
 BlockKey = tuple[int, str]  # (layer, "attn" | "ffn")
 Weights = dict[str, torch.Tensor]
@@ -72,7 +72,10 @@ class StreamStats:
 
 
 def cast_block(w: Weights, dtype: torch.dtype | None) -> Weights:
-    return {k: v.to(dtype) for k, v in w.items()} if dtype is not None else w
+    """Float tensors to model.dtype; packed weights and their scales stay as stored (quant.py)."""
+    if dtype is None:
+        return w
+    return {k: v if quant.is_quant_tensor(k) else v.to(dtype) for k, v in w.items()}
 
 
 def load_block(tf: tensorfile.TensorFile, dtype: torch.dtype | None) -> tuple[Weights, int]:

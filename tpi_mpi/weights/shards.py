@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from tpi_mpi.errors import UserError
+from tpi_mpi.weights.formats import QuantSpec
 from tpi_mpi.weights.partition import ShardPlan
+from tpi_mpi.weights.quant import layout_fingerprint
 from tpi_mpi.weights.split import FORMAT, block_file, file_digests, rank_dir
 from tpi_mpi.weights.tensorfile import TensorFile, parse_header
 
@@ -27,6 +29,7 @@ class RankShard:
     config: dict[str, Any]
     tied_embeddings: bool
     vocab_range: tuple[int, int]  # this rank's rows of lm_head in head_slice.safetensors
+    quant: QuantSpec = QuantSpec()  # how the linear weights are stored (none: float)
 
     def block(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / block_file(layer, kind)))
@@ -81,10 +84,14 @@ def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_check
         if algo is not None and file_digests(f, (algo,))[algo] != meta[algo]:
             raise UserError(f"{f} does not match its {algo} checksum in the manifest (altered or damaged "
                             f"after the split): {fix}")
+    spec = QuantSpec.from_json(manifest.get("quant"))  # splits from before quantization have none
+    if spec.format == "int4" and manifest["quant"].get("int4_layout") != layout_fingerprint():
+        raise UserError(f"{d} holds int4 weights packed for another CPU's kernel layout (torch packs int4 by the "
+                        f"vector width: AVX-512 and AVX2 differ): split the model again on this kind of machine")
     config = json.loads((d / "config.json").read_text())
     return RankShard(
         dir=d, rank=rank, world_size=world_size, split_id=manifest["split_id"],
         num_layers=manifest["num_layers"], plan=ShardPlan.from_json(manifest["plan"]),
         config=config, tied_embeddings=manifest["tied_embeddings"],
-        vocab_range=(int(manifest["vocab_range"][0]), int(manifest["vocab_range"][1])),
+        vocab_range=(int(manifest["vocab_range"][0]), int(manifest["vocab_range"][1])), quant=spec,
     )

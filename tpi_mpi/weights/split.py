@@ -1,18 +1,24 @@
 """Split a Hugging Face checkpoint into one directory per rank holding only that rank's slices.
 
     python -m tpi_mpi.split --model models/tiny --out shards/tiny-4 --world-size 4 [--ratios .4,.2,.2,.2]
+        [--quant int8|int4 [--group-size 32|64|128]]
 
 Layout of OUT/rank_R/: manifest.json, config.json, one safetensors file per layer block
 (layer_0000.attn.safetensors, layer_0000.ffn.safetensors, ...), and head_slice.safetensors: the final norm
 and the rank's rows of lm_head (a slice of the vocabulary in proportion to the ratios, for memory.head=split).
 Rank 0 also holds the embedding, the whole final norm and lm_head (memory.head=master) and the tokenizer.
 A device needs only its own directory.
+
+With --quant int8 or int4 every linear weight of every block and each rank's lm_head rows are stored packed in
+the kernel's layout (weights/quant.py), so that a block stays one contiguous read; norms, biases and the
+embedding stay float (the checkpoint's dtype, or --dtype). The manifest's "quant" names the format.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -25,14 +31,16 @@ from typing import Any
 import torch
 import xxhash
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from tpi_mpi.errors import UserError
+from tpi_mpi.weights import quant, tensorfile
+from tpi_mpi.weights.formats import QuantSpec, make_spec
 from tpi_mpi.weights.partition import ShardPlan, largest_remainder, plan_shards, ranges
 
 FORMAT = "tpi_mpi.shards/2"  # 2: head_slice.safetensors on every rank
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+FLOAT = QuantSpec()  # linear weights as in the checkpoint
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "tokenizer.model", "generation_config.json", "chat_template.jinja")
 
@@ -106,9 +114,19 @@ class CheckpointReader:
         return self._file(name).get_slice(name)[:, start:end]
 
 
-def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None) -> dict[str, Any]:
-    tensors = {k: (v.to(dtype) if dtype else v).contiguous() for k, v in tensors.items()}
-    save_file(tensors, str(path))
+def _write(path: Path, tensors: dict[str, torch.Tensor], dtype: torch.dtype | None,
+           spec: QuantSpec = FLOAT) -> dict[str, Any]:
+    """Linear weights (quant.LINEARS, lm_head) in format `spec`; every other float tensor cast to `dtype`."""
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        name = k.removesuffix(".weight")
+        if spec.quantized and k.endswith(".weight") and name in quant.LINEARS:
+            out.update(quant.quantize_weight(name, v, spec))
+        elif spec.quantized and k == "lm_head.weight":
+            out.update(quant.quantize_head(v, spec))  # in row-major pieces: streamed in vocabulary chunks
+        else:
+            out[k] = v.to(dtype) if dtype else v
+    tensorfile.save(path, {k: v.contiguous() for k, v in out.items()})
     return {"bytes": path.stat().st_size, **file_digests(path)}
 
 
@@ -133,12 +151,14 @@ def sha256_file(path: Path) -> str:
 
 
 def split(model: str | Path, out: str | Path, world_size: int, ratios: list[float] | None = None,
-          dtype: str = "auto", force: bool = False, quiet: bool = True) -> Path:
+          dtype: str = "auto", force: bool = False, quiet: bool = True, quant_format: str = "none",
+          group_size: int | None = None) -> Path:
     """Write OUT/rank_0 .. OUT/rank_{N-1}. The split is written under a temporary name and renamed
     into place at the end, so an interrupted split never leaves a directory that looks complete."""
     model_dir, out = Path(model), Path(out)
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
+    spec = make_spec(quant_format, group_size)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: choose another --out, or pass --force to replace it")
     config = load_hf_config(model_dir)
@@ -146,8 +166,10 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
     hd = head_dim(config)
     plan = plan_shards(num_heads=config["num_attention_heads"],
                        num_kv_heads=config.get("num_key_value_heads") or config["num_attention_heads"],
-                       head_dim=hd, intermediate_size=config["intermediate_size"],
-                       world_size=world_size, ratios=ratios)
+                       head_dim=hd, intermediate_size=padded_ffn(config["intermediate_size"], spec),
+                       world_size=world_size, ratios=ratios,
+                       **dict(zip(("column_multiple", "row_multiple"), quant.slice_multiples(spec), strict=True)))
+    quant.check_hidden_size(spec, config["hidden_size"])
     cast = None if dtype == "auto" else DTYPES[dtype]
     tied = bool(config.get("tie_word_embeddings", False)) or not reader.has("lm_head.weight")
     split_id = uuid.uuid4().hex
@@ -158,22 +180,22 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
         files: list[dict[str, Any]] = [{} for _ in range(world_size)]
         for r in range(world_size):
             rank_dir(tmp, r).mkdir()
-        _write_master(reader, rank_dir(tmp, 0), files[0], cast, tied, model_dir)
+        _write_master(reader, rank_dir(tmp, 0), files[0], cast, tied, model_dir, spec)
         head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
         vocab = ranges(largest_remainder(reader.shape(head_name)[0], list(plan.ratios)))
         for r, (v0, v1) in enumerate(vocab):
             files[r]["head_slice.safetensors"] = _write(
                 rank_dir(tmp, r) / "head_slice.safetensors",
                 {"norm.weight": reader.get("model.norm.weight"), "lm_head.weight": reader.rows(head_name, v0, v1)},
-                cast)
+                cast, spec)
         t0 = time.time()
         for layer in range(config["num_hidden_layers"]):
             for r in range(world_size):
                 d = rank_dir(tmp, r)
                 files[r][block_file(layer, "attn")] = _write(
-                    d / block_file(layer, "attn"), attn_slices(reader, layer, plan, r), cast)
+                    d / block_file(layer, "attn"), attn_slices(reader, layer, plan, r), cast, spec)
                 files[r][block_file(layer, "ffn")] = _write(
-                    d / block_file(layer, "ffn"), ffn_slices(reader, layer, plan, r), cast)
+                    d / block_file(layer, "ffn"), ffn_slices(reader, layer, plan, r), cast, spec)
             if not quiet:
                 print(f"  split layer {layer + 1}/{config['num_hidden_layers']} "
                       f"({time.time() - t0:.0f}s)", file=sys.stderr)
@@ -183,6 +205,10 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
                 "source": str(model_dir.resolve()), "dtype": dtype, "tied_embeddings": tied,
                 "num_layers": config["num_hidden_layers"], "plan": plan.to_json(), "files": files[r],
                 "vocab_range": list(vocab[r]),
+                # Packed int4 bytes are only valid for a kernel with the same layout (quant.layout_fingerprint).
+                "quant": {**spec.to_json(),
+                          "int4_layout": quant.layout_fingerprint() if spec.format == "int4" else None,
+                          "ffn_padding": padded_ffn(config["intermediate_size"], spec) - config["intermediate_size"]},
             }
             (rank_dir(tmp, r) / "manifest.json").write_text(json.dumps(manifest, indent=1))
             (rank_dir(tmp, r) / "config.json").write_text(json.dumps(config, indent=1))
@@ -218,13 +244,15 @@ def _alive(pid: int) -> bool:
 
 
 def _write_master(reader: CheckpointReader, d: Path, files: dict[str, Any], cast: torch.dtype | None,
-                  tied: bool, model_dir: Path) -> None:
+                  tied: bool, model_dir: Path, spec: QuantSpec) -> None:
     files["embed.safetensors"] = _write(
         d / "embed.safetensors", {"embed_tokens.weight": reader.get("model.embed_tokens.weight")}, cast)
     head = {"norm.weight": reader.get("model.norm.weight")}
     if not tied:
         head["lm_head.weight"] = reader.get("lm_head.weight")
-    files["head.safetensors"] = _write(d / "head.safetensors", head, cast)
+    elif spec.quantized:  # the embedding stays float: a quantized head of its own (memory.head=master)
+        head["lm_head.weight"] = reader.get("model.embed_tokens.weight")
+    files["head.safetensors"] = _write(d / "head.safetensors", head, cast, spec)
     for name in TOKENIZER_FILES:
         if (model_dir / name).is_file():
             shutil.copy2(model_dir / name, d / name)
@@ -248,16 +276,36 @@ def attn_slices(reader: CheckpointReader, layer: int, plan: ShardPlan, rank: int
     return t
 
 
+def padded_ffn(intermediate: int, spec: QuantSpec) -> int:
+    """The FFN's width in the split: a quantized split whose kernel needs whole groups of columns (int4: G, int8:
+    16) gets dead channels up to the next whole group. Exact: a padded channel has zero gate, up and down weights
+    and a zero up bias, so its SiLU(gate) * up is 0 and down_proj adds nothing."""
+    unit = math.lcm(*quant.slice_multiples(spec))
+    return -(-intermediate // unit) * unit
+
+
+def _padded(t: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """t with zeros appended along dim up to `size` (the dead channels of padded_ffn)."""
+    if t.shape[dim] == size:
+        return t
+    shape = list(t.shape)
+    shape[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+
 def ffn_slices(reader: CheckpointReader, layer: int, plan: ShardPlan, rank: int) -> dict[str, torch.Tensor]:
-    """gate/up rows of this rank's FFN columns, down_proj columns of the same (row-parallel)."""
+    """gate/up rows of this rank's FFN columns, down_proj columns of the same (row-parallel). Columns past the
+    checkpoint's width (padded_ffn) are zeros."""
     p = f"model.layers.{layer}.mlp."
     a, b = plan.ffn_columns[rank]
+    real = reader.shape(p + "up_proj.weight")[0]
+    a_in, b_in = min(a, real), min(b, real)
     t = {"post_norm.weight": reader.get(f"model.layers.{layer}.post_attention_layernorm.weight")}
     for name in ("gate_proj", "up_proj"):
-        t[f"{name}.weight"] = reader.rows(p + f"{name}.weight", a, b)
+        t[f"{name}.weight"] = _padded(reader.rows(p + f"{name}.weight", a_in, b_in), b - a, 0)
         if reader.has(p + f"{name}.bias"):
-            t[f"{name}.bias"] = reader.rows(p + f"{name}.bias", a, b)
-    t["down_proj.weight"] = reader.cols(p + "down_proj.weight", a, b)
+            t[f"{name}.bias"] = _padded(reader.rows(p + f"{name}.bias", a_in, b_in), b - a, 0)
+    t["down_proj.weight"] = _padded(reader.cols(p + "down_proj.weight", a_in, b_in), b - a, 1)
     if rank == 0 and reader.has(p + "down_proj.bias"):
         t["down_proj.bias"] = reader.get(p + "down_proj.bias")
     return t

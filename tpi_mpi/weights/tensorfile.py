@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, os_error_from
 
 # The safetensors library's own cap: a header larger than this is refused before it is read.
 MAX_HEADER_BYTES = 100 * 1024 * 1024
@@ -218,3 +218,17 @@ def read_tensor(tf: TensorFile, name: str) -> tuple[torch.Tensor, int]:
     finally:
         os.close(fd)
     return out.view(e.torch_dtype).view(e.shape), e.nbytes
+
+
+def save(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with a failure of the disk (full: safetensors says so only in text) raised as
+    the OSError it is, naming the file: one line naming the path instead of a library's traceback."""
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except Exception as exc:
+        os_exc = os_error_from(exc, path)
+        if os_exc is None:
+            raise
+        raise os_exc from exc
