@@ -129,6 +129,8 @@ class ServeConfig:
     heartbeat_s: float = 10.0  # idle: every rank is asked how it is this often (a stalled one ends the job); 0 off
     health_timeout_s: float = 2.0  # /health: a rank not answering within this is reported down (503)
     chat_stop: tuple[str, ...] = ()  # stop strings added to every chat request (e.g. a template's end of turn)
+    max_batch: int = 1  # sequences decoded together, each in a KV cache slot of its own (the memory plan counts all)
+    prefill_chunk: int = 256  # the most prompt tokens one forward pass prefills, between the batch's decode steps
 
 
 LINK_MODES = ("none", "shaped", "software")
@@ -376,6 +378,10 @@ def _validate_serve(s: ServeConfig) -> None:
         raise UserError(f"serve.heartbeat_s must be >= 0 seconds (0: off), got {s.heartbeat_s}")
     if not s.health_timeout_s > 0:
         raise UserError(f"serve.health_timeout_s must be > 0 seconds, got {s.health_timeout_s}")
+    if s.max_batch < 1:
+        raise UserError(f"serve.max_batch must be >= 1 (sequences decoded together), got {s.max_batch}")
+    if s.prefill_chunk < 1:
+        raise UserError(f"serve.prefill_chunk must be >= 1 (prompt tokens per forward pass), got {s.prefill_chunk}")
     if any(not stop for stop in s.chat_stop):
         raise UserError("serve.chat_stop has an empty string: every stop string needs a character")
 

@@ -7,11 +7,17 @@ only ever see hidden states. With memory.head=split (the default) every rank the
 state into its vocabulary slice of the logits and the master gathers them and samples; a worker learns
 nothing it could not compute from the hidden state it already has. With memory.head=master the master
 alone holds lm_head and computes all the logits.
+
+A pass may carry up to `max_batch` sequences (continuous batching, tpi_mpi/batching.py): the header then
+lists, per sequence, its KV cache slot, first position, number of positions, the capacity to reserve when
+it starts, and how many of its last positions' logits are wanted; their hidden states come stacked in one
+broadcast. A worker still learns nothing but hidden states and where in which slot they go.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,7 +31,7 @@ from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.errors import UserError
 from tpi_mpi.faults import fail_point
 from tpi_mpi.models.head import LMHead, head_entries
-from tpi_mpi.models.llama import ShardedDecoder, rms_norm
+from tpi_mpi.models.llama import ShardedDecoder, Span, rms_norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
 from tpi_mpi.weights.memplan import HEAD_CHUNK_BYTES, MemoryPlan
@@ -40,6 +46,18 @@ IDLE_POLL_S = 0.001  # how often an idle worker looks for the next header (adds 
 WARMUP_PASSES = 64  # peak RSS after this many forward passes is recorded: later growth would be a leak
 DTYPES = {"auto": None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 RESIDENT = MemoryPlan("resident", 0, (), True)
+HEADER_FIXED, HEADER_PER_SEQ = 2, 5  # op, sequences; per sequence: slot, start, q_len, capacity, logit rows
+
+
+@dataclass(frozen=True)
+class Step:
+    """One sequence's part of a forward pass (Master.forward_batch)."""
+
+    slot: int  # its KV cache slot, 0..max_batch-1
+    ids: list[int]  # the token ids of its positions start..start+len(ids)-1
+    start: int
+    capacity: int = 0  # when start == 0: the positions to reserve in its slot's KV cache
+    rows: int = 1  # logits wanted for its last `rows` positions (0: a prefill chunk that is not the last)
 
 
 @dataclass
@@ -55,9 +73,10 @@ class Engine:
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
                  timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT,
-                 head: str = "split"):
+                 head: str = "split", max_batch: int = 1):
         """`plan` (memplan.plan_rank_memory): which blocks stay in memory, how many are streamed at once;
-        `head` (memory.head): split lm_head by vocabulary over the ranks, or keep it on the master."""
+        `head` (memory.head): split lm_head by vocabulary over the ranks, or keep it on the master;
+        `max_batch` (serve.max_batch): KV cache slots, the most sequences a forward pass carries."""
         t0 = time.perf_counter()
         self.comm = comm
         self.head_mode = head
@@ -68,13 +87,13 @@ class Engine:
         files = shard.block_files()
         self.blocks: BlockSource = (ResidentBlocks(files, self.cast) if plan.mode == "resident" else
                                     LayerPrefetcher(files, list(plan.streamed), plan.window, self.cast))
-        self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, self.cast, self.watchdog)
+        self.max_batch = max_batch
+        self.decoder = ShardedDecoder(shard, self.allreduce, self.blocks, self.cast, self.watchdog, max_batch)
         fail_point("load", comm.rank)
         self.quant = shard.quant
         self.hidden_size = self.decoder.cfg.hidden_size
         self.eps = self.decoder.cfg.rms_norm_eps
-        # op, q_len, start, kv capacity (when start == 0), positions whose logits are wanted
-        self.header = np.zeros(5, dtype=np.int64)
+        self.header = np.zeros(HEADER_FIXED + HEADER_PER_SEQ * max_batch, dtype=np.int64)
         if head == "split":
             slice_file = shard.master_tensor_file("head_slice.safetensors")
             self._load_head(slice_file, slice_file, "lm_head", shard.vocab_range[1] - shard.vocab_range[0])
@@ -95,14 +114,15 @@ class Engine:
         if self.cast is not None:
             self.norm = self.norm.to(self.cast)
 
-    def _head_logits(self, x: torch.Tensor, rows: int) -> torch.Tensor:
-        """The final norm and this rank's lm_head rows on the last `rows` positions of the last layer's output."""
-        return self.head.logits(rms_norm(x[-rows:].to(self.norm.dtype), self.norm, self.eps))
+    def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm and this rank's lm_head rows on positions `h` of the last layer's output."""
+        return self.head.logits(rms_norm(h.to(self.norm.dtype), self.norm, self.eps))
 
-    def _split_logits(self, x: torch.Tensor, rows: int) -> torch.Tensor | None:
-        """memory.head=split: this rank's slice of the logits of the last `rows` positions, gathered on rank 0
-        into the whole vocabulary (None on the others). One message per rank, one hop on a star."""
-        part = np.ascontiguousarray(self._head_logits(x, rows).numpy())
+    def _split_logits(self, h: torch.Tensor) -> torch.Tensor | None:
+        """memory.head=split: this rank's slice of the logits of positions `h`, gathered on rank 0 into the
+        whole vocabulary (None on the others). One message per rank, one hop on a star."""
+        rows = h.shape[0]
+        part = np.ascontiguousarray(self._head_logits(h).numpy())
         t0 = time.perf_counter()
         s = self.times.gather
         full = None
@@ -143,10 +163,37 @@ class Engine:
         else:
             s.bytes_received += n
 
-    def _layers(self, x: torch.Tensor, start: int, capacity: int) -> torch.Tensor:
-        if start == 0:
-            self.decoder.reset(capacity)
-        return self.decoder.forward(x, start)
+    def _header_spans(self) -> tuple[int, list[Span], list[int], list[int]]:
+        """The header as (op, spans, capacities, logit rows)."""
+        h = self.header.tolist()
+        seqs = [h[HEADER_FIXED + HEADER_PER_SEQ * i:HEADER_FIXED + HEADER_PER_SEQ * (i + 1)] for i in range(h[1])]
+        return h[0], [Span(*q[:3]) for q in seqs], [q[3] for q in seqs], [q[4] for q in seqs]
+
+    def _layers(self, x: torch.Tensor, spans: list[Span], capacities: list[int]) -> torch.Tensor:
+        for s, capacity in zip(spans, capacities, strict=True):
+            if s.start == 0:
+                self.decoder.reset(capacity, s.slot)
+        return self.decoder.forward(x, 0, spans)
+
+    @staticmethod
+    def _wanted(x: torch.Tensor, spans: list[Span], rows: list[int]) -> torch.Tensor:
+        """The hidden states whose logits are wanted: each sequence's last `rows` positions, stacked."""
+        if len(spans) == 1:
+            return x[x.shape[0] - rows[0]:]
+        ends = np.cumsum([s.q_len for s in spans]).tolist()
+        return torch.cat([x[e - r:e] for e, r in zip(ends, rows, strict=True)])
+
+    def _pass(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Every rank's part of a forward pass after the hidden states' broadcast: the layers, then the
+        logits of the wanted positions (on rank 0: all of them; elsewhere None), if any are wanted."""
+        _, spans, capacities, rows = self._header_spans()
+        y = self._layers(x, spans, capacities)
+        if sum(rows) == 0:  # prefill chunks that are not the last: no logits
+            return torch.empty((0, 0))
+        h = self._wanted(y, spans, rows)
+        if self.head_mode == "split":
+            return self._split_logits(h)
+        return self._head_logits(h) if self.comm.rank == 0 else None
 
     def weights_record(self) -> dict[str, Any]:
         """How the weights are stored and computed: the run record's `weights`, the summary line's weights=."""
@@ -165,7 +212,8 @@ class Engine:
         ar, bc, ga = self.allreduce.stats, self.times.bcast, self.times.gather
         comm_s = ar.seconds + bc.seconds + ga.seconds
         return {"rank": self.comm.rank, "compute_s": max(0.0, self.times.forward_s - comm_s), "comm_s": comm_s,
-                "disk_wait_s": self.blocks.stats.disk_wait_s, "forward_passes": self.passes,
+                "disk_wait_s": self.blocks.stats.disk_wait_s, "bytes_read": self.blocks.stats.bytes_read,
+                "forward_passes": self.passes,
                 "bytes_sent": ar.bytes_sent + bc.bytes_sent + ga.bytes_sent,
                 "bytes_received": ar.bytes_received + bc.bytes_received + ga.bytes_received,
                 "rss_bytes": process_memory()[1]}
@@ -229,7 +277,7 @@ class Worker(Engine):
         watch, idle = False, False
         while True:
             self._bcast_header(idle, watch)
-            op, q_len, start, capacity, logit_rows = (int(v) for v in self.header)
+            op = int(self.header[0])
             if op == OP_STOP:
                 return
             if op == OP_IDLE:
@@ -240,13 +288,12 @@ class Worker(Engine):
                     self.comm.gather(self.counters(), root=0)
                 continue
             watch, idle = True, False
-            x = np.empty((q_len, self.hidden_size), dtype=np.float32)
+            _, spans, _, _ = self._header_spans()
+            x = np.empty((sum(s.q_len for s in spans), self.hidden_size), dtype=np.float32)
             t0 = time.perf_counter()
             self._bcast_hidden(x)
-            y = self._layers(torch.from_numpy(x), start, capacity)
-            if self.head_mode == "split":
-                with torch.inference_mode():
-                    self._split_logits(y, logit_rows)
+            with torch.inference_mode():
+                self._pass(torch.from_numpy(x))
             self.times.forward_s += time.perf_counter() - t0
             self._pass_done()
 
@@ -256,8 +303,8 @@ class Master(Engine):
 
     def __init__(self, comm: MPI.Comm, shard: RankShard, algo: str, dtype: str = "auto", wire: str = "fp32",
                  timeout_s: float | None = None, links: SoftwareLinks | None = None, plan: MemoryPlan = RESIDENT,
-                 head: str = "split"):
-        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan, head)
+                 head: str = "split", max_batch: int = 1):
+        super().__init__(comm, shard, algo, dtype, wire, timeout_s, links, plan, head, max_batch)
         t0 = time.perf_counter()
         # Only the embedding rows of the ids being embedded are ever read (tensorfile.read_rows).
         self.embed_file = shard.master_tensor_file("embed.safetensors")
@@ -274,25 +321,41 @@ class Master(Engine):
         self.eos_token_id = self.decoder.cfg.eos_token_id
         self.times.load_s += time.perf_counter() - t0
 
-    @torch.inference_mode()
     def forward(self, ids: list[int], start: int, capacity: int = 0, all_logits: bool = False) -> torch.Tensor:
-        """Logits (float32) of the last position, or of every position with all_logits."""
+        """One sequence in slot 0: logits (float32) of the last position, or of every position with all_logits."""
+        logits = self.forward_batch([Step(0, ids, start, capacity, len(ids) if all_logits else 1)])[0]
+        return logits if all_logits else logits[0]
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: Sequence[Step]) -> list[torch.Tensor]:
+        """One forward pass of up to max_batch sequences, each in its own slot: per step the logits (float32)
+        of its last `rows` positions, [rows, vocab]."""
+        slots = {s.slot for s in steps}
+        if (not 1 <= len(steps) <= self.max_batch or len(slots) != len(steps)
+                or not slots <= set(range(self.max_batch)) or not all(s.ids for s in steps)):
+            raise ValueError(f"a pass carries 1..{self.max_batch} sequences, each with positions, in distinct slots "
+                             f"0..{self.max_batch - 1}: got slots {[s.slot for s in steps]}")
         t0 = time.perf_counter()
-        wanted = len(ids) if all_logits else 1  # positions whose logits are computed
-        self._send(OP_FORWARD, len(ids), start, capacity, wanted)
+        self._send(OP_FORWARD, steps)
+        ids = [i for s in steps for i in s.ids]
         rows, n = tensorfile.read_rows(self.embed_file, "embed_tokens.weight", ids)
         self.blocks.stats.add(bytes_read=n)
         x = (rows.to(self.cast) if self.cast is not None else rows).float().contiguous()
         self._bcast_hidden(x.numpy())
-        x = self._layers(x, start, capacity)
-        logits = self._split_logits(x, wanted) if self.head_mode == "split" else self._head_logits(x, wanted)
+        logits = self._pass(x)
         assert logits is not None
         self.times.forward_s += time.perf_counter() - t0
         self._pass_done()
-        return logits if all_logits else logits[0]
+        if logits.shape[0] == 0:
+            return [torch.empty((0, self.vocab_size)) for _ in steps]
+        return [logits] if len(steps) == 1 else list(torch.split(logits, [s.rows for s in steps]))
 
-    def _send(self, op: int, q_len: int = 0, start: int = 0, capacity: int = 0, rows: int = 0) -> None:
-        self.header[:] = (op, q_len, start, capacity, rows)
+    def _send(self, op: int, steps: Sequence[Step] = ()) -> None:
+        self.header[:] = 0
+        self.header[:HEADER_FIXED] = (op, len(steps))
+        for i, s in enumerate(steps):
+            o = HEADER_FIXED + HEADER_PER_SEQ * i
+            self.header[o:o + HEADER_PER_SEQ] = (s.slot, s.start, len(s.ids), s.capacity, s.rows)
         self._bcast_header(self.idle)
         self.idle = op == OP_IDLE or (self.idle and op == OP_REPORT)
 

@@ -87,24 +87,27 @@ def start_together(comm: MPI.Comm) -> None:
     comm.Barrier()
 
 
-def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any) -> Any:
-    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all."""
+def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any, max_batch: int = 1) -> Any:
+    """Each rank plans its own memory (its shard, its overhead); a budget too small anywhere stops all.
+    max_batch > 1: a KV cache slot per sequence, passes of at most serve.prefill_chunk + max_batch positions."""
     from tpi_mpi.engine import DTYPES
     from tpi_mpi.weights.memplan import plan_rank_memory
 
     fail_point("memplan", comm.rank)
     plan, error = None, None
+    pass_tokens = cfg.serve.prefill_chunk + max_batch - 1 if max_batch > 1 else None
     try:
-        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0)
+        plan = plan_rank_memory(shard, cfg.memory, DTYPES[cfg.model.dtype], comm.rank == 0, max_batch, pass_tokens)
     except UserError as exc:
         error = str(exc)
     agree_or_abort(comm, error)
     return plan
 
 
-def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
+def open_engine(comm: MPI.Comm, cfg: Any, max_batch: int = 1) -> tuple[Any, Path]:
     """Every rank: the split (made on first use), its shard checked, its memory planned, and its engine: the
-    Master on rank 0, a Worker elsewhere, with its streamed window filled. Returns (engine, split folder)."""
+    Master on rank 0, a Worker elsewhere, with its streamed window filled. Returns (engine, split folder).
+    max_batch: KV cache slots (serve.max_batch; tpi_mpi.run decodes one sequence)."""
     from tpi_mpi.engine import Master, Worker
     from tpi_mpi.weights.shards import open_rank_shard
 
@@ -123,8 +126,7 @@ def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
-    plan = memory_plan(comm, shard, cfg)
-
+    plan = memory_plan(comm, shard, cfg, max_batch)
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time
         from tpi_mpi.comm.links import SoftwareLinks
@@ -132,7 +134,7 @@ def open_engine(comm: MPI.Comm, cfg: Any) -> tuple[Any, Path]:
         links = SoftwareLinks(comm.rank, comm.size, cfg.network)
     cls = Master if comm.rank == 0 else Worker
     engine = cls(comm, shard, cfg.comm.algo, cfg.model.dtype, cfg.comm.dtype, cfg.comm.timeout_s, links, plan,
-                 cfg.memory.head)
+                 cfg.memory.head, max_batch)
     engine.blocks.wait_filled()  # streaming: the window filled before the first prompt, as between prompts
     return engine, path
 

@@ -19,6 +19,7 @@ from mpi4py import MPI
 
 from tpi_mpi import errors
 from tpi_mpi.errors import UserError
+from tpi_mpi.serving.batch_loop import BatchLoop
 from tpi_mpi.serving.host import model_name, run_session
 from tpi_mpi.serving.scheduler import EngineLoop, Finished, Request, Session
 
@@ -58,7 +59,14 @@ def _serve(session: Session, cfg: Any, sock: socket.socket) -> None:
     def finished(req: Request, result: Finished | None, outcome: str) -> None:
         metrics.finished(req.label, outcome, result, result.queued_s if result else None, req.generated)
 
-    engine = EngineLoop(session, s.queue_size, s.heartbeat_s, finished)
+    engine: EngineLoop
+    if s.max_batch > 1:  # continuous batching: up to max_batch requests generate together
+        metrics.batch_slots.set(s.max_batch)
+        engine = BatchLoop(session, s.max_batch, s.prefill_chunk, s.queue_size, s.heartbeat_s, finished,
+                           metrics.batch_pass)
+    else:
+        metrics.batch_slots.set(1)
+        engine = EngineLoop(session, s.queue_size, s.heartbeat_s, finished)
     master = session.master
     name = model_name(cfg)
     state = ServerState(engine, session.tok, name, session.context, master.vocab_size, master.comm.size, metrics,
@@ -92,18 +100,26 @@ def _serve(session: Session, cfg: Any, sock: socket.socket) -> None:
         raise UserError(f"the HTTP server did not start within {STARTUP_S:g} s")
     port = sock.getsockname()[1]
     print(f"tpi_mpi: serving {name} on {url(s.host, port)} with {master.comm.size} ranks "
-          f"(context {session.context} tokens{', API key required' if s.api_key else ''})", file=sys.stderr,
-          flush=True)
+          f"(context {session.context} tokens, {s.max_batch} at once{', API key required' if s.api_key else ''})",
+          file=sys.stderr, flush=True)
     try:
         engine.run()
     finally:
         server.should_exit = True  # the running and waiting requests have had their answer
         thread.join(timeout=5)
     print("tpi_mpi: server stopped", file=sys.stderr, flush=True)
+    if isinstance(engine, BatchLoop):
+        record = {**engine.record(), "world_size": master.comm.size, "config": cfg.to_json()}
+        print(f"[tpi_mpi serve] {engine.summary()}", file=sys.stderr, flush=True)
+        if cfg.output.json:
+            from tpi_mpi.results import write_json_atomic
+
+            write_json_atomic(cfg.output.json, record)
 
 
 def serve_job(comm: MPI.Comm, cfg: Any) -> None:
-    run_session(comm, cfg, _serve, prepare=lambda: bind(cfg.serve.host, cfg.serve.port))
+    run_session(comm, cfg, _serve, prepare=lambda: bind(cfg.serve.host, cfg.serve.port),
+                max_batch=cfg.serve.max_batch)
 
 
 def main() -> None:

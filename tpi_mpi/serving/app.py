@@ -264,7 +264,7 @@ async def health(request: HttpRequest) -> Response:
                                        f"{state.health_timeout_s:g} s{where}"}, status_code=503)
     return JSONResponse({"status": "ok", "world_size": state.world_size, "answer_s": time.monotonic() - t0,
                          "ranks": [{"rank": r["rank"], "alive": True} for r in report],
-                         "generating": engine.running is not None, "waiting": engine.waiting})
+                         "generating": engine.generating, "waiting": engine.waiting})
 
 
 async def metrics(request: HttpRequest) -> Response:
@@ -276,7 +276,7 @@ async def metrics(request: HttpRequest) -> Response:
     report = await _report(state)
     if report is None:
         return _error(ApiError(503, "the ranks did not answer: see GET /health"))
-    text = state.metrics.text(report, state.engine.waiting, state.engine.running is not None)
+    text = state.metrics.text(report, state.engine.waiting, state.engine.generating)
     return Response(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 

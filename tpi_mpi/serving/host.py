@@ -37,16 +37,17 @@ def eos_ids(master: Any, tok: Any, stop_on_eos: bool) -> set[int]:
 
 
 def run_session(comm: MPI.Comm, cfg: Any, main: Callable[[Session, Any, Any], None],
-                prepare: Callable[[], Any] | None = None) -> None:
+                prepare: Callable[[], Any] | None = None, max_batch: int = 1) -> None:
     """Every rank: load the engine. Rank 0: `prepare()` (before the others are told to start: e.g. bind the
     port, so that a port in use stops the job at once), then `main(session, cfg, prepared)`, then stop the
-    workers. An exception from main ends the job through run_or_abort (the ranks may be out of step)."""
+    workers. An exception from main ends the job through run_or_abort (the ranks may be out of step).
+    `max_batch`: KV cache slots, sequences decoded together (serve.max_batch, for the server)."""
     set_threads(comm, cfg.threads)
     error = None
     if comm.rank == 0 and cfg.baseline is not None:
         error = f"baseline={cfg.baseline}: the server and the chat run tensor parallelism only: set baseline=null"
     agree_or_abort(comm, error)
-    engine, path = open_engine(comm, cfg)
+    engine, path = open_engine(comm, cfg, max_batch)
     if comm.rank != 0:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)

@@ -219,6 +219,11 @@ class EngineLoop:
         with self._cv:
             return self._waiting()
 
+    @property
+    def generating(self) -> int:
+        """Requests generating now (one at most here; serving.batch_loop.BatchLoop: up to serve.max_batch)."""
+        return int(self.running is not None)
+
     # ---- the engine thread -----------------------------------------------------------------------------
     def _run_calls(self) -> None:
         while True:

@@ -11,6 +11,10 @@ now (the process's resident memory before any weight is loaded: interpreter, tor
                     as fit, largest reads first (master's lm_head, then FFN blocks, then attention blocks),
                     spread evenly over the layers so that the reader has resident blocks' compute time to get
                     ahead.
+
+A server decoding several sequences at once (serve.max_batch) reserves a KV cache slot per sequence up
+front: the plan counts them all, and refuses a max_batch that no plan fits into the budget, naming the
+largest that fits.
 """
 
 from __future__ import annotations
@@ -90,7 +94,7 @@ def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str,
     # The stream's fixed cost: its buffers, one read chunk of page cache, and the head read in chunks.
     def stream_cost(w: int) -> int:
         return w * largest + READ_CHUNK_BYTES + head_stream
-    smallest = sum(base.values()) + stream_cost(1)
+    smallest = smallest_budget(blocks, fixed, head_bytes)
     if budget < smallest:
         parts = ", ".join(f"{k} {fmt_bytes(v)}" for k, v in base.items())
         raise UserError(
@@ -125,6 +129,12 @@ def plan_memory(mem: MemoryConfig, blocks: dict[BlockKey, int], fixed: dict[str,
                        "head": head_bytes if head_resident else head_stream})
 
 
+def smallest_budget(blocks: dict[BlockKey, int], fixed: dict[str, int], head_bytes: int = 0) -> int:
+    """The least memory any plan needs: the fixed parts and a stream through a window of one block."""
+    return (sum(fixed.values()) + max(blocks.values(), default=0) + READ_CHUNK_BYTES
+            + min(head_bytes, HEAD_CHUNK_BYTES))
+
+
 def _head_bytes(shard: Any, name: str, as_float: int) -> int:
     """A quantized head's bytes as stored; a float head's in the compute dtype (it is cast when loaded)."""
     if not shard.quant.quantized:
@@ -133,11 +143,14 @@ def _head_bytes(shard: Any, name: str, as_float: int) -> int:
     return sum(e.nbytes for k, e in entries.items() if k.startswith("lm_head."))
 
 
-def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool) -> MemoryPlan:
+def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool, slots: int = 1,
+                     pass_tokens: int | None = None) -> MemoryPlan:
     """The plan of this rank, from its shard's headers and its memory use now (the fixed overhead).
 
     With memory.head=split every rank holds its rows of lm_head (its vocabulary slice); with master only
-    rank 0 holds lm_head, all of it."""
+    rank 0 holds lm_head, all of it. `slots` (serve.max_batch): KV cache slots of memory.kv_cache_tokens
+    positions each; `pass_tokens`: the most positions one forward pass carries (default: a whole
+    sequence's, a prompt prefilled in one pass)."""
     files = shard.block_files()
     if files:
         check_model_dtype(shard.quant, dtype, files[(0, "attn")].entries["input_norm.weight"].torch_dtype)
@@ -157,12 +170,14 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool)
     kv_cols = out_features(first, "k_proj") if first else 0
     q_cols = out_features(first, "q_proj") if first else 0
     ffn_cols = out_features(files[(0, "ffn")].entries, "gate_proj") if files else 0
-    kv = shard.num_layers * 2 * kv_cols * kv_tokens * item
+    kv_slot = shard.num_layers * 2 * kv_cols * kv_tokens * item
     # fp32 residual stream and its copies, q/k/v, the FFN's three intermediates, per position (prefill).
-    act = kv_tokens * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
+    positions = min(pass_tokens or kv_tokens, kv_tokens + slots - 1)
+    act = positions * 4 * (6 * hidden + 3 * ffn_cols + 2 * q_cols + 2 * kv_cols)
+    # Per sequence of a batch: its KV cache slot and, on the master, the logits of its last position, their
+    # softmax and sort when sampling.
+    per_slot = kv_slot + (cfg["vocab_size"] * 4 * 3 if is_master else 0)
     head = 0
-    if is_master:
-        act += cfg["vocab_size"] * 4 * 3  # logits of the last position, their softmax and sort when sampling
     if mem.head == "split":
         v0, v1 = shard.vocab_range
         head = _head_bytes(shard, "head_slice.safetensors", (v1 - v0) * hidden * item)
@@ -171,6 +186,26 @@ def plan_rank_memory(shard: Any, mem: MemoryConfig, dtype: Any, is_master: bool)
     # The overhead in the budget's own terms: against a cgroup's limit, what the cgroup is charged now (it
     # does not count library pages another process loaded first, which the RSS does).
     overhead = (cgroup_memory_usage() if mem.budget == "cgroup" else None) or current_rss_bytes()
-    fixed = {"overhead": overhead, "kv_cache": kv, "activations": act, "slack": SLACK_BYTES}
     blocks = {k: tf.data_bytes for k, tf in files.items()}
+    if slots > 1 and mem.resident == "auto":
+        _check_slots(mem, slots, per_slot, blocks, {"overhead": overhead, "activations": act, "slack": SLACK_BYTES},
+                     head)
+    fixed = {"overhead": overhead, "kv_cache": slots * kv_slot, "activations": act + slots * (per_slot - kv_slot),
+             "slack": SLACK_BYTES}
     return plan_memory(mem, blocks, fixed, head)
+
+
+def _check_slots(mem: MemoryConfig, slots: int, per_slot: int, blocks: dict[BlockKey, int], fixed: dict[str, int],
+                 head_bytes: int) -> None:
+    """A max_batch whose KV cache slots no plan fits into memory.budget is refused, naming the largest that
+    fits (if even one does not, plan_memory says how small the budget is)."""
+    budget = mem.budget_bytes
+    assert budget is not None  # resident=auto has one (config)
+    rest = smallest_budget(blocks, fixed, head_bytes)
+    if rest + slots * per_slot <= budget or rest + per_slot > budget:
+        return
+    fits = (budget - rest) // per_slot
+    raise UserError(f"serve.max_batch={slots} does not fit memory.budget={mem.budget} ({fmt_bytes(budget)}): "
+                    f"each sequence takes {fmt_bytes(per_slot)} (its KV cache of memory.kv_cache_tokens="
+                    f"{mem.kv_cache_tokens} positions) on top of the {fmt_bytes(rest)} the smallest plan needs: "
+                    f"the largest that fits is serve.max_batch={fits}")
