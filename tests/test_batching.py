@@ -6,15 +6,18 @@ go to tmp), on the starts of lines from the plays.
 Tolerance, float (fp32) splits: a sequence's attention runs on its own KV cache slot exactly as alone, but its
 rows go through every linear layer stacked with the other sequences' ([B, hidden] x W instead of [1, hidden] x
 W: a GEMM instead of a GEMV), whose dot products sum in another order. In fp32 that moves the trained model's
-logits (magnitude up to ~LOGIT_SCALE) by MEASURED_FP32; LOGIT_ATOL allows several times that, far below the
-gaps between the top logits that decide the greedy tokens, which must be identical.
+logits (largest 9-13) by at most 1.4e-5 (measured over its four layers); LOGIT_ATOL allows 7x that, far below
+the gaps between the top logits that decide the greedy tokens (the smallest here: 1.7e-3), which must be
+identical.
 
 Quantized splits: the batch and the solo run use the same packed weights and the same kernels, and a row's
-activations are rounded to bf16 in the same way in both; but the kernels' output is bf16 too, and a dot product
-summed in another order for a [B, K] input than for a [1, K] one may round to the neighbouring bf16 value (2^-8
-relative), which the next layers carry on. QUANT_TOL (of the largest solo logit) allows MEASURED_QUANT. Greedy
-tokens must be identical up to the first step where the solo run's top-two margin is under twice that (a near
-tie that such rounding may flip; what follows it is another text, not compared), and such cuts must be rare.
+activations are rounded to bf16 in the same way in both; but the kernels' output is bf16 too, and the int8
+kernel sums a [B, K] input in another order than a [1, K] one, so a value may round to the neighbouring bf16
+number (2^-8 relative; the logits themselves come out of lm_head's kernel in bf16: steps of 0.0625 between 8 and
+16). Measured: int8 logits at most 0.0625 (one such step, 0.5 % of the largest logit) from the solo run's, int4
+identical bits. QUANT_TOL allows 1 % of the largest solo logit, two steps. bf16 logits tie often (equal top
+two), so greedy tokens may differ only where the logits' measured difference could flip the choice (the solo
+run's top-two margin at most twice it); the texts part there and are compared no further, which must be rare.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from tpi_mpi.weights.tensorfile import READ_CHUNK_BYTES
 MODEL = ROOT / "checkpoints" / "shakespeare"
 CONFIG = json.loads((MODEL / "config.json").read_text())
 LOGIT_ATOL = 1e-4
-QUANT_TOL = 0.02  # of the largest solo logit: bf16 rounding in the packed kernels (module docstring)
+QUANT_TOL = 0.01  # of the largest solo logit: bf16 rounding in the packed kernels (module docstring)
 # Six prompts of different lengths (<s> and the first tokens of a line), one longer than a prefill chunk.
 LINES = ["KING HENRY. What news from France?",
          "Now is the winter of our discontent made glorious summer by this sun of York; and all the clouds that "
@@ -70,12 +73,13 @@ def _check(s: dict, name: str, quant: str) -> int:
         assert worst <= LOGIT_ATOL, f"{name}: logits differ by {worst:.3g} from the solo run"
         return n
     tol = QUANT_TOL * s["logit_scale"]
-    tie = next((i for i, m in enumerate(s["solo_margins"]) if m < 2 * tol), n)  # the first near tie, if any
-    assert s["tokens"][:tie] == s["solo"][:tie], f"{name}: batched tokens {s['tokens']} != solo {s['solo']}"
-    worst = max(s["diffs"][:tie + 1], default=0.0)  # its logits, from the same history, are compared too
-    assert worst <= tol, f"{name}: logits differ by {worst:.3g} (> {tol:.3g}) from the solo run"
-    return tie
-
+    assert len(s["tokens"]) == len(s["solo"]) == len(s["diffs"]), name
+    for i, (diff, margin) in enumerate(zip(s["diffs"], s["solo_margins"], strict=True)):
+        assert diff <= tol, f"{name}: token {i}'s logits differ by {diff:.3g} (> {tol:.3g}) from the solo run"
+        if s["tokens"][i] != s["solo"][i]:  # only a near tie that this difference can flip
+            assert 0 < diff and margin <= 2 * diff, f"{name}: batched tokens {s['tokens']} != solo {s['solo']} at {i}"
+            return i + 1
+    return n
 
 @pytest.mark.parametrize("n,ratios,max_batch,chunk,algo,stream,quant", [
     (2, None, 3, 8, "star", False, "none"),
