@@ -11,13 +11,14 @@ the gaps between the top logits that decide the greedy tokens (the smallest here
 identical.
 
 Quantized splits: the batch and the solo run use the same packed weights and the same kernels, and a row's
-activations are rounded to bf16 in the same way in both; but the kernels' output is bf16 too, and the int8
-kernel sums a [B, K] input in another order than a [1, K] one, so a value may round to the neighbouring bf16
-number (2^-8 relative; the logits themselves come out of lm_head's kernel in bf16: steps of 0.0625 between 8 and
-16). Measured: int8 logits at most 0.0625 (one such step, 0.5 % of the largest logit) from the solo run's, int4
-identical bits. QUANT_TOL allows 1 % of the largest solo logit, two steps. bf16 logits tie often (equal top
-two), so greedy tokens may differ only where the logits' measured difference could flip the choice (the solo
-run's top-two margin at most twice it); the texts part there and are compared no further, which must be rare.
+activations are rounded to bf16 in the same way in both; but the kernels' output is bf16 too, and a kernel may
+sum a [B, K] input in another order than a [1, K] one (int8 did here at N=2), so a value may round to the
+neighbouring bf16 number (2^-8 relative; the logits themselves come out of lm_head's kernel in bf16: steps of
+0.0625 between 8 and 16). Measured: int8 logits at most 0.0625 (one such step, 0.5 % of the largest logit) from
+the solo run's, int4 identical bits. QUANT_TOL allows 1 % of the largest solo logit, two steps. bf16 logits tie
+often (equal top two), so greedy tokens may differ only where the logits' measured difference could flip the
+choice (the solo run's top-two margin at most twice it); the texts part there and are compared no further, which
+must be rare.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ def _check(s: dict, name: str, quant: str) -> int:
     (2, None, 3, 8, "star", False, "none"),
     (3, [0.5, 0.3, 0.2], 4, 5, "auto", True, "none"),
     (2, None, 3, 8, "star", False, "int8"),
-    (3, [0.5, 0.3, 0.2], 4, 5, "star", True, "int4"),
-], ids=["n2-resident-b3-star", "n3-uneven-stream-b4-auto", "int8-n2-resident-b3", "int4-n3-uneven-stream-b4"])
+    (2, [0.7, 0.3], 4, 5, "star", True, "int4"),  # N=2 rather than 3 (half the time): 3 and 1 units of 2 KV heads
+], ids=["n2-resident-b3-star", "n3-uneven-stream-b4-auto", "int8-n2-resident-b3", "int4-n2-uneven-stream-b4"])
 def test_batched_equals_solo(prompts: Path, tmp_path: Path, n: int, ratios: list[float] | None, max_batch: int,
                              chunk: int, algo: str, stream: bool, quant: str) -> None:
     shards = split(MODEL, tmp_path / "s", n, ratios, quant_format=quant)
