@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import queue
 import re
 import signal
@@ -10,32 +11,22 @@ import threading
 import time
 from pathlib import Path
 
-from conftest import kill_tree, start_mpirun
+from conftest import ROOT, kill_tree, start_mpirun
 
-from tpi_mpi.make_model import make_model
 from tpi_mpi.weights.split import split
 
-# The chat template of the trained demo model's tokenizer (speaker headings as in the plays).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{% if message['role'] == 'system' %}[{{ message['content'] | trim }}]\n\n"
-    "{% elif message['role'] == 'user' %}User.\n{{ message['content'] | trim }}\n\n"
-    "{% else %}Assistant.\n{{ message['content'] | trim }}\n\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}Assistant.\n{% endif %}"
-)
+# The trained Shakespeare model committed with the repository (docs/trained_model.md): read, never written; its
+# tokenizer has the chat template of checkpoints/shakespeare/chat_template.jinja (speaker headings as in the plays).
+SHAKESPEARE = ROOT / "checkpoints" / "shakespeare"
+MODEL_NAME = SHAKESPEARE.name  # the model id the API shows when serve.model_name is not set
+CONTEXT = json.loads((SHAKESPEARE / "config.json").read_text())["max_position_embeddings"]  # the server's context
 START_TIMEOUT = 180  # s until the server says where it listens (start-up under a loaded machine)
 STOP_TIMEOUT = 60  # s from SIGTERM to every process gone
 
 
 def chat_model(root: Path, ranks: int) -> dict[str, Path]:
-    """A tiny Llama with a tokenizer that has a chat template, and its split for `ranks`."""
-    from transformers import AutoTokenizer
-
-    model = make_model(root / "tiny", "tiny", "llama", layers=2, seed=5)
-    tok = AutoTokenizer.from_pretrained(model)
-    tok.chat_template = CHAT_TEMPLATE
-    tok.save_pretrained(model)
-    return {"model": model, "shards": split(model, root / f"shards{ranks}", ranks)}
+    """The trained model (checkpoints/shakespeare, left as it is) and its split for `ranks` under `root`."""
+    return {"model": SHAKESPEARE, "shards": split(SHAKESPEARE, root / f"shards{ranks}", ranks)}
 
 
 class Server:

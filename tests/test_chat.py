@@ -15,7 +15,7 @@ import pexpect
 import psutil
 import pytest
 from conftest import MPIRUN, ROOT, kill_tree
-from serve_util import chat_model
+from serve_util import MODEL_NAME, chat_model
 
 N = 2
 TIMEOUT = 180  # s for start-up, and for each reply under a loaded machine
@@ -45,7 +45,7 @@ def test_two_turns_reset_and_ctrl_d(model: dict[str, Path], tmp_path: Path) -> N
                           cwd=str(ROOT), env=env, encoding="utf-8", timeout=TIMEOUT)
     try:
         procs = [psutil.Process(child.pid)]
-        child.expect("tpi_mpi chat: tiny on 2 ranks")
+        child.expect(f"tpi_mpi chat: {MODEL_NAME} on 2 ranks")
         procs += psutil.Process(child.pid).children(recursive=True)
         child.expect_exact("> ")
         first, cached1, prompt1 = _reply(child, "Good morrow")

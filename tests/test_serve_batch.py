@@ -17,13 +17,16 @@ import httpx
 import openai
 import pytest
 from conftest import run_tpi
-from serve_util import Server, chat_model
+from serve_util import MODEL_NAME, Server, chat_model
 
 N = 2
 SLOTS = 3
-MODEL = "tiny"
-PROMPTS = ["Once upon a time", "The king said", "To be or not", "A", "Where is the", "My lord, I",
-           "Good morrow to you all, my friends and"]
+MODEL = f"{MODEL_NAME}-5m"  # set by serve.model_name (test_serve.py checks the default name)
+PROMPTS = ["Now is the winter of our discontent", "KING HENRY. What news", "To be, or not to be", "O",
+           "HAMLET. Where is", "My lord, I", "Good morrow to you all, my friends and"]
+# The trained model was never shown an end-of-sequence token, but the stream that must run long (a client
+# leaving mid-batch) is not left to depend on that; tpi_mpi.run, the reference, is told the same.
+NO_EOS = "generation.stop_on_eos=false"
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +40,7 @@ def server(model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     tmp = tmp_path_factory.mktemp("server")
     srv = Server(N, model, tmp, [
         f"serve.max_batch={SLOTS}", "serve.prefill_chunk=4", "serve.queue_size=16", "serve.max_tokens=200",
-        f"serve.model_name={MODEL}", f"output.json={tmp}/record.json"])
+        f"serve.model_name={MODEL}", NO_EOS, f"output.json={tmp}/record.json"])
     try:
         yield srv
         assert srv.stop() == 0, srv.stderr()
@@ -58,7 +61,7 @@ def run_text(model: dict[str, Path], tmp: Path, prompt: list[str], new: int) -> 
     out = tmp / "run.json"
     res = run_tpi(N, [f"model.path={model['model']}", f"model.shards={model['shards']}", *prompt,
                       f"generation.max_new_tokens={new}", "logging.quiet=true", f"output.json={out}",
-                      "output.results=null", "threads=1"], tmp)
+                      "output.results=null", "threads=1", NO_EOS], tmp)
     assert res.returncode == 0, res.stderr
     return str(json.loads(out.read_text())["text"])
 

@@ -1,12 +1,13 @@
 """Under mpirun: sequences decoded alone, then batched (all at once; joining, leaving, cancelled, refused,
 queued; a prompt extending a finished one's), on the same engine; rank 0 writes a JSON of what each got.
 
-usage: batch_decode.py SHARDS OUT.json MAX_BATCH PREFILL_CHUNK ALGO [stream]
+usage: batch_decode.py SHARDS OUT.json PROMPTS.json MAX_BATCH PREFILL_CHUNK ALGO [stream]
 
-ALGO: comm.algo (auto: chosen per message size, which the batch changes). `stream`: every block streamed
-through a window of 2 (memory.resident=false). For each batched sequence
-the JSON has its tokens, its solo run's tokens (the first of them, for a cancelled one) and the largest
-absolute difference between the logits each of its tokens was sampled from and the solo run's.
+PROMPTS.json: six lists of token ids. ALGO: comm.algo (auto: chosen per message size, which the batch changes).
+`stream`: every block streamed through a window of 2 (memory.resident=false). For each batched sequence the
+JSON has its tokens, its solo run's tokens (the first of them, for a cancelled one) and, per token, the largest
+absolute difference between the logits it was sampled from and the solo run's, and the solo run's margin
+between its two largest logits there (a near tie that rounding may flip).
 """
 
 import json
@@ -25,18 +26,17 @@ from tpi_mpi.weights.shards import open_rank_shard
 
 comm = MPI.COMM_WORLD
 torch.set_num_threads(1)
-shards, out, max_batch, chunk = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
-algo = sys.argv[5]
-stream = sys.argv[6:] == ["stream"]
+shards, out, max_batch, chunk = sys.argv[1], sys.argv[2], int(sys.argv[4]), int(sys.argv[5])
+algo = sys.argv[6]
+stream = sys.argv[7:] == ["stream"]
 shard = open_rank_shard(shards, comm.rank, comm.size)
 mem = MemoryConfig(resident=False) if stream else MemoryConfig()
 plan = plan_rank_memory(shard, mem, None, comm.rank == 0, slots=max_batch)
 CAPACITY = 64
 NEW = 10
 # Different lengths, one longer than a prefill chunk (it is prefilled over several passes).
-PROMPTS = [[1, 37, 250, 11], [5, 9, 300, 41, 7, 12, 99, 3, 77, 120, 301, 45, 8, 60, 2, 14, 400, 33, 21],
-           [44], [8, 8, 150, 3, 222, 19, 6], [91, 17, 230, 5, 64, 310, 12, 48, 2, 7, 180],
-           [2, 3, 5, 7, 11, 13]]
+with open(sys.argv[3]) as f:
+    PROMPTS: list[list[int]] = json.load(f)
 
 
 class Recorder(Sampler):
@@ -65,10 +65,11 @@ def seq(ids: list[int], new: int = NEW) -> Sequence:
 def compare(s: Sequence, ref: tuple[list[int], list[torch.Tensor]]) -> dict:
     tokens, logits = ref
     n = len(s.tokens)
-    diff = max((float((a - b).abs().max()) for a, b in zip(s.logits, logits[:n], strict=True)), default=0.0)
+    diffs = [float((a - b).abs().max()) for a, b in zip(s.logits, logits[:n], strict=True)]
+    margins = [float(top[0] - top[1]) for top in (b.topk(2).values for b in logits[:n])]
     scale = max((float(b.abs().max()) for b in logits[:n]), default=0.0)
     return {"tokens": s.tokens, "solo": tokens[:n] if s.finish_reason == "cancelled" else tokens,
-            "max_abs_diff": diff, "logit_scale": scale, "slot": s.slot, "cached": s.cached,
+            "diffs": diffs, "solo_margins": margins, "logit_scale": scale, "slot": s.slot, "cached": s.cached,
             "finish_reason": s.finish_reason}
 
 
@@ -80,7 +81,7 @@ if comm.rank != 0:
 
 master = Master(comm, shard, algo, plan=plan, max_batch=max_batch)
 refs = [solo(master, p, NEW) for p in PROMPTS]
-result: dict = {"max_batch": max_batch}
+result: dict = {"max_batch": max_batch, "weights": master.weights_record()["label"]}
 choices = getattr(master.allreduce, "choices", None)
 
 # 1. All together: more sequences than slots, so some wait for a slot that another frees.
