@@ -274,5 +274,7 @@ def test_compose_runs_with_podman(tmp_path: Path) -> None:
             assert warned == [f"tpi_mpi device: warning: this kernel has no netem qdisc: LINK_DELAY_MS="
                               f"{dev['delay_ms']:g} not applied; the rate is shaped with tbf"], result["logs"][host]
     slow, fast = result["rates"]  # device3 (50 Mbit/s) to device1, device1 (300 Mbit/s) to device2
-    assert abs(slow["bit_s"] / slow["expected_bit_s"] - 1) <= 0.15, slow
+    # Shaped: never above the set rate (+15 % for the timing). Below it by up to 30 %: the sender is a Python loop in
+    # a container held to half a core (cpus 0.5), and a loaded CI machine slows it (39.8 Mbit/s for 50 seen once).
+    assert 0.70 <= slow["bit_s"] / slow["expected_bit_s"] <= 1.15, slow
     assert 2 * slow["bit_s"] < fast["bit_s"] <= 1.15 * fast["expected_bit_s"], fast

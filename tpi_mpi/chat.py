@@ -16,7 +16,7 @@ from typing import Any, TextIO
 
 from mpi4py import MPI
 
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 from tpi_mpi.serving.host import model_name, run_session
 from tpi_mpi.serving.scheduler import Cancelled, Delta, Request, Session
 
@@ -113,6 +113,7 @@ def chat_job(comm: MPI.Comm, cfg: Any) -> None:
     run_session(comm, cfg, _chat)
 
 
+@main_guard
 def main() -> None:
     from tpi_mpi import run
 

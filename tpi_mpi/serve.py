@@ -18,7 +18,7 @@ from typing import Any
 from mpi4py import MPI
 
 from tpi_mpi import errors
-from tpi_mpi.errors import UserError
+from tpi_mpi.errors import UserError, main_guard
 from tpi_mpi.serving.batch_loop import BatchLoop
 from tpi_mpi.serving.host import model_name, run_session
 from tpi_mpi.serving.scheduler import EngineLoop, Finished, Request, Session
@@ -122,6 +122,7 @@ def serve_job(comm: MPI.Comm, cfg: Any) -> None:
                 max_batch=cfg.serve.max_batch)
 
 
+@main_guard
 def main() -> None:
     from tpi_mpi import run
 

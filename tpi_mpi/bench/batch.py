@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from tpi_mpi.bench.tp_latency import cores, ensure_checkpoint, prompt_ids, run_checked, warm_page_cache
+from tpi_mpi.errors import main_guard
 
 
 def ensure_split(workdir: Path, model: Path, n: int, dtype: str) -> Path:
@@ -233,6 +234,7 @@ def measure(a: argparse.Namespace, dtype: str, n: int, shards: Path, stamp: str,
     return rows
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.batch", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama2-7b")

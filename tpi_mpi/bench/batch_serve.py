@@ -32,6 +32,7 @@ from typing import Any
 from tpi_mpi.bench.batch import ensure_split
 from tpi_mpi.bench.serve import ServerProcess
 from tpi_mpi.bench.tp_latency import cores, ensure_checkpoint, prompt_ids, warm_page_cache
+from tpi_mpi.errors import main_guard
 
 MODEL = "bench"
 
@@ -104,6 +105,7 @@ def one_round(host: str, port: int, prompts: list[list[int]], new: int) -> dict[
             else float("nan"), "ttft_s": d["ttft_sum"] / d["ttft_count"], "loadavg_1m": os.getloadavg()[0]}
 
 
+@main_guard
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.batch_serve", description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llama2-7b")

@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.errors import main_guard
+
 CHAT_TEMPLATE = (  # speaker headings, as the trained demo model's (used for a model without a template)
     "{{ bos_token }}{% for message in messages %}"
     "{% if message['role'] == 'system' %}[{{ message['content'] | trim }}]\n\n"
@@ -243,6 +245,7 @@ def run_token_latency(ranks: int, model: Path, tmp: Path, prompt: str, new: int)
     return float(json.loads(out.read_text())["token_latency_s"]["mean"])
 
 
+@main_guard
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, default=None, help="checkpoint with a chat template (default: tiny-2k)")
