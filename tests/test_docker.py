@@ -225,6 +225,7 @@ def hf_tokens(model_dir: Path, prompt: str, n: int) -> list[int]:
     return tokens
 
 
+@pytest.mark.containers  # not in `make test`: `make test-containers` (CI runs both)
 @pytest.mark.skipif(PODMAN_MISSING is not None, reason=f"podman cannot run containers here: {PODMAN_MISSING}")
 def test_compose_runs_with_podman(tmp_path: Path) -> None:
     """docker/compose.yaml run with podman-compose: images built from a debootstrap root filesystem and the
