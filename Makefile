@@ -52,7 +52,7 @@ lint: setup
 test: setup lint
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
 
-# The compose file run for real with podman (builds the images from debootstrap: ~3-4 min idle, ~6 GiB of disk);
+# The compose file run for real with podman (builds the images from debootstrap: ~3 min idle, ~6 GiB of disk);
 # kept out of `make test` to hold the suite under 20 min. CI runs both.
 test-containers: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m containers
