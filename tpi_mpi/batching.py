@@ -26,7 +26,7 @@ import torch
 
 from tpi_mpi.engine import Master, Step
 from tpi_mpi.errors import UserError
-from tpi_mpi.generate import Sampler
+from tpi_mpi.generate import Sampler, common_prefix
 
 
 @dataclass(eq=False)
@@ -61,14 +61,6 @@ class Sequence:
     @property
     def token_latencies_s(self) -> list[float]:
         return [b - a for a, b in zip(self.token_times, self.token_times[1:], strict=False)]
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 @dataclass

@@ -71,3 +71,12 @@ def generate(master: Master, ids: list[int], max_new_tokens: int, sampler: Sampl
             if on_token:
                 on_token(tokens)
     return Generation(prompt_tokens=len(ids), tokens=tokens, ttft_s=ttft, token_latencies_s=latencies)
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    """How many ids two sequences share from the start: the part of a prompt a KV cache already holds."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

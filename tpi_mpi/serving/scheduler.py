@@ -22,7 +22,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
-from tpi_mpi.generate import Sampler
+from tpi_mpi.generate import Sampler, common_prefix
 from tpi_mpi.serving.text import Detokenizer, StopStrings
 
 
@@ -86,14 +86,6 @@ class Cancelled(Exception):
 
 class ShuttingDown(Exception):
     pass
-
-
-def common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    for i in range(n):
-        if a[i] != b[i]:
-            return i
-    return n
 
 
 class Session:
