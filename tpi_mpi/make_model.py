@@ -55,30 +55,14 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 TINY_VOCAB = 512
-SPECIAL_TOKENS = ["<unk>", "<s>", "</s>"]
 
 
 def train_tokenizer(vocab_size: int) -> Any:
     """A byte-level BPE trained on the corpus shipped with the package: deterministic, offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tpi_mpi.training.tokenizer import train_bpe
 
     text = resources.files("tpi_mpi").joinpath("corpus.txt").read_text(encoding="utf-8")
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(text.splitlines(), trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))]
-    )
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=1 << 30,
-    )
+    return train_bpe(text.splitlines(), vocab_size)
 
 
 def build_config(preset: str, arch: str, layers: int | None, vocab_size: int,
