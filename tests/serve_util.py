@@ -10,8 +10,9 @@ import subprocess
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from conftest import ROOT, kill_tree, start_mpirun
+from conftest import ROOT, kill_tree, run_tpi, start_mpirun
 
 from tpi_mpi.weights.split import split
 
@@ -22,11 +23,25 @@ MODEL_NAME = SHAKESPEARE.name  # the model id the API shows when serve.model_nam
 CONTEXT = json.loads((SHAKESPEARE / "config.json").read_text())["max_position_embeddings"]  # the server's context
 START_TIMEOUT = 180  # s until the server says where it listens (start-up under a loaded machine)
 STOP_TIMEOUT = 60  # s from SIGTERM to every process gone
+# The trained model was never shown an end-of-sequence token (docs/trained_model.md), but the streams that must
+# run long (a client leaving mid-stream, a full queue, a rank killed mid-stream) are not left to depend on that;
+# tpi_mpi.run, the reference, is told the same.
+NO_EOS = "generation.stop_on_eos=false"
 
 
 def chat_model(root: Path, ranks: int) -> dict[str, Path]:
     """The trained model (checkpoints/shakespeare, left as it is) and its split for `ranks` under `root`."""
     return {"model": SHAKESPEARE, "shards": split(SHAKESPEARE, root / f"shards{ranks}", ranks)}
+
+
+def run_record(model: dict[str, Path], tmp: Path, ranks: int, prompt: list[str], new: int) -> dict[str, Any]:
+    """tpi_mpi.run on the same split, greedy, `new` tokens: its record (text, token ids)."""
+    out = tmp / "run.json"
+    res = run_tpi(ranks, [f"model.path={model['model']}", f"model.shards={model['shards']}", *prompt,
+                          f"generation.max_new_tokens={new}", "logging.quiet=true", f"output.json={out}",
+                          "output.results=null", "threads=1", NO_EOS], tmp)
+    assert res.returncode == 0, res.stderr
+    return dict(json.loads(out.read_text()))
 
 
 class Server:

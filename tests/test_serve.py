@@ -20,8 +20,7 @@ import httpx
 import openai
 import psutil
 import pytest
-from conftest import run_tpi
-from serve_util import CONTEXT, MODEL_NAME, Server, chat_model
+from serve_util import CONTEXT, MODEL_NAME, NO_EOS, Server, chat_model, run_record
 
 N = 2
 KEY = "test-key-123"
@@ -30,9 +29,6 @@ MAX_TOKENS = 200  # below the trained model's context of 256 positions, so that 
 MODEL = MODEL_NAME  # serve.model_name unset: the checkpoint's folder name (test_serve_batch.py sets one)
 PROMPTS = ["Now is the winter of our discontent", "KING HENRY. What news", "To be, or not to be", "O",
            "HAMLET. Where is", "My lord, I", "Good morrow to you all, my friends and", "ROMEO. But soft"]
-# The trained model was never shown an end-of-sequence token (docs/trained_model.md), but the streams that must
-# run long (a client leaving mid-stream, a full queue, a rank killed mid-stream) are not left to depend on that.
-NO_EOS = "generation.stop_on_eos=false"
 
 
 @pytest.fixture(scope="module")
@@ -63,16 +59,6 @@ def metric(server: Server, name: str, labels: str = "") -> float:
     return float(m.group(1)) if m else 0.0
 
 
-def run_text(model: dict[str, Path], tmp: Path, prompt: list[str], new: int) -> dict[str, Any]:
-    """tpi_mpi.run on the same split: its record (text, token ids)."""
-    out = tmp / "run.json"
-    res = run_tpi(N, [f"model.path={model['model']}", f"model.shards={model['shards']}", *prompt,
-                      f"generation.max_new_tokens={new}", "logging.quiet=true", f"output.json={out}",
-                      "output.results=null", "threads=1", NO_EOS], tmp)
-    assert res.returncode == 0, res.stderr
-    return json.loads(out.read_text())
-
-
 def chat_ids(model: dict[str, Path], messages: list[dict[str, str]]) -> list[int]:
     from transformers import AutoTokenizer
 
@@ -101,7 +87,7 @@ def test_completion_streamed_and_not_equal_run(server: Server, model: dict[str, 
     text = "".join(p.choices[0].text for p in parts if p.choices)
     assert parts[-1].usage is not None and parts[-1].usage.completion_tokens == whole.usage.completion_tokens
     assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == whole.choices[0].finish_reason
-    ref = run_text(model, tmp_path, [f"prompt='{PROMPTS[0]}'"], 12)
+    ref = run_record(model, tmp_path, N, [f"prompt='{PROMPTS[0]}'"], 12)
     assert whole.choices[0].text == text == ref["text"]
     assert whole.usage.prompt_tokens == ref["prompt_tokens"]
     assert whole.usage.completion_tokens == ref["generated_tokens"]
@@ -118,7 +104,7 @@ def test_chat_streamed_and_not_equal_run(server: Server, model: dict[str, Path],
     assert parts[0].choices[0].delta.role == "assistant"
     text = "".join(p.choices[0].delta.content or "" for p in parts)
     ids = chat_ids(model, messages)
-    ref = run_text(model, tmp_path, [f"prompt_ids=[{','.join(map(str, ids))}]"], 10)
+    ref = run_record(model, tmp_path, N, [f"prompt_ids=[{','.join(map(str, ids))}]"], 10)
     assert whole.choices[0].message.content == text == ref["text"]
     assert whole.usage is not None and whole.usage.prompt_tokens == len(ids)
     assert whole.usage.prompt_tokens_details is not None and whole.usage.prompt_tokens_details.cached_tokens == 0

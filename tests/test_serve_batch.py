@@ -16,17 +16,13 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
-from conftest import run_tpi
-from serve_util import MODEL_NAME, Server, chat_model
+from serve_util import MODEL_NAME, NO_EOS, Server, chat_model, run_record
 
 N = 2
 SLOTS = 3
 MODEL = f"{MODEL_NAME}-5m"  # set by serve.model_name (test_serve.py checks the default name)
 PROMPTS = ["Now is the winter of our discontent", "KING HENRY. What news", "To be, or not to be", "O",
            "HAMLET. Where is", "My lord, I", "Good morrow to you all, my friends and"]
-# The trained model was never shown an end-of-sequence token, but the stream that must run long (a client
-# leaving mid-batch) is not left to depend on that; tpi_mpi.run, the reference, is told the same.
-NO_EOS = "generation.stop_on_eos=false"
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +50,6 @@ def server(model: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
         assert "batch occupancy mean" in srv.stderr()
     finally:
         srv.kill()
-
-
-def run_text(model: dict[str, Path], tmp: Path, prompt: list[str], new: int) -> str:
-    """tpi_mpi.run on the same split: the text it generates."""
-    out = tmp / "run.json"
-    res = run_tpi(N, [f"model.path={model['model']}", f"model.shards={model['shards']}", *prompt,
-                      f"generation.max_new_tokens={new}", "logging.quiet=true", f"output.json={out}",
-                      "output.results=null", "threads=1", NO_EOS], tmp)
-    assert res.returncode == 0, res.stderr
-    return str(json.loads(out.read_text())["text"])
 
 
 def client(server: Server) -> openai.OpenAI:
@@ -106,7 +92,7 @@ def test_concurrent_requests_batched_each_as_alone(server: Server, model: dict[s
     together = concurrently(server, PROMPTS, 16)
     assert together == alone
     # ... and as tpi_mpi.run, which decodes one sequence with no batching at all
-    assert alone[PROMPTS[6]] == run_text(model, tmp_path, [f"prompt='{PROMPTS[6]}'"], 16)
+    assert alone[PROMPTS[6]] == run_record(model, tmp_path, N, [f"prompt='{PROMPTS[6]}'"], 16)["text"]
     m = metrics(server)
     assert m["tpi_serve_batch_slots"] == SLOTS
     passes = m["tpi_serve_batch_occupancy_count"] - before["tpi_serve_batch_occupancy_count"]
@@ -163,5 +149,5 @@ def test_prompt_cache_per_slot(server: Server, model: dict[str, Path], tmp_path:
     tok = AutoTokenizer.from_pretrained(model["model"])
     ids = tok(tok.apply_chat_template(turn2, add_generation_prompt=True, tokenize=False),
               add_special_tokens=False).input_ids
-    cold = run_text(model, tmp_path, [f"prompt_ids=[{','.join(map(str, ids))}]"], 8)
+    cold = run_record(model, tmp_path, N, [f"prompt_ids=[{','.join(map(str, ids))}]"], 8)["text"]
     assert warm.choices[0].message.content == cold
