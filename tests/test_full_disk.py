@@ -19,7 +19,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import MPIRUN, communicate_or_fail, die_with_parent, start_mpirun
+from conftest import MPIRUN, ROOT, communicate_or_fail, die_with_parent, start_mpirun
 
 from tpi_mpi.make_model import make_model
 from tpi_mpi.results import append_jsonl, read_jsonl, write_json_atomic
@@ -218,13 +218,18 @@ def test_command_line_tools_on_a_full_disk(tiny: dict[str, Path], full_disk: Ful
 
 NO_TEMP_DIR = """
 set -eu
-mount --bind "$1" /srv  # the model and the Hydra folder, where the job sees them (an empty folder here)
+data=$1 repo=$2; shift 2
+mount --bind "$data" /srv  # the model and the Hydra folder, where the job sees them (an empty folder here)
+mount --bind "$repo" /mnt  # the checkout (its .venv): put back below if it lies in a folder made full
 for d in /tmp /var/tmp; do  # every folder Python's tempfile tries (the cwd is /tmp): full, blocks and inodes
-  mount -t tmpfs -o size=4k,nr_inodes=1 tpi_mpi_test_full_ns "$d"
+  rel=""
+  case "$repo/" in "$d"/*) rel=${repo#"$d"/} ;; esac
+  # inodes: the root, and one directory per component of the checkout's path below $d (its mount point)
+  mount -t tmpfs -o size=4k,nr_inodes=$((1 + $(printf %s "${rel:+$rel/}" | tr -cd / | wc -c))) tpi_mpi_test_full_ns "$d"
+  if [ -n "$rel" ]; then mkdir -p "$d/$rel" && mount --bind /mnt "$d/$rel"; fi
   head -c 8192 /dev/zero > "$d/f" 2>/dev/null || true
 done
 cd /tmp
-shift
 exec env -u TMPDIR "$@"
 """
 
@@ -239,7 +244,7 @@ def test_no_temporary_directory_anywhere(tiny: dict[str, Path], tmp_path: Path) 
     shutil.copytree(tiny["shards"], tmp_path / "shards")
     proc = subprocess.Popen(
         ["unshare", "--mount", "--propagation", "private", "bash", "-c", NO_TEMP_DIR, "bash", str(tmp_path),
-         MPIRUN, "-n", str(N), sys.executable, "-m", "tpi_mpi.run", "hydra.run.dir=/srv/hydra",
+         str(ROOT), MPIRUN, "-n", str(N), sys.executable, "-m", "tpi_mpi.run", "hydra.run.dir=/srv/hydra",
          "model.path=/srv/tiny", "model.shards=/srv/shards", "prompt_ids=[1,40,41]", "output.results=null",
          "threads=1"], env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
