@@ -113,7 +113,7 @@ def test_bad_split_is_one_clear_line(tmp_path: Path, capsys: pytest.CaptureFixtu
     (model / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     assert split.main(["--model", str(model), "--out", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith("tpi_mpi.split: error: ") and message in err[0], err
+    assert len(err) == 1 and err[0].startswith("tpi_mpi: error: ") and message in err[0], err
     assert not (tmp_path / "out").exists()
 
 

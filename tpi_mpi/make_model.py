@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         out = make_model(args.out, args.preset, args.arch, args.layers, args.seed, args.dtype,
                          parse_overrides(args.set), quiet=False)
     except UserError as exc:
-        print(f"tpi_mpi.make_model: error: {exc}", file=sys.stderr)
+        print(f"tpi_mpi: error: {exc}", file=sys.stderr)  # the one error line every entry point prints
         return 2
     print(f"wrote {args.preset} ({args.arch}) checkpoint to {out}")
     return 0

