@@ -21,6 +21,7 @@ from conftest import ROOT, kill_tree, mpirun
 
 from tpi_mpi.emulate import cgroups, netns
 from tpi_mpi.emulate import session as sess
+from tpi_mpi.emulate import state as emu_state
 from tpi_mpi.emulate.profiles import load_device, load_network, parse_bytes
 from tpi_mpi.errors import UserError
 from tpi_mpi.make_model import make_model
@@ -230,6 +231,39 @@ def test_killed_launcher_then_down_leaves_nothing(session: str, tmp_path: Path) 
     p = emulate(["down", f"session={session}"])
     assert p.returncode == 0, p.stderr
     assert sess.leftovers(session) == []
+
+
+@needs_shaping
+def test_session_of_a_killed_launcher_is_removed_by_the_next_run(session: str) -> None:
+    """`run` killed with SIGKILL leaves its session; the next `run` of that name sees that the owner is gone,
+    removes the leftover and goes on (here to the bad model path's one line), leaving nothing behind."""
+    args = [*EMULATE, "run", f"session={session}", "network=wifi", "device=paper", "devices=2", "--",
+            "model.path=/nonexistent"]
+    launcher = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not any(n.endswith("-r1") for n in netns.list_namespaces(session)):
+            assert launcher.poll() is None and time.monotonic() < deadline, "the session never came up"
+            time.sleep(0.05)
+    finally:
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(timeout=30)
+    assert sess.leftovers(session) != []  # SIGKILL gave it no chance to clean up
+    again = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, stdin=subprocess.DEVNULL, timeout=120)
+    assert f"session {session} was left by a process that was killed (pid {launcher.pid}): removed" in again.stderr
+    assert again.returncode != 0 and "/nonexistent" in again.stderr, again.stderr
+    assert sess.leftovers(session) == []
+
+
+def test_owner_of_a_session_is_told_from_a_reused_pid() -> None:
+    me = emu_state.process_identity(os.getpid())
+    assert me is not None and not emu_state.owner_is_gone({"owner": me})
+    assert emu_state.owner_is_gone({"owner": {**me, "start": str(int(me["start"]) - 1)}})  # same pid, another process
+    done = subprocess.Popen(["true"])
+    done.wait()
+    assert emu_state.process_identity(done.pid) is None
+    assert not emu_state.owner_is_gone({"owner": None}) and not emu_state.owner_is_gone({})  # `up`: no owner
 
 
 @needs_shaping

@@ -216,7 +216,8 @@ def cmd_run(opts: dict[str, Any], overrides: dict[str, dict[str, Any]], rest: li
     session = state.check_session(str(opts.get("session", "tpiemu")))
     devices, network, devs = profiles(opts, overrides)
     _with_signals_as_exit()
-    sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"), str(opts.get("disk_path", ".")))
+    sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"), str(opts.get("disk_path", ".")),
+            owner_pid=os.getpid())
     try:
         # The record says what it ran on: the same profiles, with the same overrides.
         labels = ["emulation.links=shaped", f"network={network.name}",
@@ -256,7 +257,8 @@ def cmd_check(opts: dict[str, Any], overrides: dict[str, dict[str, Any]]) -> int
             code = _run_mpirun([_mpirun(), "-n", str(devices), sys.executable, *worker], timeout)
         else:
             _with_signals_as_exit()
-            sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"), str(opts.get("disk_path", ".")))
+            sess.up(session, devices, network, devs, _bool(opts, "allow_uncapped"),
+                    str(opts.get("disk_path", ".")), owner_pid=os.getpid())
             try:
                 code = _run_mpirun(_wrapped(session, devices, worker), timeout)
             finally:

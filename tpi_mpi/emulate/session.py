@@ -40,8 +40,12 @@ def _check_tools(use_netem: bool) -> None:
 
 
 def up(session: str, devices: int, network: NetworkProfile, device_profiles: list[DeviceProfile],
-       allow_uncapped: bool = False, disk_path: str = ".") -> dict[str, Any]:
-    """Create the session; returns its state. On any failure, removes what it made and re-raises."""
+       allow_uncapped: bool = False, disk_path: str = ".", owner_pid: int | None = None) -> dict[str, Any]:
+    """Create the session; returns its state. On any failure, removes what it made and re-raises.
+
+    owner_pid: the process the session lives for (`run`, `check`), which removes it when it ends; if that
+    process was killed before it could, the next `up` of the name removes the leftover (state.owner_is_gone).
+    Without an owner (`up`) the session stays until `down`."""
     state.check_session(session)
     if os.geteuid() != 0:
         raise UserError(NEEDS_ROOT)
@@ -49,6 +53,15 @@ def up(session: str, devices: int, network: NetworkProfile, device_profiles: lis
         raise UserError(f"devices={devices}: need at least 1")
     if len(device_profiles) != devices:
         raise UserError(f"{len(device_profiles)} device profiles for devices={devices}: give one, or one per device")
+    old = state.load(session)
+    if old is not None and state.owner_is_gone(old):
+        left = down(session)
+        print(f"tpi_mpi: emulate: session {session} was left by a process that was killed (pid "
+              f"{old['owner']['pid']}): removed{'; still there: ' + '; '.join(left) if left else ''}",
+              file=sys.stderr, flush=True)
+    if old is not None and old.get("owner") is not None and not state.owner_is_gone(old):
+        raise UserError(f"session {session} is in use by pid {old['owner']['pid']} (a `run` or `check`): wait for "
+                        f"it, or give another session=")
     if state.load(session) is not None or netns.list_namespaces(session):
         raise UserError(f"session {session} is already up (or was not cleaned up): run "
                         f"python -m tpi_mpi.emulate down session={session}")
@@ -71,6 +84,7 @@ def up(session: str, devices: int, network: NetworkProfile, device_profiles: lis
         "cgroups": None if backend is None else {"version": backend.version,
                                                  "dirs": {c: str(d) for c, d in backend.dirs.items()}},
         "delayd_pid": None, "notes": [],
+        "owner": None if owner_pid is None else state.process_identity(owner_pid),
     }
     state.save(session, st)
     try:

@@ -52,3 +52,26 @@ def save(session: str, state: dict[str, Any]) -> None:
 
 def remove(session: str) -> None:
     state_path(session).unlink(missing_ok=True)
+
+
+# A session made by `run` or `check` lives only as long as the process that made it, which tears it down
+# itself, unless it was killed with SIGKILL (or the machine's OOM killer took it). Such a session records its
+# owner, so that the next `up` of the same name can tell a leftover from a session in use and remove it.
+# The process's start time goes with the pid, because pids are reused.
+def process_identity(pid: int) -> dict[str, Any] | None:
+    """{"pid", "start"} of a live process (start: its start time in clock ticks since boot), or None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # the command name (field 2) may hold spaces and parentheses: the fields after it follow the last ")"
+    fields = stat[stat.rindex(")") + 2:].split()
+    if fields[0] == "Z":  # a zombie has ended; it waits only to be reaped
+        return None
+    return {"pid": pid, "start": fields[19]}
+
+
+def owner_is_gone(st: dict[str, Any]) -> bool:
+    """True if the session was made for one process (`owner`) and that process no longer runs."""
+    owner = st.get("owner")
+    return owner is not None and process_identity(int(owner["pid"])) != owner
