@@ -54,14 +54,14 @@ def up(session: str, devices: int, network: NetworkProfile, device_profiles: lis
     if len(device_profiles) != devices:
         raise UserError(f"{len(device_profiles)} device profiles for devices={devices}: give one, or one per device")
     old = state.load(session)
-    if old is not None and state.owner_is_gone(old):
+    if old is not None and old.get("owner") is not None:
+        if not state.owner_is_gone(old):
+            raise UserError(f"session {session} is in use by pid {old['owner']['pid']} (a `run` or `check`): wait "
+                            f"for it, or give another session=")
         left = down(session)
         print(f"tpi_mpi: emulate: session {session} was left by a process that was killed (pid "
               f"{old['owner']['pid']}): removed{'; still there: ' + '; '.join(left) if left else ''}",
               file=sys.stderr, flush=True)
-    if old is not None and old.get("owner") is not None and not state.owner_is_gone(old):
-        raise UserError(f"session {session} is in use by pid {old['owner']['pid']} (a `run` or `check`): wait for "
-                        f"it, or give another session=")
     if state.load(session) is not None or netns.list_namespaces(session):
         raise UserError(f"session {session} is already up (or was not cleaned up): run "
                         f"python -m tpi_mpi.emulate down session={session}")
