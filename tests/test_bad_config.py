@@ -48,6 +48,7 @@ BAD_VALUES: list[tuple[str, Any, str]] = [
     ("model.colour", "red", "unknown key model.colour"),
     ("model.quant", "int3", "unknown quantization 'int3': choose one of none, int8, int4"),
     ("model.group_size", 64, "a group size applies to int4 only"),
+    ("model.kernel", "fast", "unknown model.kernel='fast': choose one of auto, native, torch"),
     ("serve.port", 70000, "serve.port must be in 0..65535"),
     ("serve.port", "http", "serve.port must be an integer, got 'http'"),
     ("serve.queue_size", -1, "serve.queue_size must be >= 0"),

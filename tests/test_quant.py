@@ -13,6 +13,7 @@ that bf16 rounding may flip, the trained model has none (tests/test_quality.py).
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +24,9 @@ from conftest import SCRIPTS, mpirun, run_tpi
 from transformers import AutoModelForCausalLM
 
 from tpi_mpi.errors import UserError
+from tpi_mpi.kernels import native
 from tpi_mpi.make_model import make_model
-from tpi_mpi.models.linear import linear
+from tpi_mpi.models.linear import linear, select_kernel
 from tpi_mpi.weights import quant
 from tpi_mpi.weights.export import dequantized_checkpoint
 from tpi_mpi.weights.shards import open_rank_shard
@@ -77,10 +79,17 @@ def test_int4_round_trip_within_half_a_step(n: int, k: int, g: int) -> None:
     assert torch.equal(quant.unpack_int4(quant.pack_int4(q)), q)  # the packing is lossless
 
 
+@pytest.fixture
+def torch_kernels() -> Iterator[None]:
+    select_kernel("torch")
+    yield
+    select_kernel("auto")
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4-32", "int4-128"])
 @pytest.mark.parametrize("m", [1, 5])
-def test_packed_kernel_equals_the_dequantized_weights(fmt: str, m: int) -> None:
-    """The kernel computes x @ dequantized^T on x rounded to bf16, to bf16 output rounding (2^-8 relative)."""
+def test_torch_packed_kernel_equals_the_dequantized_weights(torch_kernels: None, fmt: str, m: int) -> None:
+    """torch's kernel computes x @ dequantized^T on x rounded to bf16, to bf16 output rounding (2^-8 relative)."""
     spec = quant.QuantSpec("int4", int(fmt.split("-")[1])) if fmt != "int8" else quant.QuantSpec("int8")
     n, k = 96, 256
     t = quant.quantize_weight("w", weights(n, k, seed=3), spec)
@@ -89,6 +98,65 @@ def test_packed_kernel_equals_the_dequantized_weights(fmt: str, m: int) -> None:
     got = linear(x, t, "w")
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got - ref).abs() <= ref.abs() * 2**-8 + 1e-3 * ref.abs().max()).all()
+
+
+def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] as kernels/q8_avx2.c quantizes it: int8 values and fp32 scales per block of 32 (blocks [M, B, 32],
+    zero-padded), rounded to nearest even as lrintf does, from x * (127 / amax) in fp32 as the C code computes."""
+    m, k = x.shape
+    blocks = -(-k // 32)
+    xb = F.pad(x.float(), (0, blocks * 32 - k)).reshape(m, blocks, 32)
+    amax = xb.abs().amax(dim=2, keepdim=True)
+    inv = torch.where(amax > 0, torch.tensor(127.0) / amax, torch.zeros_like(amax))
+    return torch.round(xb * inv), amax / 127
+
+
+def native_kernel_here() -> bool:
+    """Whether this machine should run the AVX2 kernel; on one that should, a failed build fails the tests."""
+    if not ({"avx2", "fma"} <= native._cpu_flags()):
+        pytest.skip("this CPU has no AVX2/FMA: model.kernel=auto uses torch's kernels (tested above)")
+    assert native.load() is not None, native.unavailable_reason()
+    return True
+
+
+@pytest.mark.parametrize("n,k,m", [(96, 256, 1), (33, 112, 1), (1104, 4096, 1), (1104, 400, 5), (40, 16, 3)])
+def test_native_int8_kernel_is_exact_on_quantized_activations(n: int, k: int, m: int) -> None:
+    """The AVX2 kernel: integer dot products of the int8 weights with the int8 activations of each block of 32,
+    scaled in fp32. Against the same sum in fp64 it may differ by fp32 rounding only (1e-5 of the row's scale);
+    K % 32 == 16 (a last half block), a zero activation row, and rows split over 2 threads (n >= 1024) included."""
+    native_kernel_here()
+    t = quant.quantize_weight("w", weights(n, k, seed=k), quant.QuantSpec("int8"))
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * torch.logspace(-2, 1, k)
+    x[-1] = 0.0 if m > 1 else x[-1]
+    xq, xs = q8_activations(x)
+    wq = F.pad(t["w.qweight"].double(), (0, xq.shape[1] * 32 - k)).reshape(n, -1, 32)
+    ref = torch.einsum("mbi,nbi,mb->mn", xq.double(), wq, xs[..., 0].double()) * t["w.scales"].double()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        got = linear(x, t, "w")
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    scale = (xq.abs().double() * xs.double()).reshape(m, -1)[:, :k] @ t["w.qweight"].double().abs().t()
+    assert ((got.double() - ref).abs() <= 1e-5 * (scale * t["w.scales"].double() + 1e-30)).all()
+
+
+def test_native_int8_kernel_within_the_activation_rounding_bound() -> None:
+    """Against x @ dequantized^T (exact fp32 activations), the kernel's only error is the rounding of each
+    activation to its block's step: |error| <= sum over blocks b of (amax_b / 254) * sum_{i in b} |w_i|."""
+    native_kernel_here()
+    n, k = 64, 320
+    t = quant.quantize_weight("w", weights(n, k, seed=5), quant.QuantSpec("int8"))
+    x = torch.randn(4, k, generator=torch.Generator().manual_seed(9)) * 3
+    w = quant.dequantize_weight(t, "w").double()
+    ref = x.double() @ w.t()
+    _, xs = q8_activations(x)
+    half_step = (xs[..., 0].double() / 2).repeat_interleave(32, dim=1)[:, :k]
+    bound = half_step @ w.abs().t()
+    err = (linear(x, t, "w").double() - ref).abs()
+    assert (err <= bound * (1 + 1e-4) + 1e-6).all()
+    assert err.max() > 0  # the activations were rounded: the test can tell the kernels apart
 
 
 @pytest.mark.parametrize("dtype,m", [(torch.float32, 1), (torch.float32, 7), (torch.float16, 7), (torch.float16, 1)])
@@ -273,3 +341,24 @@ def test_quantized_split_with_a_model_dtype_it_cannot_honour(models: dict[str, P
     assert len(errors) == 1 and "model.dtype=fp16 cannot be honoured by this int4-g64 split" in errors[0], \
         proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_int8_kernel_where_it_cannot_be_built(models: dict[str, Path], tmp_path: Path) -> None:
+    """No C compiler (CC names none, an empty kernel cache): model.kernel=auto runs torch's int8 kernel and the run
+    record says so; model.kernel=native is one line saying why it cannot, on every rank's behalf, and no traceback."""
+    shards = split(models["llama-gqa"], tmp_path / "shards", 2, None, **fmt_args("int8"))
+    env = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
+    base = ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.shards={shards}", "prompt_ids=[1,2,3]",
+            "generation.max_new_tokens=2", "output.results=null"]
+    out = tmp_path / "run.json"
+    proc = mpirun(2, [*base, f"output.json={out}"], timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())["weights"]["kernel"] == "torch"
+    proc = mpirun(2, [*base, "model.kernel=native"], timeout=120, env=env)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+    assert len(errors) == 1 and "model.kernel=native: the int8 kernel cannot be used here: no C compiler" in errors[0], \
+        proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "cache" / "tpi_mpi" / "kernels").exists() or \
+        not any((tmp_path / "cache" / "tpi_mpi" / "kernels").iterdir())  # no half-built library left

@@ -17,6 +17,7 @@ from tpi_mpi.weights.formats import make_spec
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
+MODEL_KERNELS = ("auto", "native", "torch")  # model.kernel, see models/linear.py
 # baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines/harness.py)
 BASELINES = ("transformers", "accelerate", "pipeline")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).
@@ -35,6 +36,7 @@ class ModelConfig:
     verify_checksums: str = "xxh3"  # xxh3 (fast, default), sha256, none (sizes only)
     quant: str = "none"  # linear weights of automatic splits: none (float), int8, int4 (weights/quant.py)
     group_size: int | None = None  # int4 only: input columns per scale (32, 64, 128); null = quant's default
+    kernel: str = "auto"  # int8 matmuls: auto (hand-written AVX2 kernel where it builds, else torch's), native, torch
 
 
 @dataclass(frozen=True)
@@ -328,6 +330,8 @@ def validate(cfg: RunConfig, env: dict[str, str] | None = None) -> None:
     if cfg.model.dtype not in WEIGHT_DTYPES:
         raise UserError(f"unknown model.dtype={cfg.model.dtype!r}: choose one of {', '.join(WEIGHT_DTYPES)}")
     make_spec(cfg.model.quant, cfg.model.group_size)  # unknown format or group size: one line
+    if cfg.model.kernel not in MODEL_KERNELS:
+        raise UserError(f"unknown model.kernel={cfg.model.kernel!r}: choose one of {', '.join(MODEL_KERNELS)}")
     if cfg.model.path is None and cfg.model.shards is None:
         raise UserError("no model: set model.path=HF_CHECKPOINT_DIR and/or model.shards=SPLIT_DIR")
     _validate_memory(cfg.memory)

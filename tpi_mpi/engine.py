@@ -31,6 +31,7 @@ from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.errors import UserError
 from tpi_mpi.faults import fail_point
 from tpi_mpi.models.head import LMHead, head_entries
+from tpi_mpi.models.linear import int8_kernel
 from tpi_mpi.models.llama import ShardedDecoder, Span, rms_norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
@@ -199,8 +200,11 @@ class Engine:
         """How the weights are stored and computed: the run record's `weights`, the summary line's weights=."""
         dtype = str(self.decoder.layers[0].dtype if self.decoder.layers else torch.float32).removeprefix("torch.")
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
-        return {**self.quant.to_json(), "float_dtype": short,
-                "label": self.quant.label if self.quant.quantized else short}
+        record = {**self.quant.to_json(), "float_dtype": short,
+                  "label": self.quant.label if self.quant.quantized else short}
+        if self.quant.quantized:  # which matmul ran the packed weights (model.kernel)
+            record["kernel"] = int8_kernel() if self.quant.format == "int8" else "torch"
+        return record
 
     def close(self) -> None:
         """Stop the watchdog and the prefetcher's thread (both idempotent)."""

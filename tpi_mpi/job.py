@@ -104,6 +104,17 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any, max_batch: int = 1) -> Any
     return plan
 
 
+def _select_kernel(kind: str) -> str | None:
+    """model.kernel on this rank (each rank builds or finds the kernel for its own CPU): None, or why not."""
+    from tpi_mpi.models.linear import select_kernel
+
+    try:
+        select_kernel(kind)
+    except UserError as exc:
+        return str(exc)
+    return None
+
+
 def open_engine(comm: MPI.Comm, cfg: Any, max_batch: int = 1) -> tuple[Any, Path]:
     """Every rank: the split (made on first use), its shard checked, its memory planned, and its engine: the
     Master on rank 0, a Worker elsewhere, with its streamed window filled. Returns (engine, split folder).
@@ -126,6 +137,7 @@ def open_engine(comm: MPI.Comm, cfg: Any, max_batch: int = 1) -> tuple[Any, Path
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
+    agree_or_abort(comm, _select_kernel(cfg.model.kernel) if shard.quant.format == "int8" else None)
     plan = memory_plan(comm, shard, cfg, max_batch)
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time

@@ -1,7 +1,7 @@
 """Decoding and prefill at every weight format against the memory-bandwidth bound, measured side by side.
 
     nice -n 10 python -m tpi_mpi.bench.formats [--preset llama2-7b] [--layers 4] [--world-sizes 1,2]
-        [--formats fp32,fp16,int8,int4-g32,int4-g64,int4-g128] [--prompt-tokens 16] [--new-tokens 16]
+        [--formats fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g128] [--prompt-tokens 16] [--new-tokens 16]
         [--repeats 3] [--workdir bench_out/tp_latency]
     nice -n 10 python -m tpi_mpi.bench.formats --stream70b [--layers 4] [--workdir bench_out/memory]
 
@@ -9,7 +9,8 @@ Default mode: the random-weight checkpoint of bench.tp_latency (the preset's rea
 fp32; made once in the same cache folder and reused), split once per format and world size; then for each
 repeat, every (world size, format) in turn (interleaved, so slow drifts of the machine hit all rows alike), one
 `mpirun -n N python -m tpi_mpi.run` with resident weights, torch threads = cores / N (2 threads in all here),
-greedy, exactly --new-tokens tokens. Columns (medians over repeats):
+greedy, exactly --new-tokens tokens. A format FMT@KERNEL runs FMT's split with model.kernel=KERNEL (int8@torch:
+torch's int8 kernel beside the hand-written one that model.kernel=auto picks). Columns (medians over repeats):
     TTFT ms        prefill of the prompt and the first token
     token ms       per-run median latency of the later tokens
     MB/token/rank  weight bytes one decoding step reads per rank: every layer block and its lm_head rows
@@ -87,8 +88,13 @@ def read_bandwidth(threads: int, gib: float = 2.0, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+def split_format(fmt: str) -> str:
+    """The weight format of a --formats entry (FMT or FMT@KERNEL)."""
+    return fmt.partition("@")[0]
+
+
 def family(fmt: str) -> str:
-    return fmt.split("-")[0]
+    return split_format(fmt).split("-")[0]
 
 
 def main_decode(a: argparse.Namespace) -> int:
@@ -96,9 +102,9 @@ def main_decode(a: argparse.Namespace) -> int:
     sizes = [int(x) for x in a.world_sizes.split(",")]
     fmts = a.formats.split(",")
     for f in fmts:
-        parse_weight_format(f)
+        parse_weight_format(split_format(f))
     model = ensure_checkpoint(workdir, a.preset, a.layers)
-    shards = {(n, f): ensure_format_split(workdir, model, n, f) for n in sizes for f in fmts}
+    shards = {(n, f): ensure_format_split(workdir, model, n, split_format(f)) for n in sizes for f in fmts}
     ids = prompt_ids(a.prompt_tokens)
     load0 = os.getloadavg()[0]
     bw = read_bandwidth(cores())
@@ -113,7 +119,9 @@ def main_decode(a: argparse.Namespace) -> int:
             out = workdir / "runs" / f"{stamp}-formats-n{n}-{f}-r{rep}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             loads.append(os.getloadavg()[0])
-            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout)
+            kernel = f.partition("@")[2]
+            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout,
+                          [f"model.kernel={kernel}"] if kernel else None)
             runs[(n, f)].append(rec)
             with open(jsonl, "a") as fh:
                 fh.write(json.dumps({"bench": "formats", "world_size": n, "format": f, "repeat": rep,
@@ -217,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="llama2-7b")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--world-sizes", default="1,2")
-    p.add_argument("--formats", default="fp32,fp16,int8,int4-g32,int4-g64,int4-g128")
+    p.add_argument("--formats", default="fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g128")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)

@@ -2,11 +2,11 @@
 
 Decode (one token) reads every weight once, so a format's speed is bytes/s of its weights through its
 matrix-vector kernel; prefill (a prompt of q tokens) is FLOP/s of the same kernel on q rows, given relative to
-fp32's. The kernels are torch's own, called as the quantized decoder calls them (activations in bf16 where the
-kernel needs it):
+fp32's. The kernels are called as the quantized decoder calls them (activations in bf16 where the kernel needs it):
 
     fp32, fp16, bf16   F.linear(x, W) with x in W's dtype
-    int8               torch.ops.aten._weight_int8pack_mm(x bf16, W int8 [N, K], scales bf16 [N])
+    int8               models/linear.py's linear(): the hand-written AVX2 kernel (kernels/q8_avx2.c) where it
+                       builds, else torch.ops.aten._weight_int8pack_mm (model.kernel=auto)
     int4-gG            torch.ops.aten._weight_int4pack_mm_for_cpu(x bf16, W packed uint8 [N, K/2], G,
                        scales_and_zeros bf16 [K/G, N, 2])
 
@@ -48,10 +48,13 @@ def format_kernel(fmt: WeightFormat, copies: int) -> tuple[Callable[[Any, Any], 
         q = torch.randint(-127, 128, (N_OUT, K_IN), dtype=torch.int8)
         s = (torch.rand(N_OUT) / 127).to(torch.bfloat16)
 
-        def int8(x: Any, m: Any) -> Any:
-            return torch.ops.aten._weight_int8pack_mm(x, m[0], m[1])
+        from tpi_mpi.models.linear import linear as run_linear
 
-        return int8, [(q, s)] + [(q.clone(), s.clone()) for _ in range(copies - 1)], torch.bfloat16
+        def int8(x: Any, m: Any) -> Any:
+            return run_linear(x, m, "w")
+
+        copy = {"w.qweight": q, "w.scales": s}
+        return int8, [copy] + [{k: v.clone() for k, v in copy.items()} for _ in range(copies - 1)], torch.float32
     assert fmt.name == "int4" and fmt.group_size is not None
     g = fmt.group_size
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(

@@ -1,0 +1,99 @@
+"""The hand-written C kernels (q8_avx2.c): built with the machine's C compiler on first use, loaded with ctypes.
+
+    int8 weights x int8-quantized activations (AVX2)   q8_avx2.c says why torch's kernel is not enough
+
+The shared library is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a hash of the
+source, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
+together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
+loads a half-written library. Where it cannot be had (not x86-64 with AVX2 and FMA, no compiler, the build
+failed), `load()` returns None and `unavailable_reason()` says why; models/linear.py then uses torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = Path(__file__).with_name("q8_avx2.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11"]
+BLOCK = 32  # activations are quantized in blocks of 32 (q8_avx2.c)
+
+_lib: ctypes.CDLL | None = None
+_reason: str | None = None
+_tried = False
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpi_mpi" / "kernels"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _build() -> Path:
+    """The path of the built library: from the cache, else compiled now. Raises RuntimeError saying why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise RuntimeError(f"the kernel is for x86-64 (AVX2); this machine is {platform.machine()}")
+    missing = {"avx2", "fma"} - _cpu_flags()
+    if missing:
+        raise RuntimeError(f"this CPU lacks {', '.join(sorted(missing))}")
+    named = os.environ.get("CC")
+    cc = shutil.which(named) if named else shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise RuntimeError(f"no C compiler to build it (CC={named} is not one)" if named else
+                           "no C compiler to build it (cc or gcc; or set CC)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    out = cache_dir() / f"q8_avx2-{key}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
+    os.close(fd)
+    try:
+        p = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        if p.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def load() -> ctypes.CDLL | None:
+    """The kernels' library, or None where it cannot be had (unavailable_reason() says why). Tried once."""
+    global _lib, _reason, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    try:
+        lib = ctypes.CDLL(str(_build()))
+    except (RuntimeError, OSError) as e:
+        _reason = str(e)
+        return None
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.q8_quantize.argtypes = [p, i64, i64, p, p]
+    lib.q8_quantize.restype = None
+    lib.q8_matmul_int8.argtypes = [p, p, i64, i64, i64, p, p, i64, p, i64]
+    lib.q8_matmul_int8.restype = None
+    _lib = lib
+    return lib
+
+
+def unavailable_reason() -> str | None:
+    load()
+    return _reason
