@@ -13,6 +13,9 @@ that bf16 rounding may flip, the trained model has none (tests/test_quality.py).
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,7 +93,7 @@ def torch_kernels() -> Iterator[None]:
 @pytest.mark.parametrize("m", [1, 5])
 def test_torch_packed_kernel_equals_the_dequantized_weights(torch_kernels: None, fmt: str, m: int) -> None:
     """torch's kernel computes x @ dequantized^T on x rounded to bf16, to bf16 output rounding (2^-8 relative)."""
-    spec = quant.QuantSpec("int4", int(fmt.split("-")[1])) if fmt != "int8" else quant.QuantSpec("int8")
+    spec = quant.QuantSpec("int4", int(fmt.split("-")[1]), "torch") if fmt != "int8" else quant.QuantSpec("int8")
     n, k = 96, 256
     t = quant.quantize_weight("w", weights(n, k, seed=3), spec)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
@@ -119,18 +122,39 @@ def native_kernel_here() -> bool:
     return True
 
 
-@pytest.mark.parametrize("n,k,m", [(96, 256, 1), (33, 112, 1), (1104, 4096, 1), (1104, 400, 5), (40, 16, 3)])
-def test_native_int8_kernel_is_exact_on_quantized_activations(n: int, k: int, m: int) -> None:
-    """The AVX2 kernel: integer dot products of the int8 weights with the int8 activations of each block of 32,
-    scaled in fp32. Against the same sum in fp64 it may differ by fp32 rounding only (1e-5 of the row's scale);
-    K % 32 == 16 (a last half block), a zero activation row, and rows split over 2 threads (n >= 1024) included."""
+NATIVE_CASES = [("int8", 96, 256, 1), ("int8", 33, 112, 1), ("int8", 1104, 4096, 1), ("int8", 1104, 400, 5),
+                ("int8", 40, 16, 3), ("int4-32", 96, 256, 1), ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
+                ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
+
+
+def spec_of(fmt: str) -> quant.QuantSpec:
+    return quant.QuantSpec("int4", int(fmt.split("-")[1])) if fmt != "int8" else quant.QuantSpec("int8")
+
+
+def term_magnitudes(t: dict[str, torch.Tensor], k: int) -> torch.Tensor:
+    """fp64 [N, K]: how large each weight's terms in the kernel's sums can be (int8: |w|; int4: the q * scale and
+    the zero - 8 scale parts), the scale of its fp32 rounding."""
+    if "w.scales" in t:
+        return quant.dequantize_weight(t, "w").double().abs()
+    sz = t["w.scales_zeros"].double()
+    s, z = sz[..., 0].t(), sz[..., 1].t()
+    return (23 * s + z.abs()).repeat_interleave(k // sz.shape[0], dim=1)
+
+
+@pytest.mark.parametrize("fmt,n,k,m", NATIVE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-m{c[3]}" for c in NATIVE_CASES])
+def test_native_kernel_is_exact_on_quantized_activations(fmt: str, n: int, k: int, m: int) -> None:
+    """The AVX2 kernels: integer dot products of the int8 / int4 weights with the int8 activations of each block
+    of 32, scaled in fp32. Against x_q @ dequantized^T in fp64 (x_q: the activations as the kernel quantized them)
+    they may differ by fp32 rounding only: 1e-5 of the sum of the terms' magnitudes. K % 32 == 16 (int8's last
+    half block), a zero activation row, several rows, and output rows split over 2 threads (n >= 1024) included."""
     native_kernel_here()
-    t = quant.quantize_weight("w", weights(n, k, seed=k), quant.QuantSpec("int8"))
+    t = quant.quantize_weight("w", weights(n, k, seed=k), spec_of(fmt))
+    assert t["w.qweight"].dim() == (3 if fmt != "int8" else 2)  # int4 in the rows layout
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * torch.logspace(-2, 1, k)
     x[-1] = 0.0 if m > 1 else x[-1]
     xq, xs = q8_activations(x)
-    wq = F.pad(t["w.qweight"].double(), (0, xq.shape[1] * 32 - k)).reshape(n, -1, 32)
-    ref = torch.einsum("mbi,nbi,mb->mn", xq.double(), wq, xs[..., 0].double()) * t["w.scales"].double()
+    x_q = (xq.double() * xs.double()).reshape(m, -1)[:, :k]
+    ref = x_q @ quant.dequantize_weight(t, "w").double().t()
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
@@ -138,16 +162,18 @@ def test_native_int8_kernel_is_exact_on_quantized_activations(n: int, k: int, m:
     finally:
         torch.set_num_threads(threads)
     assert got.dtype == torch.float32 and got.shape == (m, n)
-    scale = (xq.abs().double() * xs.double()).reshape(m, -1)[:, :k] @ t["w.qweight"].double().abs().t()
-    assert ((got.double() - ref).abs() <= 1e-5 * (scale * t["w.scales"].double() + 1e-30)).all()
+    assert ((got.double() - ref).abs() <= 1e-5 * (x_q.abs() @ term_magnitudes(t, k).t()) + 1e-30).all()
+    if m > 1:
+        assert (got[-1] == 0).all()
 
 
-def test_native_int8_kernel_within_the_activation_rounding_bound() -> None:
+@pytest.mark.parametrize("fmt", ["int8", "int4-64"])
+def test_native_kernel_within_the_activation_rounding_bound(fmt: str) -> None:
     """Against x @ dequantized^T (exact fp32 activations), the kernel's only error is the rounding of each
     activation to its block's step: |error| <= sum over blocks b of (amax_b / 254) * sum_{i in b} |w_i|."""
     native_kernel_here()
-    n, k = 64, 320
-    t = quant.quantize_weight("w", weights(n, k, seed=5), quant.QuantSpec("int8"))
+    n, k = 64, 320 if fmt == "int8" else 384
+    t = quant.quantize_weight("w", weights(n, k, seed=5), spec_of(fmt))
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(9)) * 3
     w = quant.dequantize_weight(t, "w").double()
     ref = x.double() @ w.t()
@@ -155,7 +181,7 @@ def test_native_int8_kernel_within_the_activation_rounding_bound() -> None:
     half_step = (xs[..., 0].double() / 2).repeat_interleave(32, dim=1)[:, :k]
     bound = half_step @ w.abs().t()
     err = (linear(x, t, "w").double() - ref).abs()
-    assert (err <= bound * (1 + 1e-4) + 1e-6).all()
+    assert (err <= bound * (1 + 1e-4) + 1e-5 * (x.double().abs() @ term_magnitudes(t, k).t())).all()
     assert err.max() > 0  # the activations were rounded: the test can tell the kernels apart
 
 
@@ -208,7 +234,7 @@ CASES = [
     ("llama-gqa", 1, None, "int4-128"),
     ("llama-gqa", 2, None, "int4-64"),
     ("qwen2-bias", 3, None, "int4-64"),
-    ("qwen2-bias", 2, [0.6, 0.4], "int4-32"),
+    ("qwen2-bias", 2, [0.6, 0.4], "int4-32@torch"),  # torch's int4 layout and kernel
     ("llama-bias", 3, None, "int4-64"),
 ]
 
@@ -221,8 +247,10 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 def fmt_args(fmt: str) -> dict:
+    """split()'s arguments for FMT or FMT@KERNEL (int4-64@torch: torch's int4 layout)."""
+    fmt, _, kernel = fmt.partition("@")
     name, _, g = fmt.partition("-")
-    return {"quant_format": name, "group_size": int(g) if g else None}
+    return {"quant_format": name, "group_size": int(g) if g else None, "kernel": kernel or "auto"}
 
 
 def reference(model_dir: Path) -> tuple[np.ndarray, list[int], list[float]]:
@@ -287,8 +315,17 @@ def test_packed_blocks_are_smaller_by_their_bytes_per_weight(models: dict[str, P
     assert 0.13 < sizes["int4-64"] / sizes["none"] < 0.16  # 0.5 + 4/64 bytes of 4
 
 
+def test_int4_layout_and_model_kernel_must_agree() -> None:
+    """The rows layout is read by the AVX2 kernel only, torch's by torch's: the other choice is one line."""
+    with pytest.raises(UserError, match="model.kernel=torch cannot run this split: its int4 weights are in the AVX2"):
+        select_kernel("torch", quant.QuantSpec("int4", 64, "rows"))
+    with pytest.raises(UserError, match="model.kernel=native cannot run this split: its int4 weights are in torch's"):
+        select_kernel("native", quant.QuantSpec("int4", 64, "torch"))
+    select_kernel("auto")
+
+
 def test_int4_split_from_another_kernel_layout_is_refused(models: dict[str, Path], tmp_path: Path) -> None:
-    shards = split(models["qwen2-bias"], tmp_path / "s", 1, None, **fmt_args("int4-64"))
+    shards = split(models["qwen2-bias"], tmp_path / "s", 1, None, **fmt_args("int4-64@torch"))
     path = shards / "rank_0" / "manifest.json"
     manifest = json.loads(path.read_text())
     manifest["quant"]["int4_layout"] = "0" * 16  # as if packed where torch packs int4 in other blocks
@@ -343,22 +380,39 @@ def test_quantized_split_with_a_model_dtype_it_cannot_honour(models: dict[str, P
     assert "Traceback" not in proc.stderr
 
 
-def test_int8_kernel_where_it_cannot_be_built(models: dict[str, Path], tmp_path: Path) -> None:
+def test_kernels_where_they_cannot_be_built(models: dict[str, Path], tmp_path: Path) -> None:
     """No C compiler (CC names none, an empty kernel cache): model.kernel=auto runs torch's int8 kernel and the run
-    record says so; model.kernel=native is one line saying why it cannot, on every rank's behalf, and no traceback."""
-    shards = split(models["llama-gqa"], tmp_path / "shards", 2, None, **fmt_args("int8"))
+    record says so; model.kernel=native, and an int4 split in the AVX2 kernel's rows layout, are one line each
+    saying why not, and no traceback; a split made there with --kernel auto takes torch's int4 layout."""
     env = {"CC": str(tmp_path / "no-such-cc"), "XDG_CACHE_HOME": str(tmp_path / "cache")}
-    base = ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.shards={shards}", "prompt_ids=[1,2,3]",
-            "generation.max_new_tokens=2", "output.results=null"]
+
+    def run(shards: Path, *extra: str) -> subprocess.CompletedProcess:
+        return mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra", f"model.shards={shards}",
+                          "prompt_ids=[1,2,3]", "generation.max_new_tokens=2", "output.results=null", *extra],
+                      timeout=120, env=env)
+
+    def one_line(proc: subprocess.CompletedProcess, message: str) -> None:
+        assert proc.returncode != 0
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
+        assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
+        assert "Traceback" not in proc.stderr
+
+    int8 = split(models["llama-gqa"], tmp_path / "int8", 2, None, **fmt_args("int8"))
     out = tmp_path / "run.json"
-    proc = mpirun(2, [*base, f"output.json={out}"], timeout=120, env=env)
+    proc = run(int8, f"output.json={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())["weights"]["kernel"] == "torch"
-    proc = mpirun(2, [*base, "model.kernel=native"], timeout=120, env=env)
-    assert proc.returncode != 0
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
-    assert len(errors) == 1 and "model.kernel=native: the int8 kernel cannot be used here: no C compiler" in errors[0], \
-        proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    one_line(run(int8, "model.kernel=native"), "model.kernel=native: the AVX2 kernel cannot be used here: no C "
+             "compiler to build it")
+    native_kernel_here()  # the int4 split below is made in this process, where the kernel builds
+    rows = split(models["llama-gqa"], tmp_path / "int4", 2, None, **fmt_args("int4-64"))
+    one_line(run(rows), "this split's int4 weights are in the AVX2 kernel's rows layout, and that kernel cannot be "
+             "used here: no C compiler")
+    proc = subprocess.run([sys.executable, "-m", "tpi_mpi.split", "--model", str(models["llama-gqa"]), "--out",
+                           str(tmp_path / "int4-there"), "--world-size", "2", "--quant", "int4"],
+                          env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    manifest = json.loads((tmp_path / "int4-there" / "rank_0" / "manifest.json").read_text())
+    assert manifest["quant"]["int4_layout"] == quant.layout_fingerprint()  # torch's layout
     assert not (tmp_path / "cache" / "tpi_mpi" / "kernels").exists() or \
         not any((tmp_path / "cache" / "tpi_mpi" / "kernels").iterdir())  # no half-built library left

@@ -13,11 +13,10 @@ from tpi_mpi.comm.allreduce import ALGORITHMS, WIRE_CHOICES
 from tpi_mpi.emulate.profiles import DeviceProfile, NetworkProfile, device_from_dict, network_from_dict
 from tpi_mpi.errors import UserError
 from tpi_mpi.units import parse_size
-from tpi_mpi.weights.formats import make_spec
+from tpi_mpi.weights.formats import MODEL_KERNELS, make_spec
 
 CHECKSUM_MODES = ("xxh3", "sha256", "none")  # model.verify_checksums, see shards.py
 WEIGHT_DTYPES = ("auto", "fp32", "fp16", "bf16")
-MODEL_KERNELS = ("auto", "native", "torch")  # model.kernel, see models/linear.py
 # baseline=...: run something else than tensor parallelism in the same harness (tpi_mpi/baselines/harness.py)
 BASELINES = ("transformers", "accelerate", "pipeline")
 # What MPICH 5 accepts for MPIR_CVAR_ALLREDUCE_INTRA_ALGORITHM (`mpivars` lists them).

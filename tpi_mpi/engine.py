@@ -31,7 +31,7 @@ from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.errors import UserError
 from tpi_mpi.faults import fail_point
 from tpi_mpi.models.head import LMHead, head_entries
-from tpi_mpi.models.linear import int8_kernel
+from tpi_mpi.models.linear import kernel_name
 from tpi_mpi.models.llama import ShardedDecoder, Span, rms_norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
@@ -203,7 +203,7 @@ class Engine:
         record = {**self.quant.to_json(), "float_dtype": short,
                   "label": self.quant.label if self.quant.quantized else short}
         if self.quant.quantized:  # which matmul ran the packed weights (model.kernel)
-            record["kernel"] = int8_kernel() if self.quant.format == "int8" else "torch"
+            record["kernel"] = kernel_name(self.quant)
         return record
 
     def close(self) -> None:

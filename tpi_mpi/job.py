@@ -17,7 +17,7 @@ from mpi4py import MPI
 
 from tpi_mpi.errors import UserError, agree_or_abort
 from tpi_mpi.faults import fail_point
-from tpi_mpi.weights.formats import make_spec
+from tpi_mpi.weights.formats import QuantSpec, make_spec
 
 
 def set_threads(comm: MPI.Comm, threads: int | None) -> None:
@@ -42,6 +42,8 @@ def shard_dir(cfg: Any, world_size: int) -> Path:
     spec = make_spec(cfg.model.quant, cfg.model.group_size)
     if spec.quantized:  # a float split and a packed one of the same model live side by side
         tag += f"-{spec.label}"
+        if spec.format == "int4" and cfg.model.kernel != "auto":  # the layout follows model.kernel
+            tag += f"-{cfg.model.kernel}"
     if cfg.model.ratios:
         tag += "-r" + "_".join(f"{r:g}" for r in cfg.model.ratios)
     return Path(cfg.model.cache_dir) / re.sub(r"[^A-Za-z0-9_.=-]", "_", tag)
@@ -64,7 +66,7 @@ def prepare_shards(comm: MPI.Comm, cfg: Any, world_size: int | None = None) -> P
             try:
                 split(cfg.model.path, path, world_size, list(cfg.model.ratios) if cfg.model.ratios else None,
                       "auto" if cfg.model.dtype == "auto" else cfg.model.dtype,
-                      quant_format=cfg.model.quant, group_size=cfg.model.group_size)
+                      quant_format=cfg.model.quant, group_size=cfg.model.group_size, kernel=cfg.model.kernel)
             except UserError as exc:
                 error = str(exc)
     wait_for_all(comm)
@@ -104,12 +106,15 @@ def memory_plan(comm: MPI.Comm, shard: Any, cfg: Any, max_batch: int = 1) -> Any
     return plan
 
 
-def _select_kernel(kind: str) -> str | None:
-    """model.kernel on this rank (each rank builds or finds the kernel for its own CPU): None, or why not."""
+def _select_kernel(kind: str, spec: QuantSpec) -> str | None:
+    """model.kernel on this rank (each rank builds or finds the kernel for its own CPU), for the split's format:
+    None, or why it cannot run."""
     from tpi_mpi.models.linear import select_kernel
 
+    if not spec.quantized:
+        return None
     try:
-        select_kernel(kind)
+        select_kernel(kind, spec)
     except UserError as exc:
         return str(exc)
     return None
@@ -137,7 +142,7 @@ def open_engine(comm: MPI.Comm, cfg: Any, max_batch: int = 1) -> tuple[Any, Path
         r = next(r for r, i in enumerate(ids) if i != ids[0])
         foreign = f"{path}/rank_{r} comes from another split than rank_0: split the model again"
     agree_or_abort(comm, foreign)
-    agree_or_abort(comm, _select_kernel(cfg.model.kernel) if shard.quant.format == "int8" else None)
+    agree_or_abort(comm, _select_kernel(cfg.model.kernel, shard.quant))
     plan = memory_plan(comm, shard, cfg, max_batch)
     links = None
     if cfg.emulation.links == "software":  # every allreduce message waits for its modelled delivery time

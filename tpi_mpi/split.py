@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from tpi_mpi.errors import UserError, main_guard
-from tpi_mpi.weights.formats import DEFAULT_GROUP_SIZE, FORMATS, GROUP_SIZES, make_spec
+from tpi_mpi.weights.formats import DEFAULT_GROUP_SIZE, FORMATS, GROUP_SIZES, MODEL_KERNELS, make_spec
 from tpi_mpi.weights.split import DTYPES, split
 from tpi_mpi.weights.split import __doc__ as SPLIT_DOC
 
@@ -39,11 +39,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=None,
                    help=f"int4 only: input columns per group, one of {', '.join(map(str, GROUP_SIZES))} "
                         f"(default {DEFAULT_GROUP_SIZE})")
+    p.add_argument("--kernel", default="auto", metavar="{" + ",".join(MODEL_KERNELS) + "}",
+                   help="int4 only, the kernel its layout is for: auto = the AVX2 kernel's rows layout where that "
+                        "kernel builds here (x86-64 with AVX2 and a C compiler), else torch's; native = the rows "
+                        "layout or an error; torch = torch's layout (which depends on the CPU's vector width)")
     p.add_argument("--force", action="store_true", help="replace OUT once the new split is complete")
     args = p.parse_args(argv)
     try:
         out = split(args.model, args.out, args.world_size, parse_ratios(args.ratios), args.dtype,
-                    args.force, quiet=False, quant_format=args.quant, group_size=args.group_size)
+                    args.force, quiet=False, quant_format=args.quant, group_size=args.group_size, kernel=args.kernel)
     except UserError as exc:
         print(f"tpi_mpi: error: {exc}", file=sys.stderr)  # the one error line every entry point prints
         return 2

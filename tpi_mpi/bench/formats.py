@@ -1,16 +1,17 @@
 """Decoding and prefill at every weight format against the memory-bandwidth bound, measured side by side.
 
     nice -n 10 python -m tpi_mpi.bench.formats [--preset llama2-7b] [--layers 4] [--world-sizes 1,2]
-        [--formats fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g128] [--prompt-tokens 16] [--new-tokens 16]
-        [--repeats 3] [--workdir bench_out/tp_latency]
+        [--formats fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g64@torch,int4-g128]
+        [--prompt-tokens 16] [--new-tokens 16] [--repeats 3] [--workdir bench_out/tp_latency]
     nice -n 10 python -m tpi_mpi.bench.formats --stream70b [--layers 4] [--workdir bench_out/memory]
 
 Default mode: the random-weight checkpoint of bench.tp_latency (the preset's real layer shapes, --layers of them,
 fp32; made once in the same cache folder and reused), split once per format and world size; then for each
 repeat, every (world size, format) in turn (interleaved, so slow drifts of the machine hit all rows alike), one
 `mpirun -n N python -m tpi_mpi.run` with resident weights, torch threads = cores / N (2 threads in all here),
-greedy, exactly --new-tokens tokens. A format FMT@KERNEL runs FMT's split with model.kernel=KERNEL (int8@torch:
-torch's int8 kernel beside the hand-written one that model.kernel=auto picks). Columns (medians over repeats):
+greedy, exactly --new-tokens tokens. A format FMT@KERNEL runs FMT with model.kernel=KERNEL (int8@torch,
+int4-g64@torch: torch's kernels, int4 on a split in torch's layout, beside the hand-written ones that
+model.kernel=auto picks). Columns (medians over repeats):
     TTFT ms        prefill of the prompt and the first token
     token ms       per-run median latency of the later tokens
     MB/token/rank  weight bytes one decoding step reads per rank: every layer block and its lm_head rows
@@ -45,16 +46,20 @@ TTFT_FP32_MS = 190.0
 BOUND_RATIO = 1.2
 
 
-def ensure_format_split(workdir: Path, model: Path, n: int, fmt: str) -> Path:
+def ensure_format_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
+    """The split of a --formats entry (FMT or FMT@KERNEL: int4's layout follows the kernel; int8 has one)."""
     from tpi_mpi.weights.split import split
 
-    # fp32 keeps bench.tp_latency's name, so that its splits are reused
-    out = workdir / "shards" / (f"{model.name}-n{n}" if fmt == "fp32" else f"{model.name}-n{n}-{fmt}")
+    fmt, _, kernel = entry.partition("@")
+    dtype, spec = parse_weight_format(fmt)
+    name = f"{model.name}-n{n}" if fmt == "fp32" else f"{model.name}-n{n}-{fmt}"  # fp32: bench.tp_latency's
+    if kernel and spec.format == "int4":
+        name += f"-{kernel}"
+    out = workdir / "shards" / name
     if not out.is_dir():  # split renames into place only when complete
-        dtype, spec = parse_weight_format(fmt)
-        print(f"splitting {model} for N={n} as {fmt} ...", file=sys.stderr, flush=True)
+        print(f"splitting {model} for N={n} as {entry} ...", file=sys.stderr, flush=True)
         split(model, out, n, dtype="auto" if dtype == "fp32" else dtype, quant_format=spec.format,
-              group_size=spec.group_size)
+              group_size=spec.group_size, kernel=kernel or "auto")
     return out
 
 
@@ -104,7 +109,7 @@ def main_decode(a: argparse.Namespace) -> int:
     for f in fmts:
         parse_weight_format(split_format(f))
     model = ensure_checkpoint(workdir, a.preset, a.layers)
-    shards = {(n, f): ensure_format_split(workdir, model, n, split_format(f)) for n in sizes for f in fmts}
+    shards = {(n, f): ensure_format_split(workdir, model, n, f) for n in sizes for f in fmts}
     ids = prompt_ids(a.prompt_tokens)
     load0 = os.getloadavg()[0]
     bw = read_bandwidth(cores())
@@ -225,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--preset", default="llama2-7b")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--world-sizes", default="1,2")
-    p.add_argument("--formats", default="fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g128")
+    p.add_argument("--formats", default="fp32,fp16,int8,int8@torch,int4-g32,int4-g64,int4-g64@torch,int4-g128")
     p.add_argument("--prompt-tokens", type=int, default=16)
     p.add_argument("--new-tokens", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)

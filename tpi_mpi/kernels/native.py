@@ -1,6 +1,7 @@
 """The hand-written C kernels (q8_avx2.c): built with the machine's C compiler on first use, loaded with ctypes.
 
-    int8 weights x int8-quantized activations (AVX2)   q8_avx2.c says why torch's kernel is not enough
+    int8 weights, and int4 in the rows layout, x int8-quantized activations (AVX2)
+                                                       q8_avx2.c says why torch's kernels are not enough
 
 The shared library is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a hash of the
 source, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
@@ -19,6 +20,11 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+import torch
+
+from tpi_mpi.errors import UserError
+from tpi_mpi.kernels import rows
 
 SOURCE = Path(__file__).with_name("q8_avx2.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11"]
@@ -90,6 +96,10 @@ def load() -> ctypes.CDLL | None:
     lib.q8_quantize.restype = None
     lib.q8_matmul_int8.argtypes = [p, p, i64, i64, i64, p, p, i64, p, i64]
     lib.q8_matmul_int8.restype = None
+    lib.q8_group_sums.argtypes = [p, p, i64, i64, i64, p]
+    lib.q8_group_sums.restype = None
+    lib.q8_matmul_int4.argtypes = [p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64]
+    lib.q8_matmul_int4.restype = None
     _lib = lib
     return lib
 
@@ -97,3 +107,51 @@ def load() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     load()
     return _reason
+
+
+def _library() -> ctypes.CDLL:
+    lib = load()
+    if lib is None:
+        raise UserError(f"the AVX2 kernel cannot be used here: {_reason}")
+    return lib
+
+
+def _quantize(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (fp32 x, int8 [M, blocks * 32], fp32 scales [M, blocks]), kept alive by the caller."""
+    x32 = x.float().contiguous()
+    m, k = x32.shape
+    blocks = -(-k // BLOCK)
+    xq = torch.empty((m, blocks * BLOCK), dtype=torch.int8)
+    xs = torch.empty((m, blocks), dtype=torch.float32)
+    lib.q8_quantize(x32.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
+    return x32, xq, xs
+
+
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times int8 q [N, K] (bf16 scales [N]): fp32 [M, N], output rows over the rank's threads."""
+    lib = _library()
+    m, k = x.shape
+    n = q.shape[0]
+    q, scales = q.contiguous(), scales.contiguous()
+    _, xq, xs = _quantize(lib, x)
+    y = torch.empty((m, n), dtype=torch.float32)
+    head, tail = (q.data_ptr(), scales.data_ptr(), k), (xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(), n)
+    rows.by_rows(n, lambda a, b: lib.q8_matmul_int8(*head, a, b, *tail))
+    return y
+
+
+def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [K/G, N, 2]: fp32 [M, N]."""
+    lib = _library()
+    m, k = x.shape
+    n, groups = q.shape[0], scales_zeros.shape[0]
+    group = k // groups
+    q, sz = q.contiguous(), scales_zeros.contiguous()
+    _, xq, xs = _quantize(lib, x)
+    xg = torch.empty((m, groups), dtype=torch.float32)
+    lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
+    y = torch.empty((m, n), dtype=torch.float32)
+    head = (q.data_ptr(), sz.data_ptr(), 2 * n, 2, group, k)
+    tail = (xq.data_ptr(), xs.data_ptr(), xg.data_ptr(), m, y.data_ptr(), n)
+    rows.by_rows(n, lambda a, b: lib.q8_matmul_int4(*head, a, b, *tail))
+    return y

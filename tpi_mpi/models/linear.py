@@ -2,8 +2,9 @@
 
     int8 (weights/quant.py)    kernels/q8_avx2.c: activations quantized to int8 in blocks of 32, integer dot
                                products (where it builds: x86-64 with AVX2; model.kernel), else torch's
-    int4                       torch's CPU kernel, bf16 activations (quant.py says why)
-    fp32, one row (decoding)   split by output rows over the rank's threads (float_linear says why)
+    int4, rows layout          kernels/q8_avx2.c likewise (the layout is chosen at split time)
+    int4, torch's layout       torch's CPU kernel, bf16 activations (quant.py says why)
+    fp32, one row (decoding)   split by output rows over the rank's threads (kernels/rows.py says why)
     fp32, several rows         oneDNN (prefill)
     fp16, several rows         oneDNN in fp32 on converted row chunks of the weight (prefill)
     otherwise                  torch.nn.functional.linear
@@ -12,16 +13,13 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 
-from tpi_mpi.config import MODEL_KERNELS
 from tpi_mpi.errors import UserError
-from tpi_mpi.kernels import native
-from tpi_mpi.weights.formats import QuantSpec
+from tpi_mpi.kernels import native, rows
+from tpi_mpi.weights.formats import MODEL_KERNELS, QuantSpec
 from tpi_mpi.weights.quant import quantize_weight
 
 _use_native: bool | None = None  # None: not chosen yet (auto on first use)
@@ -34,29 +32,48 @@ def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torc
     if w is not None:
         return float_linear(x, w, bias)
     q = tensors[f"{name}.qweight"]
-    if q.dtype == torch.int8 and _native_int8() and x.dim() == 2:
-        y = _int8_native(x, q, tensors[f"{name}.scales"]).to(x.dtype)
-        return y + bias if bias is not None else y
-    xb = x.to(torch.bfloat16).contiguous()
-    if q.dtype == torch.int8:
-        y = torch.ops.aten._weight_int8pack_mm(xb, q, tensors[f"{name}.scales"])
+    if q.dim() == 3:  # int4 in the rows layout: only the AVX2 kernel reads it (select_kernel checked it can)
+        y = native.int4_matmul(_rows2d(x), q, tensors[f"{name}.scales_zeros"]).reshape(*x.shape[:-1], -1)
+    elif q.dtype == torch.int8 and _native_int8():
+        y = native.int8_matmul(_rows2d(x), q, tensors[f"{name}.scales"]).reshape(*x.shape[:-1], -1)
     else:
-        sz = tensors[f"{name}.scales_zeros"]
-        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, xb.shape[-1] // sz.shape[0], sz)
+        xb = x.to(torch.bfloat16).contiguous()
+        if q.dtype == torch.int8:
+            y = torch.ops.aten._weight_int8pack_mm(xb, q, tensors[f"{name}.scales"])
+        else:
+            sz = tensors[f"{name}.scales_zeros"]
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, q, xb.shape[-1] // sz.shape[0], sz)
     y = y.to(x.dtype)
     return y + bias if bias is not None else y
 
 
-def select_kernel(kind: str) -> None:
-    """model.kernel: auto (the hand-written int8 kernel where it builds, else torch's), native (it, or one line
-    saying why not), torch (torch's kernels only, e.g. to compare)."""
+def _rows2d(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def select_kernel(kind: str, spec: QuantSpec | None = None) -> None:
+    """model.kernel for this process: auto (the hand-written AVX2 kernels where they build, else torch's), native
+    (them, or one line saying why not), torch (torch's only, e.g. to compare). With the split's `spec`, also
+    checks that its int4 layout can be run: the rows layout needs the AVX2 kernel, torch's layout torch's."""
     global _use_native
     if kind not in MODEL_KERNELS:
         raise UserError(f"model.kernel={kind} is not one of {', '.join(MODEL_KERNELS)}")
-    if kind == "native" and native.load() is None:
-        raise UserError(f"model.kernel=native: the int8 kernel cannot be used here: {native.unavailable_reason()}; "
+    lib = native.load()
+    if spec is not None and spec.format == "int4" and spec.layout == "rows":
+        if kind == "torch":
+            raise UserError("model.kernel=torch cannot run this split: its int4 weights are in the AVX2 kernel's "
+                            "rows layout: set model.kernel=auto, or split again with --kernel torch")
+        if lib is None:
+            raise UserError(f"this split's int4 weights are in the AVX2 kernel's rows layout, and that kernel cannot "
+                            f"be used here: {native.unavailable_reason()}: split again here (tpi_mpi.split "
+                            f"--kernel torch, or model.kernel=torch) for torch's layout")
+    elif spec is not None and spec.format == "int4" and kind == "native":
+        raise UserError("model.kernel=native cannot run this split: its int4 weights are in torch's layout: set "
+                        "model.kernel=auto, or split again with --kernel native")
+    if kind == "native" and lib is None:
+        raise UserError(f"model.kernel=native: the AVX2 kernel cannot be used here: {native.unavailable_reason()}; "
                         "set model.kernel=auto (torch's kernels) or torch")
-    _use_native = kind != "torch" and native.load() is not None
+    _use_native = kind != "torch" and lib is not None
 
 
 def _native_int8() -> bool:
@@ -65,60 +82,16 @@ def _native_int8() -> bool:
     return bool(_use_native)
 
 
-def int8_kernel() -> str:
-    """The kernel int8 weights run on here (the run record's weights.kernel)."""
+def kernel_name(spec: QuantSpec) -> str:
+    """The kernel the packed weights of `spec` run on here (the run record's weights.kernel)."""
+    if spec.format == "int4":
+        return "q8-avx2" if spec.layout == "rows" else "torch"
     return "q8-avx2" if _native_int8() else "torch"
-
-
-def _int8_native(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times int8 q [N, K] with bf16 row scales, by q8_avx2.c: fp32 [M, N]."""
-    lib = native.load()
-    assert lib is not None
-    m, k = x.shape
-    n = q.shape[0]
-    x32, q, scales = x.float().contiguous(), q.contiguous(), scales.contiguous()
-    blocks = -(-k // native.BLOCK)
-    xq = torch.empty((m, blocks * native.BLOCK), dtype=torch.int8)
-    xs = torch.empty((m, blocks), dtype=torch.float32)
-    lib.q8_quantize(x32.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
-    y = torch.empty((m, n), dtype=torch.float32)
-    args = (q.data_ptr(), scales.data_ptr(), k)
-    tail = (xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(), n)
-    _by_rows(n, lambda a, b: lib.q8_matmul_int8(*args, a, b, *tail))
-    return y
-
-
-# fp32 one-token products are split by output rows over the rank's threads: torch's fp32 path for one row of
-# activations (MKL's gemv here) uses one thread however many it has (4096x11008: 7.44 ms at 1 thread, 7.42 at 2),
-# so a rank with 2 threads would read its weights at one thread's bandwidth. Each part is an mm into its own
-# columns of the output, so the result is the same bits as the one-thread product of that part.
-PARALLEL_MIN_ROWS = 512  # per thread: below this the hand-off costs more than it saves
-_pool: ThreadPoolExecutor | None = None
-_pool_threads = 0
 
 
 def _mm_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
     with torch.inference_mode():  # a pool thread does not inherit the caller's mode
         torch.mm(x, w.t(), out=out)
-
-
-def _by_rows(n: int, work: Callable[[int, int], object]) -> None:
-    """work(a, b) for output rows [a, b) split in multiples of 16 over the rank's threads (one part here, the
-    rest in a pool; ctypes and torch release the GIL), or all here when n is too small to pay for the hand-off."""
-    global _pool, _pool_threads
-    threads = torch.get_num_threads()
-    if threads < 2 or n < PARALLEL_MIN_ROWS * threads:
-        work(0, n)
-        return
-    if _pool is None or _pool_threads != threads:
-        if _pool is not None:
-            _pool.shutdown()
-        _pool, _pool_threads = ThreadPoolExecutor(threads - 1, thread_name_prefix="rows"), threads
-    bounds = [n * i // threads // 16 * 16 for i in range(threads)] + [n]
-    parts = [_pool.submit(work, a, b) for a, b in zip(bounds[1:-1], bounds[2:], strict=True)]
-    work(0, bounds[1])
-    for f in parts:
-        f.result()
 
 
 def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -132,12 +105,13 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
 
 
 def _fp32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """One row of fp32 activations: split by output rows over the rank's threads (kernels/rows.py says why)."""
     n = w.shape[0]
-    if torch.get_num_threads() < 2 or n < PARALLEL_MIN_ROWS * torch.get_num_threads():
+    if not rows.worth_splitting(n):
         return F.linear(x, w, bias)
     out = torch.empty((1, n), dtype=x.dtype)
     x = x.contiguous()
-    _by_rows(n, lambda a, b: _mm_into(x, w[a:b], out[:, a:b]))
+    rows.by_rows(n, lambda a, b: _mm_into(x, w[a:b], out[:, a:b]))
     return out + bias if bias is not None else out
 
 

@@ -7,8 +7,9 @@ fp32's. The kernels are called as the quantized decoder calls them (activations 
     fp32, fp16, bf16   F.linear(x, W) with x in W's dtype
     int8               models/linear.py's linear(): the hand-written AVX2 kernel (kernels/q8_avx2.c) where it
                        builds, else torch.ops.aten._weight_int8pack_mm (model.kernel=auto)
-    int4-gG            torch.ops.aten._weight_int4pack_mm_for_cpu(x bf16, W packed uint8 [N, K/2], G,
-                       scales_and_zeros bf16 [K/G, N, 2])
+    int4-gG            likewise, the AVX2 kernel on the rows layout where it builds, else
+                       torch.ops.aten._weight_int4pack_mm_for_cpu(x bf16, W packed uint8 [N, K/2], G,
+                       scales_and_zeros bf16 [K/G, N, 2]) on torch's layout
 
 A layer's matrices are Llama-2-7B's FFN shape (11008 x 4096), several distinct copies in turn, at least
 `MIN_BYTES` of them per format: a single matrix (180 MB in fp32, 23 MB in int4) would be served from this
@@ -56,10 +57,21 @@ def format_kernel(fmt: WeightFormat, copies: int) -> tuple[Callable[[Any, Any], 
         copy = {"w.qweight": q, "w.scales": s}
         return int8, [copy] + [{k: v.clone() for k, v in copy.items()} for _ in range(copies - 1)], torch.float32
     assert fmt.name == "int4" and fmt.group_size is not None
+    from tpi_mpi.kernels import native
+    from tpi_mpi.models.linear import linear as run_linear
+
     g = fmt.group_size
+    sz = (torch.rand(K_IN // g, N_OUT, 2) / 15).to(torch.bfloat16)
+    if native.load() is not None:  # the rows layout an int4 split takes here, run by the AVX2 kernel
+        rows = torch.randint(0, 256, (N_OUT, K_IN // 32, 16), dtype=torch.uint8)
+        copy = {"w.qweight": rows, "w.scales_zeros": sz}
+
+        def int4_rows(x: Any, m: Any) -> Any:
+            return run_linear(x, m, "w")
+
+        return int4_rows, [copy] + [{k: v.clone() for k, v in copy.items()} for _ in range(copies - 1)], torch.float32
     packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
         torch.randint(0, 16, (N_OUT, K_IN), dtype=torch.int32), 1)
-    sz = (torch.rand(K_IN // g, N_OUT, 2) / 15).to(torch.bfloat16)
 
     def int4(x: Any, m: Any) -> Any:
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x, m[0], g, m[1])

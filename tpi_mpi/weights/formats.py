@@ -13,6 +13,9 @@ GROUP_SIZES = (32, 64, 128)
 # int4 default group size, from docs/quantization.md: 64 is within a few % of 128's speed and close to 32's
 # perplexity (both measured there).
 DEFAULT_GROUP_SIZE = 64
+# model.kernel / tpi_mpi.split --kernel: the hand-written AVX2 kernels where they build (auto), them or an error
+# (native), torch's own (torch); models/linear.py runs them, and an int4 split's layout follows (QuantSpec.layout)
+MODEL_KERNELS = ("auto", "native", "torch")
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,9 @@ class QuantSpec:
 
     format: str = "none"
     group_size: int | None = None
+    # int4 only, how the nibbles are laid out: "rows" (kernels/q8_avx2.c's, the same on every CPU) or "torch"
+    # (torch's int4 CPU kernel's, which depends on the CPU's vector width); chosen at split time (--kernel)
+    layout: str = "rows"
 
     @property
     def quantized(self) -> bool:
@@ -36,7 +42,10 @@ class QuantSpec:
 
     @classmethod
     def from_json(cls, d: dict[str, Any] | None) -> QuantSpec:
-        return cls() if not d else cls(d["format"], d.get("group_size"))
+        """From a manifest's `quant`: its int4_layout is "rows", or (torch's layout) a fingerprint of the CPU."""
+        if not d:
+            return cls()
+        return cls(d["format"], d.get("group_size"), "rows" if d.get("int4_layout") == "rows" else "torch")
 
 
 def make_spec(fmt: str | None, group_size: int | None) -> QuantSpec:

@@ -3,24 +3,27 @@
     int8   q int8 [N, K], one bf16 scale per output row: w = q * s (symmetric, q in [-127, 127]).
            Kernel: torch.ops.aten._weight_int8pack_mm (bf16 activations).
     int4   q in [0, 15] per element, one bf16 (scale, zero) pair per group of G input columns:
-           w = (q - 8) * s + z. Stored packed two to a byte in the layout of
-           torch.ops.aten._convert_weight_to_int4pack_for_cpu, so that the kernel
-           (_weight_int4pack_mm_for_cpu, bf16 activations) reads the file's bytes as they are.
+           w = (q - 8) * s + z. Stored packed two to a byte in one of two layouts (QuantSpec.layout):
+           rows   kernels/q8_avx2.c's: row n, block b of 32 columns is 16 bytes, low nibbles columns
+                  32b..32b+15, high nibbles 32b+16..32b+31 (as llama.cpp's Q4_0); the same on every CPU
+           torch  torch.ops.aten._convert_weight_to_int4pack_for_cpu's, for _weight_int4pack_mm_for_cpu
+                  (bf16 activations), where the AVX2 kernel cannot be built (e.g. ARM)
+           so that the kernel reads the file's bytes as they are.
 
-Both kernels are torch's own (torch==2.13.0); measured here they are several times faster with bf16 activations
-than with fp16 or fp32 (int4 4096x11008: bf16 1.2 ms, fp32 ~200 ms; int8: bf16 2.7 ms, fp32 54 ms), so
-activations are rounded to bf16 at the kernel's input and its output (bf16) goes back to the caller's dtype.
+torch's kernels (torch==2.13.0) are several times faster with bf16 activations than with fp16 or fp32 (int4
+4096x11008: bf16 1.2 ms, fp32 ~200 ms; int8: bf16 2.7 ms, fp32 54 ms), so they get activations rounded to bf16;
+the AVX2 kernels quantize activations to int8 in blocks of 32 (kernels/q8_avx2.c says why).
 
 A linear weight `X` of a block is stored as tensors named
     float:  X.weight
     int8:   X.qweight (I8 [N, K]),   X.scales (BF16 [N])
-    int4:   X.qweight (U8 [N, K/2], the kernel's layout), X.scales_zeros (BF16 [K/G, N, 2], the kernel's layout)
-and models/linear.py's `linear(x, tensors, "X")` runs whichever is there. The group size is
-K / X.scales_zeros.shape[0].
+    int4:   X.qweight (U8 [N, K/32, 16] rows layout, or U8 [N, K/2] torch's), X.scales_zeros (BF16 [K/G, N, 2])
+and models/linear.py's `linear(x, tensors, "X")` runs whichever is there (the qweight's rank tells the int4
+layouts apart). The group size is K / X.scales_zeros.shape[0].
 
-The int4 layout depends on the CPU's vector width (torch packs blocks of 64 rows with AVX-512, 32 with AVX2):
-a split records `layout_fingerprint()` of the machine that packed it, and a run on another layout is refused
-(one line) before any weight is used.
+torch's int4 layout depends on the CPU's vector width (torch packs blocks of 64 rows with AVX-512, 32 with AVX2):
+a split in it records `layout_fingerprint()` of the machine that packed it, and a run on another layout is
+refused (one line) before any weight is used.
 """
 
 from __future__ import annotations
@@ -102,14 +105,29 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     return torch.ops.aten._convert_weight_to_int4pack_for_cpu(q.to(torch.int32).contiguous(), 2)
 
 
+def pack_int4_rows(q: torch.Tensor) -> torch.Tensor:
+    """q [N, K] in [0, 15] (K a multiple of 32) -> uint8 [N, K/32, 16] in the rows layout (module docstring)."""
+    n, k = q.shape
+    blocks = q.to(torch.uint8).reshape(n, k // 32, 2, 16)
+    return (blocks[:, :, 0, :] | (blocks[:, :, 1, :] << 4)).contiguous()
+
+
+def unpack_int4_rows(packed: torch.Tensor) -> torch.Tensor:
+    n, blocks, _ = packed.shape
+    return torch.stack([packed & 15, packed >> 4], dim=2).reshape(n, blocks * 32)
+
+
 def _nibbles(packed: torch.Tensor) -> torch.Tensor:
     flat = packed.reshape(-1)
     return torch.stack([flat & 15, flat >> 4], dim=1).reshape(-1)
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_int4: uint8 [N, K/2] -> q [N, K]. The layout is a permutation of nibbles, learnt
-    by packing the digits (base 16) of every element's index: no assumption about the layout is made."""
+    """The inverse of pack_int4 (or of pack_int4_rows, for a 3-d packed tensor): uint8 [N, K/2] -> q [N, K].
+    torch's layout is a permutation of nibbles, learnt by packing the digits (base 16) of every element's index:
+    no assumption about it is made."""
+    if packed.dim() == 3:
+        return unpack_int4_rows(packed)
     n, k = packed.shape[0], packed.shape[1] * 2
     idx = torch.arange(n * k, dtype=torch.int64)
     slot_source = torch.zeros(n * k, dtype=torch.int64)
@@ -153,7 +171,15 @@ def quantize_weight(name: str, w: torch.Tensor, spec: QuantSpec, pad_rows_to: in
         raise UserError(f"{name} has {rows} output rows, but the int4 kernel needs a multiple of "
                         f"{INT4_ROW_MULTIPLE}: use --quant int8 for this model")
     q, sz = quantize_int4(w, spec.group_size)
-    return {f"{name}.qweight": pack_int4(q), f"{name}.scales_zeros": sz}
+    packed = pack_int4_rows(q) if spec.layout == "rows" else pack_int4(q)
+    return {f"{name}.qweight": packed, f"{name}.scales_zeros": sz}
+
+
+def layout_id(spec: QuantSpec) -> str | None:
+    """The manifest's quant.int4_layout: "rows", or torch's layout as a fingerprint of this CPU's packing."""
+    if spec.format != "int4":
+        return None
+    return "rows" if spec.layout == "rows" else layout_fingerprint()
 
 
 def quantize_head(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:

@@ -85,7 +85,8 @@ def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_check
             raise UserError(f"{f} does not match its {algo} checksum in the manifest (altered or damaged "
                             f"after the split): {fix}")
     spec = QuantSpec.from_json(manifest.get("quant"))  # splits from before quantization have none
-    if spec.format == "int4" and manifest["quant"].get("int4_layout") != layout_fingerprint():
+    torch_layout = spec.format == "int4" and spec.layout == "torch"
+    if torch_layout and manifest["quant"].get("int4_layout") != layout_fingerprint():
         raise UserError(f"{d} holds int4 weights packed for another CPU's kernel layout (torch packs int4 by the "
                         f"vector width: AVX-512 and AVX2 differ): split the model again on this kind of machine")
     config = json.loads((d / "config.json").read_text())

@@ -25,6 +25,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,7 @@ from safetensors import safe_open
 
 from tpi_mpi.errors import UserError
 from tpi_mpi.weights import quant, tensorfile
-from tpi_mpi.weights.formats import QuantSpec, make_spec
+from tpi_mpi.weights.formats import MODEL_KERNELS, QuantSpec, make_spec
 from tpi_mpi.weights.partition import ShardPlan, largest_remainder, plan_shards, ranges
 
 FORMAT = "tpi_mpi.shards/2"  # 2: head_slice.safetensors on every rank
@@ -150,15 +151,31 @@ def sha256_file(path: Path) -> str:
     return file_digests(path, ("sha256",))["sha256"]
 
 
+def int4_layout_for(spec: QuantSpec, kernel: str) -> QuantSpec:
+    """The layout of an int4 split for model.kernel / --kernel `kernel` on this machine."""
+    from tpi_mpi.kernels import native
+
+    if kernel not in MODEL_KERNELS:
+        raise UserError(f"unknown kernel {kernel!r}: choose one of {', '.join(MODEL_KERNELS)}")
+    if spec.format != "int4":
+        return spec
+    if kernel == "native" and native.load() is None:
+        raise UserError(f"--kernel native: the AVX2 kernel cannot be used here: {native.unavailable_reason()}")
+    rows = kernel != "torch" and native.load() is not None
+    return replace(spec, layout="rows" if rows else "torch")
+
+
 def split(model: str | Path, out: str | Path, world_size: int, ratios: list[float] | None = None,
           dtype: str = "auto", force: bool = False, quiet: bool = True, quant_format: str = "none",
-          group_size: int | None = None) -> Path:
+          group_size: int | None = None, kernel: str = "auto") -> Path:
     """Write OUT/rank_0 .. OUT/rank_{N-1}. The split is written under a temporary name and renamed
-    into place at the end, so an interrupted split never leaves a directory that looks complete."""
+    into place at the end, so an interrupted split never leaves a directory that looks complete.
+    `kernel` (as model.kernel) picks int4's layout: the AVX2 kernel's rows (auto, where it builds here; native)
+    or torch's (torch; auto elsewhere)."""
     model_dir, out = Path(model), Path(out)
     if dtype != "auto" and dtype not in DTYPES:
         raise UserError(f"unknown dtype {dtype!r}: choose auto, fp32, fp16 or bf16")
-    spec = make_spec(quant_format, group_size)
+    spec = int4_layout_for(make_spec(quant_format, group_size), kernel)
     if out.exists() and not force:
         raise UserError(f"{out} already exists: choose another --out, or pass --force to replace it")
     config = load_hf_config(model_dir)
@@ -205,9 +222,8 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
                 "source": str(model_dir.resolve()), "dtype": dtype, "tied_embeddings": tied,
                 "num_layers": config["num_hidden_layers"], "plan": plan.to_json(), "files": files[r],
                 "vocab_range": list(vocab[r]),
-                # Packed int4 bytes are only valid for a kernel with the same layout (quant.layout_fingerprint).
-                "quant": {**spec.to_json(),
-                          "int4_layout": quant.layout_fingerprint() if spec.format == "int4" else None,
+                # Packed int4 bytes are only valid for a kernel with the same layout (quant.layout_id).
+                "quant": {**spec.to_json(), "int4_layout": quant.layout_id(spec),
                           "ffn_padding": padded_ffn(config["intermediate_size"], spec) - config["intermediate_size"]},
             }
             (rank_dir(tmp, r) / "manifest.json").write_text(json.dumps(manifest, indent=1))

@@ -178,17 +178,17 @@ def load(tf: TensorFile, buffer: torch.Tensor | None = None) -> tuple[dict[str, 
 
 def read_rows(tf: TensorFile, name: str, rows: list[int] | range,
               buffer: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """Rows `rows` of 2-D tensor `name` (e.g. embedding rows of the prompt's ids, or a vocabulary chunk
-    of lm_head), without reading the rest of the tensor; into `buffer` (uint8) when given.
-    Returns [len(rows), cols] and the bytes read."""
+    """Rows `rows` (along the first dimension) of tensor `name` of 2 or more dimensions (e.g. embedding rows of
+    the prompt's ids, or a vocabulary chunk of lm_head), without reading the rest of the tensor; into `buffer`
+    (uint8) when given. Returns [len(rows), *the other dimensions] and the bytes read."""
     e = tf.entries[name]
-    if len(e.shape) != 2:
-        raise ValueError(f"{name} in {tf.path} is not 2-D")
-    n_rows, cols = e.shape
-    row_bytes = cols * ITEMSIZE[e.dtype]
+    if len(e.shape) < 2:
+        raise ValueError(f"{name} in {tf.path} has no rows (it is {len(e.shape)}-D)")
+    n_rows, inner = e.shape[0], list(e.shape[1:])
+    row_bytes = math.prod(inner) * ITEMSIZE[e.dtype]
     if buffer is None:
         buffer = torch.empty(len(rows) * row_bytes, dtype=torch.uint8)
-    out = buffer[:len(rows) * row_bytes].view(e.torch_dtype).view(len(rows), cols)
+    out = buffer[:len(rows) * row_bytes].view(e.torch_dtype).view(len(rows), *inner)
     view = out.view(torch.uint8).reshape(-1).numpy().data
     fd = os.open(tf.path, os.O_RDONLY)
     try:
