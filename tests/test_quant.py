@@ -137,8 +137,10 @@ def term_magnitudes(t: dict[str, torch.Tensor], k: int) -> torch.Tensor:
     if "w.scales" in t:
         return quant.dequantize_weight(t, "w").double().abs()
     sz = t["w.scales_zeros"].double()
-    s, z = sz[..., 0].t(), sz[..., 1].t()
-    return (23 * s + z.abs()).repeat_interleave(k // sz.shape[0], dim=1)
+    if t["w.qweight"].dim() == 2:  # torch's layout: [K/G, N, 2]
+        sz = sz.transpose(0, 1)
+    s, z = sz[..., 0], sz[..., 1]
+    return (23 * s + z.abs()).repeat_interleave(k // sz.shape[1], dim=1)
 
 
 @pytest.mark.parametrize("fmt,n,k,m", NATIVE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-m{c[3]}" for c in NATIVE_CASES])

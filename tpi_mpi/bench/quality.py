@@ -3,11 +3,13 @@ our engine, python -m tpi_mpi.eval) and greedy agreement with fp32 (tokens gener
 from fp32's, for several prompts).
 
     nice -n 10 python -m tpi_mpi.bench.quality [--model checkpoints/shakespeare]
-        [--formats fp32,fp16,bf16,int8,int4-g32,int4-g64,int4-g128] [--comm-dtypes fp16,int8] [--world-size 2]
-        [--new-tokens 64] [--workdir bench_out/quality]
+        [--formats fp32,fp16,bf16,int8,int8@torch,int4-g32,int4-g64,int4-g64@torch,int4-g128]
+        [--comm-dtypes fp16,int8] [--world-size 2] [--new-tokens 64] [--workdir bench_out/quality]
 
 Weight formats run on one rank (the format changes the numbers, not the world size); wire dtypes (comm.dtype,
 the partial sums on the wire) on --world-size ranks with fp32 weights, against fp32 on the wire at that size.
+FMT@KERNEL runs FMT with model.kernel=KERNEL (@torch: torch's
+kernels, bf16 activations, int4 in torch's layout; plain FMT: the AVX2 kernels, int8 activations, where they build).
 Every split is made once in the workdir. The table is printed in markdown (docs/quantization.md).
 """
 
@@ -40,41 +42,51 @@ def mpirun(n: int, args: list[str], timeout: float) -> subprocess.CompletedProce
     return p
 
 
-def ensure_split(workdir: Path, model: Path, n: int, fmt: str) -> Path:
+def ensure_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
+    """The split of a --formats entry, FMT or FMT@KERNEL (int4's layout follows the kernel)."""
     from tpi_mpi.weights.formats import parse_weight_format
     from tpi_mpi.weights.split import split
 
-    out = workdir / "shards" / f"{model.name}-n{n}-{fmt}"
+    fmt, _, kernel = entry.partition("@")
+    dtype, spec = parse_weight_format(fmt)
+    out = workdir / "shards" / f"{model.name}-n{n}-{fmt}{'-' + kernel if kernel and spec.format == 'int4' else ''}"
     if not out.is_dir():
-        dtype, spec = parse_weight_format(fmt)
-        split(model, out, n, dtype=dtype, quant_format=spec.format, group_size=spec.group_size)
+        split(model, out, n, dtype=dtype, quant_format=spec.format, group_size=spec.group_size,
+              kernel=kernel or "auto")
     return out
 
 
-def perplexity(shards: Path, n: int, wire: str, out: Path, timeout: float) -> float:
-    mpirun(n, ["-m", "tpi_mpi.eval", f"model.shards={shards}", f"comm.dtype={wire}", f"output.json={out}",
-               "output.results=null", f"hydra.run.dir={out.parent / 'hydra'}"], timeout)
+def kernel_of(entry: str) -> str:
+    return entry.partition("@")[2] or "auto"
+
+
+def perplexity(shards: Path, n: int, wire: str, kernel: str, out: Path, timeout: float) -> float:
+    mpirun(n, ["-m", "tpi_mpi.eval", f"model.shards={shards}", f"comm.dtype={wire}", f"model.kernel={kernel}",
+               f"output.json={out}", "output.results=null", f"hydra.run.dir={out.parent / 'hydra'}"], timeout)
     return float(json.loads(out.read_text())["perplexity"])
 
 
-def greedy(shards: Path, n: int, wire: str, new_tokens: int, out: Path, timeout: float) -> list[list[int]]:
-    mpirun(n, ["-m", "tpi_mpi.bench.quality", "--worker", str(shards), "--wire", wire, "--new-tokens",
-               str(new_tokens), "--out", str(out)], timeout)
+def greedy(shards: Path, n: int, wire: str, kernel: str, new_tokens: int, out: Path,
+           timeout: float) -> list[list[int]]:
+    mpirun(n, ["-m", "tpi_mpi.bench.quality", "--worker", str(shards), "--wire", wire, "--kernel", kernel,
+               "--new-tokens", str(new_tokens), "--out", str(out)], timeout)
     return json.loads(out.read_text())["tokens"]
 
 
-def worker(shards: str, wire: str, new_tokens: int, out: str) -> None:
+def worker(shards: str, wire: str, kernel: str, new_tokens: int, out: str) -> None:
     """Under mpirun: greedy generation of every prompt in PROMPTS; rank 0 writes the token ids."""
     from mpi4py import MPI
 
     from tpi_mpi.engine import Master, Worker
     from tpi_mpi.generate import Sampler, generate
     from tpi_mpi.job import set_threads
+    from tpi_mpi.models.linear import select_kernel
     from tpi_mpi.weights.shards import open_rank_shard
 
     comm = MPI.COMM_WORLD
     set_threads(comm, None)
     shard = open_rank_shard(shards, comm.rank, comm.size)
+    select_kernel(kernel, shard.quant)
     if comm.rank != 0:
         Worker(comm, shard, "star", wire=wire).serve()
         return
@@ -103,7 +115,7 @@ def agreement(tokens: list[list[int]], ref: list[list[int]]) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.quality", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="checkpoints/shakespeare")
-    p.add_argument("--formats", default="fp32,fp16,bf16,int8,int4-g32,int4-g64,int4-g128")
+    p.add_argument("--formats", default="fp32,fp16,bf16,int8,int8@torch,int4-g32,int4-g64,int4-g64@torch,int4-g128")
     p.add_argument("--comm-dtypes", default="fp16,int8", help="wire dtypes besides fp32 (those this build has)")
     p.add_argument("--world-size", type=int, default=2, help="ranks of the wire dtype runs")
     p.add_argument("--new-tokens", type=int, default=64)
@@ -111,10 +123,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=1800)
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--wire", default="fp32", help=argparse.SUPPRESS)
+    p.add_argument("--kernel", default="auto", help=argparse.SUPPRESS)
     p.add_argument("--out", default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.wire, a.new_tokens, a.out)
+        worker(a.worker, a.wire, a.kernel, a.new_tokens, a.out)
         return 0
     from tpi_mpi.comm.allreduce import WIRE_DTYPES
 
@@ -132,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
         shards = ensure_split(workdir, model, n, fmt)
         tag = workdir / "runs" / f"{fmt}-{wire}-n{n}"
         tag.mkdir(parents=True, exist_ok=True)
-        results[(fmt, wire, n)] = {"ppl": perplexity(shards, n, wire, tag / "eval.json", a.timeout),
-                                   "tokens": greedy(shards, n, wire, a.new_tokens, tag / "greedy.json", a.timeout)}
+        kernel = kernel_of(fmt)
+        results[(fmt, wire, n)] = {"ppl": perplexity(shards, n, wire, kernel, tag / "eval.json", a.timeout),
+                                   "tokens": greedy(shards, n, wire, kernel, a.new_tokens, tag / "greedy.json",
+                                                    a.timeout)}
     ref = results[("fp32", "fp32", 1)]
     print(f"\n{model} | held-out perplexity by tpi_mpi.eval; greedy agreement: tokens before the first that differs "
           f"from fp32's (fp32 weights on 1 rank; wire rows: fp32 on the wire at N={a.world_size}), {len(PROMPTS)} "

@@ -141,17 +141,17 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [K/G, N, 2]: fp32 [M, N]."""
+    """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [N, K/G, 2]: fp32 [M, N]."""
     lib = _library()
     m, k = x.shape
-    n, groups = q.shape[0], scales_zeros.shape[0]
+    n, groups = q.shape[0], scales_zeros.shape[1]
     group = k // groups
     q, sz = q.contiguous(), scales_zeros.contiguous()
     _, xq, xs = _quantize(lib, x)
     xg = torch.empty((m, groups), dtype=torch.float32)
     lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
     y = torch.empty((m, n), dtype=torch.float32)
-    head = (q.data_ptr(), sz.data_ptr(), 2 * n, 2, group, k)
+    head = (q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k)
     tail = (xq.data_ptr(), xs.data_ptr(), xg.data_ptr(), m, y.data_ptr(), n)
     rows.by_rows(n, lambda a, b: lib.q8_matmul_int4(*head, a, b, *tail))
     return y

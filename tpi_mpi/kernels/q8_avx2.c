@@ -18,6 +18,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* Bytes ahead in the weight rows that are prefetched. The hardware prefetcher alone left one thread at about half
+ * the bus on this session's host (AMD EPYC, Zen 1; 4096 x 11008 int8: 4.1 GB/s, 6.9 with PF; int4 improved by
+ * 15-20 % with PF4, measured with several distances). */
+#define PF 1024
+#define PF4 4096
+
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -85,6 +91,7 @@ void q8_matmul_int8(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, 
             __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
             int64_t b = 0;
             for (; b + 1 < full; b += 2) {
+                _mm_prefetch((const char *)(wr + b * 32 + PF), _MM_HINT_T0);
                 acc0 = _mm256_fmadd_ps(dot32(wr + b * 32, xr + b * 32), _mm256_set1_ps(sr[b]), acc0);
                 acc1 = _mm256_fmadd_ps(dot32(wr + b * 32 + 32, xr + b * 32 + 32), _mm256_set1_ps(sr[b + 1]), acc1);
             }
@@ -112,39 +119,68 @@ void q8_group_sums(const int8_t *xq, const float *xs, int64_t m, int64_t k, int6
         }
 }
 
-/* int4 weights, row layout: row n is k / 2 bytes, block b of 32 columns is 16 bytes whose low nibbles are
+/* int4 weights, rows layout: row n is k / 2 bytes, block b of 32 columns is 16 bytes whose low nibbles are
  * columns 32b .. 32b+15 and high nibbles 32b+16 .. 32b+31 (q in [0, 15]); a bf16 (scale, zero) pair per group of
- * `group` columns (a multiple of 32) at sz + g * sz_g + n * sz_n, w = (q - 8) * scale + zero. So
+ * `group` columns (a multiple of 32) at sz + g * sz_g + n * sz_n (the split stores them row by row: sz_g = 2), and
+ * w = (q - 8) * scale + zero. So
  *   y[r, n] = sum_g scale_g * sum_{b in g} xs[b] * dot(q_b, xq_b)  +  sum_g (zero_g - 8 scale_g) * xg[r, g]
  * where the dot products are exact in int32 (maddubs: unsigned q times signed x). */
+static inline __m256 nib_dot(const uint8_t *w, __m256i xv, __m128i low4, __m256i ones) {
+    __m128i raw = _mm_loadu_si128((const __m128i *)w);
+    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones));
+}
+
 void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t sz_n, int64_t group, int64_t k,
                     int64_t n0, int64_t n1, const int8_t *xq, const float *xs, const float *xg, int64_t m,
                     float *y, int64_t ldy) {
-    int64_t nb = q8_blocks(k), groups = k / group, per = group / 32;
+    int64_t nb = q8_blocks(k), groups = k / group, per = group / 32, half = k / 2;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int64_t n = n0; n < n1; n++) {
-        const uint8_t *wr = w + n * (k / 2);
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) {  /* two rows at a time: each activation block is loaded once for both */
+        const uint8_t *w0 = w + n * half, *w1 = w0 + half;
         for (int64_t r = 0; r < m; r++) {
             const int8_t *xr = xq + r * nb * 32;
             const float *sr = xs + r * nb;
-            __m256 acc = _mm256_setzero_ps();
-            float zterm = 0.0f;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            float z0 = 0.0f, z1 = 0.0f;
             for (int64_t g = 0; g < groups; g++) {
-                const uint16_t *p = sz + g * sz_g + n * sz_n;
-                float scale = bf16_to_f32(p[0]), zero = bf16_to_f32(p[1]);
-                __m256 accg = _mm256_setzero_ps();
+                const uint16_t *p0 = sz + g * sz_g + n * sz_n, *p1 = p0 + sz_n;
+                float s0 = bf16_to_f32(p0[0]), s1 = bf16_to_f32(p1[0]);
+                z0 += (bf16_to_f32(p0[1]) - 8.0f * s0) * xg[r * groups + g];
+                z1 += (bf16_to_f32(p1[1]) - 8.0f * s1) * xg[r * groups + g];
                 for (int64_t b = g * per; b < (g + 1) * per; b++) {
-                    __m128i raw = _mm_loadu_si128((const __m128i *)(wr + b * 16));
-                    __m256i q = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low4), _mm_and_si128(raw, low4));
+                    if ((b & 3) == 0) { /* one prefetch per 64-byte line */
+                        _mm_prefetch((const char *)(w0 + b * 16 + PF4), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(w1 + b * 16 + PF4), _MM_HINT_T0);
+                    }
                     __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
-                    __m256i p32 = _mm256_madd_epi16(_mm256_maddubs_epi16(q, xv), ones);
-                    accg = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p32), _mm256_set1_ps(sr[b]), accg);
+                    acc0 = _mm256_fmadd_ps(nib_dot(w0 + b * 16, xv, low4, ones), _mm256_set1_ps(s0 * sr[b]), acc0);
+                    acc1 = _mm256_fmadd_ps(nib_dot(w1 + b * 16, xv, low4, ones), _mm256_set1_ps(s1 * sr[b]), acc1);
                 }
-                acc = _mm256_fmadd_ps(accg, _mm256_set1_ps(scale), acc);
-                zterm += (zero - 8.0f * scale) * xg[r * groups + g];
             }
-            y[r * ldy + n] = hsum8(acc) + zterm;
+            y[r * ldy + n] = hsum8(acc0) + z0;
+            y[r * ldy + n + 1] = hsum8(acc1) + z1;
+        }
+    }
+    for (; n < n1; n++) {
+        const uint8_t *w0 = w + n * half;
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xr = xq + r * nb * 32;
+            const float *sr = xs + r * nb;
+            __m256 acc0 = _mm256_setzero_ps();
+            float z0 = 0.0f;
+            for (int64_t g = 0; g < groups; g++) {
+                const uint16_t *p0 = sz + g * sz_g + n * sz_n;
+                float s0 = bf16_to_f32(p0[0]);
+                z0 += (bf16_to_f32(p0[1]) - 8.0f * s0) * xg[r * groups + g];
+                for (int64_t b = g * per; b < (g + 1) * per; b++) {
+                    __m256i xv = _mm256_loadu_si256((const __m256i *)(xr + b * 32));
+                    acc0 = _mm256_fmadd_ps(nib_dot(w0 + b * 16, xv, low4, ones), _mm256_set1_ps(s0 * sr[b]), acc0);
+                }
+            }
+            y[r * ldy + n] = hsum8(acc0) + z0;
         }
     }
 }

@@ -64,7 +64,7 @@ def format_kernel(fmt: WeightFormat, copies: int) -> tuple[Callable[[Any, Any], 
     sz = (torch.rand(K_IN // g, N_OUT, 2) / 15).to(torch.bfloat16)
     if native.load() is not None:  # the rows layout an int4 split takes here, run by the AVX2 kernel
         rows = torch.randint(0, 256, (N_OUT, K_IN // 32, 16), dtype=torch.uint8)
-        copy = {"w.qweight": rows, "w.scales_zeros": sz}
+        copy = {"w.qweight": rows, "w.scales_zeros": sz.transpose(0, 1).contiguous()}
 
         def int4_rows(x: Any, m: Any) -> Any:
             return run_linear(x, m, "w")

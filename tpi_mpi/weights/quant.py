@@ -17,9 +17,11 @@ the AVX2 kernels quantize activations to int8 in blocks of 32 (kernels/q8_avx2.c
 A linear weight `X` of a block is stored as tensors named
     float:  X.weight
     int8:   X.qweight (I8 [N, K]),   X.scales (BF16 [N])
-    int4:   X.qweight (U8 [N, K/32, 16] rows layout, or U8 [N, K/2] torch's), X.scales_zeros (BF16 [K/G, N, 2])
+    int4, rows layout:    X.qweight (U8 [N, K/32, 16]), X.scales_zeros (BF16 [N, K/G, 2], row by row: a row's
+                          scales are one read, not K/G reads N apart)
+    int4, torch's layout: X.qweight (U8 [N, K/2]),      X.scales_zeros (BF16 [K/G, N, 2], the kernel's)
 and models/linear.py's `linear(x, tensors, "X")` runs whichever is there (the qweight's rank tells the int4
-layouts apart). The group size is K / X.scales_zeros.shape[0].
+layouts apart).
 
 torch's int4 layout depends on the CPU's vector width (torch packs blocks of 64 rows with AVX-512, 32 with AVX2):
 a split in it records `layout_fingerprint()` of the machine that packed it, and a run on another layout is
@@ -171,8 +173,9 @@ def quantize_weight(name: str, w: torch.Tensor, spec: QuantSpec, pad_rows_to: in
         raise UserError(f"{name} has {rows} output rows, but the int4 kernel needs a multiple of "
                         f"{INT4_ROW_MULTIPLE}: use --quant int8 for this model")
     q, sz = quantize_int4(w, spec.group_size)
-    packed = pack_int4_rows(q) if spec.layout == "rows" else pack_int4(q)
-    return {f"{name}.qweight": packed, f"{name}.scales_zeros": sz}
+    if spec.layout == "rows":
+        return {f"{name}.qweight": pack_int4_rows(q), f"{name}.scales_zeros": sz.transpose(0, 1).contiguous()}
+    return {f"{name}.qweight": pack_int4(q), f"{name}.scales_zeros": sz}
 
 
 def layout_id(spec: QuantSpec) -> str | None:
@@ -191,18 +194,18 @@ def quantize_head(w: torch.Tensor, spec: QuantSpec) -> dict[str, torch.Tensor]:
     t = quantize_weight("lm_head", w, spec, pad)
     if spec.format == "int8":
         return {"lm_head.qweight": t["lm_head.qweight"], "lm_head.scales_rows": t["lm_head.scales"][:, None]}
-    sz = t["lm_head.scales_zeros"]
-    return {"lm_head.qweight": t["lm_head.qweight"],
-            "lm_head.scales_zeros_rows": sz.transpose(0, 1).reshape(sz.shape[1], -1)}
+    q, sz = t["lm_head.qweight"], t["lm_head.scales_zeros"]
+    rows = sz if q.dim() == 3 else sz.transpose(0, 1)  # [N, K/G, 2]
+    return {"lm_head.qweight": q, "lm_head.scales_zeros_rows": rows.reshape(rows.shape[0], -1)}
 
 
 def head_kernel_tensors(rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The row-major head tensors of quantize_head (or a run of their rows) as linear() takes them."""
     if "lm_head.scales_rows" in rows:
         return {"lm_head.qweight": rows["lm_head.qweight"], "lm_head.scales": rows["lm_head.scales_rows"][:, 0]}
-    szr = rows["lm_head.scales_zeros_rows"]
-    sz = szr.reshape(szr.shape[0], -1, 2).transpose(0, 1).contiguous()
-    return {"lm_head.qweight": rows["lm_head.qweight"], "lm_head.scales_zeros": sz}
+    q, szr = rows["lm_head.qweight"], rows["lm_head.scales_zeros_rows"]
+    sz = szr.reshape(szr.shape[0], -1, 2)  # [N, K/G, 2]: the rows layout's own, torch's wants [K/G, N, 2]
+    return {"lm_head.qweight": q, "lm_head.scales_zeros": sz if q.dim() == 3 else sz.transpose(0, 1).contiguous()}
 
 
 def slice_multiples(spec: QuantSpec) -> tuple[int, int]:
@@ -237,7 +240,8 @@ def dequantize_weight(tensors: dict[str, torch.Tensor], name: str) -> torch.Tens
     q = tensors[f"{name}.qweight"]
     if q.dtype == torch.int8:
         return dequantize_int8(q, tensors[f"{name}.scales"])
-    return dequantize_int4(unpack_int4(q), tensors[f"{name}.scales_zeros"])
+    sz = tensors[f"{name}.scales_zeros"]
+    return dequantize_int4(unpack_int4(q), sz.transpose(0, 1) if q.dim() == 3 else sz)
 
 
 def check_model_dtype(spec: QuantSpec, dtype: torch.dtype | None, stored: torch.dtype) -> None:
