@@ -27,7 +27,7 @@ from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
 SOURCE = Path(__file__).with_name("q8_avx2.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-shared", "-fPIC", "-std=c11"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 BLOCK = 32  # activations are quantized in blocks of 32 (q8_avx2.c)
 
 _lib: ctypes.CDLL | None = None
@@ -100,6 +100,10 @@ def load() -> ctypes.CDLL | None:
     lib.q8_group_sums.restype = None
     lib.q8_matmul_int4.argtypes = [p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64]
     lib.q8_matmul_int4.restype = None
+    lib.q8_matmul_int8_mt.argtypes = [*lib.q8_matmul_int8.argtypes, ctypes.c_int]
+    lib.q8_matmul_int8_mt.restype = None
+    lib.q8_matmul_int4_mt.argtypes = [*lib.q8_matmul_int4.argtypes, ctypes.c_int]
+    lib.q8_matmul_int4_mt.restype = None
     _lib = lib
     return lib
 
@@ -107,6 +111,11 @@ def load() -> ctypes.CDLL | None:
 def unavailable_reason() -> str | None:
     load()
     return _reason
+
+
+def _threads(n: int) -> int:
+    """torch's thread count, or 1 where n output rows are too few to pay for the hand-off."""
+    return torch.get_num_threads() if rows.worth_splitting(n) else 1
 
 
 def _library() -> ctypes.CDLL:
@@ -135,8 +144,8 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     q, scales = q.contiguous(), scales.contiguous()
     _, xq, xs = _quantize(lib, x)
     y = torch.empty((m, n), dtype=torch.float32)
-    head, tail = (q.data_ptr(), scales.data_ptr(), k), (xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(), n)
-    rows.by_rows(n, lambda a, b: lib.q8_matmul_int8(*head, a, b, *tail))
+    lib.q8_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
+                          n, _threads(n))
     return y
 
 
@@ -151,7 +160,6 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     xg = torch.empty((m, groups), dtype=torch.float32)
     lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
     y = torch.empty((m, n), dtype=torch.float32)
-    head = (q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k)
-    tail = (xq.data_ptr(), xs.data_ptr(), xg.data_ptr(), m, y.data_ptr(), n)
-    rows.by_rows(n, lambda a, b: lib.q8_matmul_int4(*head, a, b, *tail))
+    lib.q8_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k, 0, n, xq.data_ptr(), xs.data_ptr(),
+                          xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
     return y

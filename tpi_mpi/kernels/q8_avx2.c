@@ -10,8 +10,12 @@
  *
  * Weights: int8 [N, K] row-major (K a multiple of 16), one bf16 scale per row (weights/quant.py's int8 layout,
  * unchanged). Activations: fp32 [M, K], quantized by q8_quantize into blocks of 32 (a last block of 16 when
- * K % 32 == 16). Built by kernels/native.py with -mavx2 -mfma; called from Python through ctypes, which releases
- * the GIL, so that several threads can each take a range of output rows.
+ * K % 32 == 16). Built by kernels/native.py with -mavx2 -mfma -fopenmp and called from Python through ctypes.
+ *
+ * Threads: the *_mt entry points split the output rows over OpenMP threads. The library is linked against
+ * libgomp.so.1, which torch has already loaded, so these are torch's own OpenMP threads: a pool of our own ran
+ * beside torch's, whose threads spin for a while after each torch op, and two ranks' worth of threads fought
+ * over the cores (int8 at one rank with 2 threads decoded no faster than with 1).
  */
 #include <immintrin.h>
 #include <math.h>
@@ -182,5 +186,28 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
             }
             y[r * ldy + n] = hsum8(acc0) + z0;
         }
+    }
+}
+
+
+/* The same products with output rows split over `threads` OpenMP threads, in chunks of 16 rows (int4: pairs). */
+void q8_matmul_int8_mt(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1,
+                       const int8_t *xq, const float *xs, int64_t m, float *y, int64_t ldy, int threads) {
+    int64_t chunks = (n1 - n0 + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
+        q8_matmul_int8(w, ws, k, a, b, xq, xs, m, y, ldy);
+    }
+}
+
+void q8_matmul_int4_mt(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t sz_n, int64_t group, int64_t k,
+                       int64_t n0, int64_t n1, const int8_t *xq, const float *xs, const float *xg, int64_t m,
+                       float *y, int64_t ldy, int threads) {
+    int64_t chunks = (n1 - n0 + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
+        q8_matmul_int4(w, sz, sz_g, sz_n, group, k, a, b, xq, xs, xg, m, y, ldy);
     }
 }
