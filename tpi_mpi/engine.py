@@ -204,6 +204,8 @@ class Engine:
                   "label": self.quant.label if self.quant.quantized else short}
         if self.quant.quantized:  # which matmul ran the packed weights (model.kernel)
             record["kernel"] = kernel_name(self.quant)
+            if self.quant.format == "int4":
+                record["int4_layout"] = self.quant.layout
         return record
 
     def close(self) -> None:
