@@ -5,14 +5,16 @@ run config values, split command lines, emulated devices, runs under mpirun. Add
 from __future__ import annotations
 
 import copy
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import run_tpi
+import yaml
+from conftest import ROOT, run_tpi
 
 from tpi_mpi import split
-from tpi_mpi.config import build_config
+from tpi_mpi.config import ModelConfig, build_config
 from tpi_mpi.errors import UserError
 
 BASE: dict[str, Any] = {"model": {"path": "models/tiny"}, "prompt_ids": [1, 2, 3]}
@@ -163,3 +165,10 @@ def test_bad_value_under_mpirun_stops_every_rank(tmp_path: Path, n: int, overrid
     errors = [line for line in proc.stderr.splitlines() if line.startswith("tpi_mpi: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "conf" / "model").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_model_file_has_every_model_key(path: Path) -> None:
+    """A key missing from conf/model/X.yaml cannot be overridden on the command line with model=X (Hydra: "Key
+    'quant' is not in struct"): model=shakespeare model.quant=int4 failed so."""
+    assert set(yaml.safe_load(path.read_text())) == {f.name for f in fields(ModelConfig)}
