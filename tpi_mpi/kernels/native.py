@@ -125,15 +125,15 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def _quantize(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (fp32 x, int8 [M, blocks * 32], fp32 scales [M, blocks]), kept alive by the caller."""
+def _quantize(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] -> (int8 [M, blocks * 32], fp32 scales [M, blocks])."""
     x32 = x.float().contiguous()
     m, k = x32.shape
     blocks = -(-k // BLOCK)
     xq = torch.empty((m, blocks * BLOCK), dtype=torch.int8)
     xs = torch.empty((m, blocks), dtype=torch.float32)
     lib.q8_quantize(x32.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
-    return x32, xq, xs
+    return xq, xs
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -142,7 +142,7 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     m, k = x.shape
     n = q.shape[0]
     q, scales = q.contiguous(), scales.contiguous()
-    _, xq, xs = _quantize(lib, x)
+    xq, xs = _quantize(lib, x)
     y = torch.empty((m, n), dtype=torch.float32)
     lib.q8_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
                           n, _threads(n))
@@ -156,7 +156,7 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     n, groups = q.shape[0], scales_zeros.shape[1]
     group = k // groups
     q, sz = q.contiguous(), scales_zeros.contiguous()
-    _, xq, xs = _quantize(lib, x)
+    xq, xs = _quantize(lib, x)
     xg = torch.empty((m, groups), dtype=torch.float32)
     lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
     y = torch.empty((m, n), dtype=torch.float32)

@@ -1,9 +1,10 @@
 """Output rows of one matmul split over the rank's threads.
 
 torch's fp32 product for one row of activations (MKL's gemv here) uses one thread however many it has
-(4096x11008: 7.44 ms at 1 thread, 7.42 at 2), and the hand-written kernels (native.py) are single-threaded C, so
-a rank with 2 threads would read its weights at one thread's bandwidth. Each part writes its own columns of the
-output, so the result has the same bits as the one-thread product.
+(4096x11008: 7.44 ms at 1 thread, 7.42 at 2), so a rank with 2 threads would read its weights at one thread's
+bandwidth. Each part writes its own columns of the output, so the result has the same bits as the one-thread
+product. (The AVX2 kernels split their rows on torch's OpenMP threads instead, native.py; they use
+worth_splitting only.)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def worth_splitting(n: int) -> bool:
 
 def by_rows(n: int, work: Callable[[int, int], object]) -> None:
     """work(a, b) for output rows [a, b) split in multiples of 16 over torch's thread count (one part here, the
-    rest in a pool; ctypes and torch release the GIL), or all here when n is too small to pay for the hand-off."""
+    rest in a pool; torch releases the GIL), or all here when n is too small to pay for the hand-off."""
     global _pool, _pool_threads
     threads = torch.get_num_threads()
     if not worth_splitting(n):
