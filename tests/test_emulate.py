@@ -29,9 +29,10 @@ from tpi_mpi.weights.split import split
 
 EMULATE = [sys.executable, "-m", "tpi_mpi.emulate"]
 TOLERANCE = 0.15
-# The delay daemon's own cost per packet (NFQUEUE to Python and back), absolute: 1 ms set measured 1.20 ms in a
-# suite on a 2-core AVX2 host at 2.0 GHz (2 December 2026), within 15 % on the faster host before.
-LATENCY_SLACK_S = 0.3e-3
+# The delay daemon's own cost per packet (NFQUEUE to Python and back), absolute. On a 2-core host at 2.0 GHz a 1 ms
+# link measured 1.20 ms in one suite and 1.30 ms in CI with a load average of 3.4 (2 December 2026); within 15 % on
+# a faster host before. 0.5 ms still fails a link with no delay at all (~0.05 ms here) or twice the delay.
+LATENCY_SLACK_S = 0.5e-3
 
 
 def _can_shape() -> str | None:
