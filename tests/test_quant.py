@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import native
 from tpi_mpi.make_model import make_model
-from tpi_mpi.models.linear import linear, select_kernel
+from tpi_mpi.models.linear import kernel_name, linear, select_kernel
 from tpi_mpi.weights import quant
 from tpi_mpi.weights.export import dequantized_checkpoint
 from tpi_mpi.weights.shards import open_rank_shard
@@ -116,8 +116,8 @@ def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def native_kernel_here() -> bool:
     """Whether this machine should run the AVX2 kernel; on one that should, a failed build fails the tests."""
-    if not ({"avx2", "fma"} <= native._cpu_flags()):
-        pytest.skip("this CPU has no AVX2/FMA: model.kernel=auto uses torch's kernels (tested above)")
+    if not ({"avx2", "fma", "f16c"} <= native._cpu_flags()):
+        pytest.skip("this CPU has no AVX2/FMA/F16C: model.kernel=auto uses torch's kernels (tested above)")
     assert native.load() is not None, native.unavailable_reason()
     return True
 
@@ -204,6 +204,39 @@ def test_float_paths_equal_torch_linear(dtype: torch.dtype, m: int) -> None:
     assert got.dtype == dtype and got.shape == (m, 2304)
     eps = 2**-10 if dtype == torch.float16 else 1e-6
     assert ((got.float() - ref).abs() <= eps * ref.abs().max()).all()
+
+
+@pytest.mark.parametrize("n,k", [(2304, 4096), (40, 37), (33, 72), (1104, 200)])
+def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int) -> None:
+    """kernels/f16_avx2.c: one row times fp16 weights, summed in fp32. Against the same fp16 values in fp64 it may
+    differ by fp32 rounding only (1e-6 of the sum of |terms|; K = 37 and 72 take the tails of 8 and of 1, 2304
+    rows split over 2 threads); the bias is added before the one rounding to fp16. With model.kernel=torch the
+    same call is torch's F.linear, and the run record's weights.kernel names each."""
+    native_kernel_here()
+    g = torch.Generator().manual_seed(k)
+    w = (torch.randn(n, k, generator=g) * torch.logspace(-3, 1, k)).half()
+    x, b = torch.randn(1, k, generator=g).half(), torch.randn(n, generator=g).half()
+    ref = x.double() @ w.double().t()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = native.fp16_matvec(x, w)
+            with_bias = linear(x, {"w.weight": w, "w.bias": b}, "w")
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == torch.float32 and got.shape == (1, n)
+    assert ((got.double() - ref).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().t()) + 1e-30).all()
+    assert with_bias.dtype == torch.float16 and torch.equal(with_bias, (got + b.float()).half())
+    assert kernel_name(quant.QuantSpec("none"), torch.float16) == "f16-avx2"
+    select_kernel("torch")
+    try:
+        with torch.inference_mode():
+            assert torch.equal(linear(x, {"w.weight": w}, "w"), F.linear(x, w))
+        assert kernel_name(quant.QuantSpec("none"), torch.float16) == "torch"
+    finally:
+        select_kernel("auto")
+    assert kernel_name(quant.QuantSpec("none"), torch.float32) is None
 
 
 def test_kernel_constraints_are_refused_at_split_time() -> None:

@@ -202,8 +202,9 @@ class Engine:
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
         record = {**self.quant.to_json(), "float_dtype": short,
                   "label": self.quant.label if self.quant.quantized else short}
-        if self.quant.quantized:  # which matmul ran the packed weights (model.kernel)
-            record["kernel"] = kernel_name(self.quant)
+        kernel = kernel_name(self.quant, getattr(torch, dtype, None))  # which matmul ran them (model.kernel)
+        if kernel is not None:
+            record["kernel"] = kernel
             if self.quant.format == "int4":
                 record["int4_layout"] = self.quant.layout
         return record

@@ -1,12 +1,13 @@
-"""The hand-written C kernels (q8_avx2.c): built with the machine's C compiler on first use, loaded with ctypes.
+"""The hand-written C kernels: built with the machine's C compiler on first use, loaded with ctypes.
 
     int8 weights, and int4 in the rows layout, x int8-quantized activations (AVX2)
                                                        q8_avx2.c says why torch's kernels are not enough
+    fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
 
-The shared library is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a hash of the
-source, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
+The shared library (both sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
-loads a half-written library. Where it cannot be had (not x86-64 with AVX2 and FMA, no compiler, the build
+loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
 failed), `load()` returns None and `unavailable_reason()` says why; models/linear.py then uses torch's kernels.
 """
 
@@ -26,8 +27,8 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCE = Path(__file__).with_name("q8_avx2.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
+SOURCES = [Path(__file__).with_name("q8_avx2.c"), Path(__file__).with_name("f16_avx2.c")]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 BLOCK = 32  # activations are quantized in blocks of 32 (q8_avx2.c)
 
 _lib: ctypes.CDLL | None = None
@@ -53,7 +54,7 @@ def _build() -> Path:
     """The path of the built library: from the cache, else compiled now. Raises RuntimeError saying why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is for x86-64 (AVX2); this machine is {platform.machine()}")
-    missing = {"avx2", "fma"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
     if missing:
         raise RuntimeError(f"this CPU lacks {', '.join(sorted(missing))}")
     named = os.environ.get("CC")
@@ -62,7 +63,8 @@ def _build() -> Path:
         raise RuntimeError(f"no C compiler to build it (CC={named} is not one)" if named else
                            "no C compiler to build it (cc or gcc; or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    source = b"".join(s.read_bytes() for s in SOURCES)
+    key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / f"q8_avx2-{key}.so"
     if out.exists():
         return out
@@ -70,7 +72,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".build-", suffix=".so")
     os.close(fd)
     try:
-        p = subprocess.run([cc, *FLAGS, "-o", tmp, str(SOURCE), "-lm"], capture_output=True, text=True)
+        p = subprocess.run([cc, *FLAGS, "-o", tmp, *map(str, SOURCES), "-lm"], capture_output=True, text=True)
         if p.returncode != 0:
             raise RuntimeError(f"{cc} failed: {(p.stderr.strip().splitlines() or ['?'])[-1]}")
         os.replace(tmp, out)
@@ -104,6 +106,8 @@ def load() -> ctypes.CDLL | None:
     lib.q8_matmul_int8_mt.restype = None
     lib.q8_matmul_int4_mt.argtypes = [*lib.q8_matmul_int4.argtypes, ctypes.c_int]
     lib.q8_matmul_int4_mt.restype = None
+    lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
+    lib.f16_matvec_mt.restype = None
     _lib = lib
     return lib
 
@@ -162,4 +166,15 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     y = torch.empty((m, n), dtype=torch.float32)
     lib.q8_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k, 0, n, xq.data_ptr(), xs.data_ptr(),
                           xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
+    return y
+
+
+def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """One row x [1, K] (any float dtype) times fp16 w [N, K]: fp32 [1, N], output rows over the rank's threads."""
+    lib = _library()
+    n, k = w.shape
+    x32 = x.reshape(-1).float().contiguous()
+    w = w.contiguous()
+    y = torch.empty((1, n), dtype=torch.float32)
+    lib.f16_matvec_mt(w.data_ptr(), k, 0, n, x32.data_ptr(), y.data_ptr(), _threads(n))
     return y

@@ -6,6 +6,7 @@
     int4, torch's layout       torch's CPU kernel, bf16 activations (quant.py says why)
     fp32, one row (decoding)   split by output rows over the rank's threads (kernels/rows.py says why)
     fp32, several rows         oneDNN (prefill)
+    fp16, one row (decoding)   kernels/f16_avx2.c (where the AVX2 kernels build; model.kernel), else torch's
     fp16, several rows         oneDNN in fp32 on converted row chunks of the weight (prefill)
     otherwise                  torch.nn.functional.linear
 """
@@ -34,7 +35,7 @@ def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torc
     q = tensors[f"{name}.qweight"]
     if q.dim() == 3:  # int4 in the rows layout: only the AVX2 kernel reads it (select_kernel checked it can)
         y = native.int4_matmul(_rows2d(x), q, tensors[f"{name}.scales_zeros"]).reshape(*x.shape[:-1], -1)
-    elif q.dtype == torch.int8 and _native_int8():
+    elif q.dtype == torch.int8 and _native():
         y = native.int8_matmul(_rows2d(x), q, tensors[f"{name}.scales"]).reshape(*x.shape[:-1], -1)
     else:
         xb = x.to(torch.bfloat16).contiguous()
@@ -76,17 +77,20 @@ def select_kernel(kind: str, spec: QuantSpec | None = None) -> None:
     _use_native = kind != "torch" and lib is not None
 
 
-def _native_int8() -> bool:
+def _native() -> bool:
     if _use_native is None:
         select_kernel("auto")
     return bool(_use_native)
 
 
-def kernel_name(spec: QuantSpec) -> str:
-    """The kernel the packed weights of `spec` run on here (the run record's weights.kernel)."""
+def kernel_name(spec: QuantSpec, float_dtype: torch.dtype | None = None) -> str | None:
+    """The kernel the packed weights of `spec` run on here (the run record's weights.kernel); for float weights,
+    the one fp16 decoding runs on, and None for the other float dtypes (torch's, always)."""
+    if not spec.quantized:
+        return ("f16-avx2" if _native() else "torch") if float_dtype == torch.float16 else None
     if spec.format == "int4":
         return "q8-avx2" if spec.layout == "rows" else "torch"
-    return "q8-avx2" if _native_int8() else "torch"
+    return "q8-avx2" if _native() else "torch"
 
 
 def _mm_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -101,7 +105,10 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
         return _fp32_rows(x, w, bias) if x.shape[0] == 1 else _onednn(x, w, bias)
     if w.dtype == torch.float16 and x.shape[0] > 1:
         return _fp16_by_chunks(x, w, bias)
-    return F.linear(x, w, bias)  # fp16 one row, bf16: torch's own use every thread
+    if w.dtype == torch.float16 and _native():
+        y = native.fp16_matvec(x, w)  # fp32 sums, rounded once to x's dtype, as torch's fp16 product
+        return (y + bias.float() if bias is not None else y).to(x.dtype)
+    return F.linear(x, w, bias)  # bf16 (and fp16 without the AVX2 kernels): torch's own use every thread
 
 
 def _fp32_rows(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

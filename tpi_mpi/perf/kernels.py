@@ -4,7 +4,8 @@ Decode (one token) reads every weight once, so a format's speed is bytes/s of it
 matrix-vector kernel; prefill (a prompt of q tokens) is FLOP/s of the same kernel on q rows, given relative to
 fp32's. The kernels are called as the quantized decoder calls them (activations in bf16 where the kernel needs it):
 
-    fp32, fp16, bf16   F.linear(x, W) with x in W's dtype
+    fp32, fp16, bf16   models/linear.py's float_linear(x, W), x in W's dtype: for one row, fp32 split over the
+                       threads and fp16 by the AVX2 kernel (kernels/f16_avx2.c) where it builds; else F.linear
     int8               models/linear.py's linear(): the hand-written AVX2 kernel (kernels/q8_avx2.c) where it
                        builds, else torch.ops.aten._weight_int8pack_mm (model.kernel=auto)
     int4-gG            likewise, the AVX2 kernel on the rows layout where it builds, else
@@ -40,9 +41,11 @@ def format_kernel(fmt: WeightFormat, copies: int) -> tuple[Callable[[Any, Any], 
     if fmt.name in ("fp32", "fp16", "bf16"):
         dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[fmt.name]
         w = torch.randn(N_OUT, K_IN).to(dtype)
+        from tpi_mpi.models.linear import float_linear
 
         def linear(x: Any, m: Any) -> Any:
-            return torch.nn.functional.linear(x, m)
+            with torch.inference_mode():  # float_linear's own kernels are for inference
+                return float_linear(x, m, None)
 
         return linear, [w] + [w.clone() for _ in range(copies - 1)], dtype
     if fmt.name == "int8":

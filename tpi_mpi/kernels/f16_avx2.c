@@ -1,0 +1,58 @@
+/* fp16 weights times one row of fp32 activations on AVX2 + F16C: decoding with fp16 weights.
+ *
+ * Why hand-written: torch's fp16 product for one row (F.linear on a CPU without AVX512-FP16) read the weights at
+ * about 7.4 GB/s with 2 threads on this session's host, which reads 16.4 GB/s (docs/quantization.md). Here each 8
+ * weights are widened to fp32 in one instruction (vcvtph2ps) and multiplied into fp32 accumulators, the sum a
+ * fp16 matmul keeps; 4096 x 44032 with 2 threads: 15 GB/s (2 December 2026).
+ *
+ *   y[n] = sum_k float(w[n, k]) * x[k]        w fp16 [N, K] row-major, x fp32 [K], y fp32 [N]
+ *
+ * Built with q8_avx2.c into one library by kernels/native.py; its threads note applies here too.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+/* Bytes ahead in the row that are prefetched: 1024 measured best of 512, 1024, 2048 (the hardware prefetcher
+ * alone leaves one thread short of the bus, as for the int8 kernel). */
+#define PF16 1024
+
+static inline float f16_hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* y[n] for rows n in [n0, n1). Four accumulators of 8 lanes: the fmadd latency is hidden behind the loads. */
+void f16_matvec(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const float *x, float *y) {
+    for (int64_t n = n0; n < n1; n++) {
+        const uint16_t *r = w + n * k;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        int64_t i = 0;
+        for (; i + 32 <= k; i += 32) {
+            _mm_prefetch((const char *)(r + i) + PF16, _MM_HINT_T0);
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))), _mm256_loadu_ps(x + i), a0);
+            a1 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i + 8))),
+                                 _mm256_loadu_ps(x + i + 8), a1);
+            a2 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i + 16))),
+                                 _mm256_loadu_ps(x + i + 16), a2);
+            a3 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i + 24))),
+                                 _mm256_loadu_ps(x + i + 24), a3);
+        }
+        for (; i + 8 <= k; i += 8)
+            a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))), _mm256_loadu_ps(x + i), a0);
+        float total = f16_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        for (; i < k; i++) total += _cvtsh_ss(r[i]) * x[i];
+        y[n] = total;
+    }
+}
+
+/* The same with output rows split over `threads` OpenMP threads (torch's: q8_avx2.c), in chunks of 16 rows. */
+void f16_matvec_mt(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const float *x, float *y, int threads) {
+    int64_t chunks = (n1 - n0 + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
+        f16_matvec(w, k, a, b, x, y);
+    }
+}
