@@ -147,12 +147,55 @@ static inline float hsum4(__m128 s) {
     return _mm_cvtss_f32(s);
 }
 
+/* Prefill: weight row n against activation rows r0 .. r0 + R - 1 (R <= 4, a constant where it is called, so the
+ * loops over j unroll): each block's nibbles are unpacked once for the R rows, not once per row. */
+static inline __attribute__((always_inline)) void int4_row_by_rows(
+        const uint8_t *w0, const uint16_t *sz, int64_t sz_g, int64_t groups, int64_t per, int64_t nb,
+        const int8_t *xq, const float *xs, const float *xg, int64_t r0, const int R, float *y, int64_t ldy,
+        int64_t n) {
+    const __m128i low4 = _mm_set1_epi8(0x0f), ones = _mm_set1_epi16(1);
+    __m128 acc[4];
+    float z[4];
+    for (int j = 0; j < R; j++) { acc[j] = _mm_setzero_ps(); z[j] = 0.0f; }
+    for (int64_t g = 0; g < groups; g++) {
+        float s = bf16_to_f32(sz[g * sz_g]), zs = bf16_to_f32(sz[g * sz_g + 1]) - 8.0f * s;
+        for (int j = 0; j < R; j++) z[j] += zs * xg[(r0 + j) * groups + g];
+        for (int64_t b = g * per; b < (g + 1) * per; b++) {
+            __m128i raw = _mm_loadu_si128((const __m128i *)(w0 + b * 16));
+            __m128i lo = _mm_and_si128(raw, low4), hi = _mm_and_si128(_mm_srli_epi16(raw, 4), low4);
+            for (int j = 0; j < R; j++) {
+                const int8_t *xr = xq + (r0 + j) * nb * 32 + b * 32;
+                __m128i p = _mm_add_epi16(_mm_maddubs_epi16(lo, _mm_loadu_si128((const __m128i *)xr)),
+                                          _mm_maddubs_epi16(hi, _mm_loadu_si128((const __m128i *)(xr + 16))));
+                acc[j] = _mm_fmadd_ps(_mm_cvtepi32_ps(_mm_madd_epi16(p, ones)),
+                                      _mm_set1_ps(s * xs[(r0 + j) * nb + b]), acc[j]);
+            }
+        }
+    }
+    for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n] = hsum4(acc[j]) + z[j];
+}
+
 void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t sz_n, int64_t group, int64_t k,
                     int64_t n0, int64_t n1, const int8_t *xq, const float *xs, const float *xg, int64_t m,
                     float *y, int64_t ldy) {
     int64_t nb = q8_blocks(k), groups = k / group, per = group / 32, half = k / 2;
     const __m128i low4 = _mm_set1_epi8(0x0f);
     const __m128i ones = _mm_set1_epi16(1);
+    if (m > 1) {  /* the row's 16 * k / 32 bytes stay in L1 while the activation rows pass over them */
+        for (int64_t n = n0; n < n1; n++) {
+            const uint8_t *w0 = w + n * half;
+            const uint16_t *s0 = sz + n * sz_n;
+            int64_t r = 0;
+            for (; r + 4 <= m; r += 4) int4_row_by_rows(w0, s0, sz_g, groups, per, nb, xq, xs, xg, r, 4, y, ldy, n);
+            switch (m - r) {
+            case 3: int4_row_by_rows(w0, s0, sz_g, groups, per, nb, xq, xs, xg, r, 3, y, ldy, n); break;
+            case 2: int4_row_by_rows(w0, s0, sz_g, groups, per, nb, xq, xs, xg, r, 2, y, ldy, n); break;
+            case 1: int4_row_by_rows(w0, s0, sz_g, groups, per, nb, xq, xs, xg, r, 1, y, ldy, n); break;
+            default: break;
+            }
+        }
+        return;
+    }
     int64_t n = n0;
     for (; n + 1 < n1; n += 2) {  /* two rows at a time: each activation block is loaded once for both */
         const uint8_t *w0 = w + n * half, *w1 = w0 + half;
