@@ -50,7 +50,7 @@ lint: setup
 	$(BIN)/mypy
 
 test: setup lint
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=25
 
 # The compose file run for real with podman (builds the images from debootstrap: ~3 min idle, ~6 GiB of disk);
 # kept out of `make test` to hold the suite under 20 min. CI runs both.
