@@ -239,6 +239,23 @@ def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int) -> None:
     assert kernel_name(quant.QuantSpec("none"), torch.float32) is None
 
 
+def test_fp16_run_records_the_kernel_model_kernel_chose(models: dict[str, Path], tmp_path: Path) -> None:
+    """A fp16 split decodes on the AVX2 kernel by default and on torch's F.linear with model.kernel=torch (the run
+    record's weights.kernel), with the same greedy tokens on this 3-layer model."""
+    native_kernel_here()
+    shards = split(models["llama-gqa"], tmp_path / "fp16", 2, None, dtype="fp16")
+    records = {}
+    for kind in ("auto", "torch"):
+        out = tmp_path / f"{kind}.json"
+        proc = mpirun(2, ["-m", "tpi_mpi.run", f"hydra.run.dir={tmp_path}/hydra-{kind}", f"model.shards={shards}",
+                          "prompt_ids=[1,2,3]", "generation.max_new_tokens=4", "output.results=null",
+                          f"output.json={out}", f"model.kernel={kind}"], timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        records[kind] = json.loads(out.read_text())
+    assert records["auto"]["weights"]["kernel"] == "f16-avx2" and records["torch"]["weights"]["kernel"] == "torch"
+    assert records["auto"]["token_ids"] == records["torch"]["token_ids"]
+
+
 def test_kernel_constraints_are_refused_at_split_time() -> None:
     with pytest.raises(UserError, match="int8 kernel needs a multiple of 16"):
         quant.quantize_weight("down_proj", torch.randn(32, 40), quant.QuantSpec("int8"))

@@ -111,9 +111,7 @@ def _select_kernel(kind: str, spec: QuantSpec) -> str | None:
     None, or why it cannot run."""
     from tpi_mpi.models.linear import select_kernel
 
-    if not spec.quantized:
-        return None
-    try:
+    try:  # float splits too: fp16 decoding has a kernel of its own
         select_kernel(kind, spec)
     except UserError as exc:
         return str(exc)
