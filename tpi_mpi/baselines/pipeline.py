@@ -21,11 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from mpi4py import MPI
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from tpi_mpi.engine import DTYPES, OP_FORWARD, OP_STOP, Master
+from tpi_mpi.models.decoder_config import DecoderConfig, Rope
 from tpi_mpi.models.linear import linear
-from tpi_mpi.models.llama import ShardedLayer, hf_config, rms_norm, sliding_windows
+from tpi_mpi.models.llama import ShardedLayer, rms_norm
 from tpi_mpi.weights import quant
 from tpi_mpi.weights.prefetch import ResidentBlocks, cast_block
 from tpi_mpi.weights.shards import RankShard
@@ -49,16 +49,16 @@ class Stage:
     def __init__(self, comm: MPI.Comm, shard: RankShard, dtype: str = "auto"):
         t0 = time.perf_counter()
         self.comm = comm
-        self.cfg = hf_config(shard.config)
+        self.cfg = DecoderConfig.of(shard.config, shard.decoder)
         self.layer_range = layer_ranges(shard.num_layers, comm.size)[comm.rank]
-        windows = sliding_windows(self.cfg)
+        windows = self.cfg.windows
         first, end = self.layer_range
         self.blocks = ResidentBlocks({(i, k): shard.tensor_file(i, k) for i in range(first, end)
                                      for k in ("attn", "ffn")}, DTYPES[dtype])
         self.layers = {i: ShardedLayer.from_header(shard.tensor_file(i, "attn"), self.cfg, shard.plan.head_dim,
                                                    windows[i], DTYPES[dtype])
                        for i in range(first, end)}
-        self.rotary = LlamaRotaryEmbedding(self.cfg)
+        self.rotary = Rope(self.cfg)
         self.hidden_size = self.cfg.hidden_size
         self.header = np.zeros(4, dtype=np.int64)  # op, q_len, start, kv capacity (when start == 0)
         self.capacity = 0

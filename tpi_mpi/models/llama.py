@@ -20,10 +20,9 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import CONFIG_MAPPING
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding, apply_rotary_pos_emb
 
 from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.models.decoder_config import DecoderConfig, Rope, apply_rope
 from tpi_mpi.models.linear import linear
 from tpi_mpi.weights.prefetch import BlockSource, Weights
 from tpi_mpi.weights.quant import out_features
@@ -33,25 +32,11 @@ from tpi_mpi.weights.tensorfile import TensorFile
 AllreduceFn = Callable[[np.ndarray], None]
 
 
-def hf_config(config: dict[str, Any]) -> Any:
-    return CONFIG_MAPPING[config["model_type"]].from_dict(config)
-
-
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """As HF's LlamaRMSNorm: normalise in float32, then scale in the weight's dtype."""
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(weight.dtype)
-
-
-def sliding_windows(cfg: Any) -> list[int | None]:
-    """Per layer: the attention window, or None for full causal attention (Mistral, some Qwen2)."""
-    n = cfg.num_hidden_layers
-    types = getattr(cfg, "layer_types", None)
-    window = getattr(cfg, "sliding_window", None)
-    if types:
-        return [window if t == "sliding_attention" else None for t in types]
-    return [window] * n
 
 
 def attention_mask(q_len: int, start: int, kv_len: int, window: int | None) -> torch.Tensor | None:
@@ -127,7 +112,7 @@ class ShardedLayer:
         q = q.view(1, q_len, self.n_heads, hd).transpose(1, 2)
         k = k.view(1, q_len, self.n_kv, hd).transpose(1, 2)
         v = v.view(1, q_len, self.n_kv, hd).transpose(1, 2)
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)  # elementwise per row: the same as for each alone
+        q, k = apply_rope(q, k, cos, sin)  # elementwise per row: the same as for each alone
         if spans is None or len(spans) == 1:
             s = spans[0] if spans else Span(0, start, q_len)
             out = self._attend(q, k, v, s)
@@ -169,15 +154,14 @@ class ShardedDecoder:
         """`blocks`: where each layer's weights come from (prefetch.ResidentBlocks / LayerPrefetcher);
         `dtype`: the compute dtype the blocks are cast to (None: as on disk); `slots`: KV cache slots, the
         most sequences one forward pass carries."""
-        self.cfg = hf_config(shard.config)
+        self.cfg = DecoderConfig.of(shard.config, shard.decoder)
         self.allreduce = allreduce
         self.blocks = blocks
         self.watchdog = watchdog or Watchdog(None, None)  # names the allreduce that stalls
-        windows = sliding_windows(self.cfg)
         self.layers = [ShardedLayer.from_header(shard.tensor_file(i, "attn"), self.cfg, shard.plan.head_dim,
-                                                windows[i], dtype, slots)
+                                                self.cfg.windows[i], dtype, slots)
                        for i in range(shard.num_layers)]
-        self.rotary = LlamaRotaryEmbedding(self.cfg)
+        self.rotary = Rope(self.cfg)
         self.capacity = [0] * slots  # per slot
 
     def reset(self, capacity: int, slot: int = 0) -> None:

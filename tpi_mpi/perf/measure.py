@@ -52,9 +52,9 @@ def _layer_forward(h: int, f: int, heads: int, kv_heads: int, head_dim: int, dis
     """A function running one decoder layer (ShardedLayer: attention then FFN) on q tokens, each call the
     next of `distinct` layers of these shapes (random weights)."""
     import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    from tpi_mpi.models.llama import ShardedLayer, hf_config
+    from tpi_mpi.models.decoder_config import DecoderConfig, Rope
+    from tpi_mpi.models.llama import ShardedLayer
 
     def block() -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         attn = {"input_norm.weight": torch.ones(h), "q_proj.weight": torch.randn(heads * head_dim, h),
@@ -66,15 +66,15 @@ def _layer_forward(h: int, f: int, heads: int, kv_heads: int, head_dim: int, dis
         return attn, ffn
 
     blocks = [block() for _ in range(distinct)]
-    cfg = hf_config({"model_type": "llama", "hidden_size": heads * head_dim, "intermediate_size": f,
+    cfg = DecoderConfig.of({"model_type": "llama", "hidden_size": heads * head_dim, "intermediate_size": f,
                      "num_attention_heads": heads, "num_key_value_heads": kv_heads, "num_hidden_layers": 1,
-                     "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 64})
+                     "vocab_size": 32, "rms_norm_eps": 1e-5, "max_position_embeddings": 64}, None)
     layer = ShardedLayer(n_heads=heads, n_kv=kv_heads, head_dim=head_dim, eps=1e-5, window=None,
                          dtype=torch.float32)
     layer.reset_cache(64)  # every call writes the same positions: no reset needed inside the timed call
     xs = torch.randn(q, h)
     start = 0 if q > 1 else 3
-    cos, sin = LlamaRotaryEmbedding(cfg)(xs, torch.arange(start, start + q)[None])
+    cos, sin = Rope(cfg)(xs, torch.arange(start, start + q)[None])
     turn = [0]
 
     def run() -> None:

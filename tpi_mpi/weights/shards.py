@@ -30,6 +30,7 @@ class RankShard:
     tied_embeddings: bool
     vocab_range: tuple[int, int]  # this rank's rows of lm_head in head_slice.safetensors
     quant: QuantSpec = QuantSpec()  # how the linear weights are stored (none: float)
+    decoder: dict[str, Any] | None = None  # the config resolved at split time (models/decoder_config.py)
 
     def block(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
         return load_file(str(self.dir / block_file(layer, kind)))
@@ -95,4 +96,5 @@ def open_rank_shard(shards: str | Path, rank: int, world_size: int, verify_check
         num_layers=manifest["num_layers"], plan=ShardPlan.from_json(manifest["plan"]),
         config=config, tied_embeddings=manifest["tied_embeddings"],
         vocab_range=(int(manifest["vocab_range"][0]), int(manifest["vocab_range"][1])), quant=spec,
+        decoder=manifest.get("decoder"),  # splits from before it have none: resolved at load, with transformers
     )

@@ -34,6 +34,7 @@ import xxhash
 from safetensors import safe_open
 
 from tpi_mpi.errors import UserError
+from tpi_mpi.models import decoder_config
 from tpi_mpi.weights import quant, tensorfile
 from tpi_mpi.weights.formats import MODEL_KERNELS, QuantSpec, make_spec
 from tpi_mpi.weights.partition import ShardPlan, largest_remainder, plan_shards, ranges
@@ -179,6 +180,7 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
     if out.exists() and not force:
         raise UserError(f"{out} already exists: choose another --out, or pass --force to replace it")
     config = load_hf_config(model_dir)
+    decoder = decoder_config.resolve(config)
     reader = CheckpointReader(model_dir)
     hd = head_dim(config)
     plan = plan_shards(num_heads=config["num_attention_heads"],
@@ -222,6 +224,7 @@ def split(model: str | Path, out: str | Path, world_size: int, ratios: list[floa
                 "source": str(model_dir.resolve()), "dtype": dtype, "tied_embeddings": tied,
                 "num_layers": config["num_hidden_layers"], "plan": plan.to_json(), "files": files[r],
                 "vocab_range": list(vocab[r]),
+                "decoder": decoder,  # what a rank needs of the config, without importing transformers
                 # Packed int4 bytes are only valid for a kernel with the same layout (quant.layout_id).
                 "quant": {**spec.to_json(), "int4_layout": quant.layout_id(spec),
                           "ffn_padding": padded_ffn(config["intermediate_size"], spec) - config["intermediate_size"]},
