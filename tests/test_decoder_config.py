@@ -76,7 +76,8 @@ def test_a_worker_never_imports_transformers(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text("import os, runpy, sys\nsys.argv = ['tpi_mpi.run', *sys.argv[1:]]\n"
                      "try:\n    runpy.run_module('tpi_mpi.run', run_name='__main__')\nfinally:\n"
-                     "    print('rank', os.environ['PMI_RANK'], 'transformers imported:', 'transformers' in sys.modules, flush=True)\n")
+                     "    print('rank', os.environ['PMI_RANK'], 'transformers imported:',\n"
+                     "          'transformers' in sys.modules, flush=True)\n")
     args = [f"model.shards={shards}", "prompt_ids=[1,2,3]", "generation.max_new_tokens=4", "output.results=null"]
     p = mpirun(2, [str(probe), f"hydra.run.dir={tmp_path}/h1", f"output.json={tmp_path}/new.json", *args],
                timeout=120)
