@@ -198,11 +198,12 @@ class Engine:
 
     def weights_record(self) -> dict[str, Any]:
         """How the weights are stored and computed: the run record's `weights`, the summary line's weights=."""
-        dtype = str(self.decoder.layers[0].dtype if self.decoder.layers else torch.float32).removeprefix("torch.")
+        float_dtype = self.decoder.layers[0].dtype if self.decoder.layers else torch.float32
+        dtype = str(float_dtype).removeprefix("torch.")
         short = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}.get(dtype, dtype)
         record = {**self.quant.to_json(), "float_dtype": short,
                   "label": self.quant.label if self.quant.quantized else short}
-        kernel = kernel_name(self.quant, getattr(torch, dtype, None))  # which matmul ran them (model.kernel)
+        kernel = kernel_name(self.quant, float_dtype)  # which matmul ran them (model.kernel)
         if kernel is not None:
             record["kernel"] = kernel
             if self.quant.format == "int4":

@@ -179,8 +179,6 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
                     int64_t n0, int64_t n1, const int8_t *xq, const float *xs, const float *xg, int64_t m,
                     float *y, int64_t ldy) {
     int64_t nb = q8_blocks(k), groups = k / group, per = group / 32, half = k / 2;
-    const __m128i low4 = _mm_set1_epi8(0x0f);
-    const __m128i ones = _mm_set1_epi16(1);
     if (m > 1) {  /* the row's 16 * k / 32 bytes stay in L1 while the activation rows pass over them */
         for (int64_t n = n0; n < n1; n++) {
             const uint8_t *w0 = w + n * half;
@@ -196,57 +194,37 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
         }
         return;
     }
+    /* Decoding (one activation row): two weight rows at a time, each activation block loaded once for both. */
+    const __m128i low4 = _mm_set1_epi8(0x0f);
+    const __m128i ones = _mm_set1_epi16(1);
     int64_t n = n0;
-    for (; n + 1 < n1; n += 2) {  /* two rows at a time: each activation block is loaded once for both */
+    for (; n + 1 < n1; n += 2) {
         const uint8_t *w0 = w + n * half, *w1 = w0 + half;
-        for (int64_t r = 0; r < m; r++) {
-            const int8_t *xr = xq + r * nb * 32;
-            const float *sr = xs + r * nb;
-            __m128 acc0 = _mm_setzero_ps(), acc1 = _mm_setzero_ps();
-            float z0 = 0.0f, z1 = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                const uint16_t *p0 = sz + g * sz_g + n * sz_n, *p1 = p0 + sz_n;
-                float s0 = bf16_to_f32(p0[0]), s1 = bf16_to_f32(p1[0]);
-                z0 += (bf16_to_f32(p0[1]) - 8.0f * s0) * xg[r * groups + g];
-                z1 += (bf16_to_f32(p1[1]) - 8.0f * s1) * xg[r * groups + g];
-                for (int64_t b = g * per; b < (g + 1) * per; b++) {
-                    if ((b & 3) == 0) { /* one prefetch per 64-byte line */
-                        _mm_prefetch((const char *)(w0 + b * 16 + PF4), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(w1 + b * 16 + PF4), _MM_HINT_T0);
-                    }
-                    __m128i xlo = _mm_loadu_si128((const __m128i *)(xr + b * 32));
-                    __m128i xhi = _mm_loadu_si128((const __m128i *)(xr + b * 32 + 16));
-                    acc0 = _mm_fmadd_ps(_mm_cvtepi32_ps(nib_dot(w0 + b * 16, xlo, xhi, low4, ones)),
-                                        _mm_set1_ps(s0 * sr[b]), acc0);
-                    acc1 = _mm_fmadd_ps(_mm_cvtepi32_ps(nib_dot(w1 + b * 16, xlo, xhi, low4, ones)),
-                                        _mm_set1_ps(s1 * sr[b]), acc1);
+        __m128 acc0 = _mm_setzero_ps(), acc1 = _mm_setzero_ps();
+        float z0 = 0.0f, z1 = 0.0f;
+        for (int64_t g = 0; g < groups; g++) {
+            const uint16_t *p0 = sz + g * sz_g + n * sz_n, *p1 = p0 + sz_n;
+            float s0 = bf16_to_f32(p0[0]), s1 = bf16_to_f32(p1[0]);
+            z0 += (bf16_to_f32(p0[1]) - 8.0f * s0) * xg[g];
+            z1 += (bf16_to_f32(p1[1]) - 8.0f * s1) * xg[g];
+            for (int64_t b = g * per; b < (g + 1) * per; b++) {
+                if ((b & 3) == 0) { /* one prefetch per 64-byte line */
+                    _mm_prefetch((const char *)(w0 + b * 16 + PF4), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(w1 + b * 16 + PF4), _MM_HINT_T0);
                 }
+                __m128i xlo = _mm_loadu_si128((const __m128i *)(xq + b * 32));
+                __m128i xhi = _mm_loadu_si128((const __m128i *)(xq + b * 32 + 16));
+                acc0 = _mm_fmadd_ps(_mm_cvtepi32_ps(nib_dot(w0 + b * 16, xlo, xhi, low4, ones)),
+                                    _mm_set1_ps(s0 * xs[b]), acc0);
+                acc1 = _mm_fmadd_ps(_mm_cvtepi32_ps(nib_dot(w1 + b * 16, xlo, xhi, low4, ones)),
+                                    _mm_set1_ps(s1 * xs[b]), acc1);
             }
-            y[r * ldy + n] = hsum4(acc0) + z0;
-            y[r * ldy + n + 1] = hsum4(acc1) + z1;
         }
+        y[n] = hsum4(acc0) + z0;
+        y[n + 1] = hsum4(acc1) + z1;
     }
-    for (; n < n1; n++) {
-        const uint8_t *w0 = w + n * half;
-        for (int64_t r = 0; r < m; r++) {
-            const int8_t *xr = xq + r * nb * 32;
-            const float *sr = xs + r * nb;
-            __m128 acc0 = _mm_setzero_ps();
-            float z0 = 0.0f;
-            for (int64_t g = 0; g < groups; g++) {
-                const uint16_t *p0 = sz + g * sz_g + n * sz_n;
-                float s0 = bf16_to_f32(p0[0]);
-                z0 += (bf16_to_f32(p0[1]) - 8.0f * s0) * xg[r * groups + g];
-                for (int64_t b = g * per; b < (g + 1) * per; b++) {
-                    __m128i xlo = _mm_loadu_si128((const __m128i *)(xr + b * 32));
-                    __m128i xhi = _mm_loadu_si128((const __m128i *)(xr + b * 32 + 16));
-                    acc0 = _mm_fmadd_ps(_mm_cvtepi32_ps(nib_dot(w0 + b * 16, xlo, xhi, low4, ones)),
-                                        _mm_set1_ps(s0 * sr[b]), acc0);
-                }
-            }
-            y[r * ldy + n] = hsum4(acc0) + z0;
-        }
-    }
+    if (n < n1)  /* an odd last row: the same sums, one row */
+        int4_row_by_rows(w + n * half, sz + n * sz_n, sz_g, groups, per, nb, xq, xs, xg, 0, 1, y, ldy, n);
 }
 
 
