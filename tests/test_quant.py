@@ -124,7 +124,10 @@ def native_kernel_here() -> bool:
 
 NATIVE_CASES = [("int8", 96, 256, 1), ("int8", 33, 112, 1), ("int8", 1104, 4096, 1), ("int8", 1104, 400, 5),
                 ("int8", 40, 16, 3), ("int4-32", 96, 256, 1), ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
-                ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
+                ("int4-64", 48, 192, 1), ("int4-64", 32, 320, 6), ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
+# The instruction sets of our int8 / int4 products this CPU can run (kernels/native.py's isa()): AVX2 on every
+# machine the kernels build on, and AVX-512 VNNI (kernels/q8_avx512.c) where the CPU has it.
+ISAS = ["avx2"] + (["avx512-vnni"] if native.AVX512_FLAGS <= native._cpu_flags() else [])
 
 
 def spec_of(fmt: str) -> quant.QuantSpec:
@@ -143,13 +146,19 @@ def term_magnitudes(t: dict[str, torch.Tensor], k: int) -> torch.Tensor:
     return (23 * s + z.abs()).repeat_interleave(k // sz.shape[1], dim=1)
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt,n,k,m", NATIVE_CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}-m{c[3]}" for c in NATIVE_CASES])
-def test_native_kernel_is_exact_on_quantized_activations(fmt: str, n: int, k: int, m: int) -> None:
-    """The AVX2 kernels: integer dot products of the int8 / int4 weights with the int8 activations of each block
-    of 32, scaled in fp32. Against x_q @ dequantized^T in fp64 (x_q: the activations as the kernel quantized them)
-    they may differ by fp32 rounding only: 1e-5 of the sum of the terms' magnitudes. K % 32 == 16 (int8's last
-    half block), a zero activation row, several rows, and output rows split over 2 threads (n >= 1024) included."""
+def test_native_kernel_is_exact_on_quantized_activations(fmt: str, n: int, k: int, m: int, isa: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our kernels (AVX2, and AVX-512 VNNI where the CPU has it): integer dot products of the int8 / int4 weights
+    with the int8 activations of each block of 32, scaled in fp32. Against x_q @ dequantized^T in fp64 (x_q: the
+    activations as the kernel quantized them) they may differ by fp32 rounding only: 1e-5 of the sum of the terms'
+    magnitudes. K % 32 == 16 (int8's last half block), K % 64 of 16, 32, 48 (VNNI's masked last chunk of 64 int8
+    bytes) and int4 rows that end in a part of a 128-column chunk (K = 96, 192, 320), a zero activation row,
+    several rows, and output rows split over 2 threads (n >= 1024) included."""
     native_kernel_here()
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    assert native.isa() == isa
     t = quant.quantize_weight("w", weights(n, k, seed=k), spec_of(fmt))
     assert t["w.qweight"].dim() == (3 if fmt != "int8" else 2)  # int4 in the rows layout
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)) * torch.logspace(-2, 1, k)
@@ -169,11 +178,14 @@ def test_native_kernel_is_exact_on_quantized_activations(fmt: str, n: int, k: in
         assert (got[-1] == 0).all()
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize("fmt", ["int8", "int4-64"])
-def test_native_kernel_within_the_activation_rounding_bound(fmt: str) -> None:
+def test_native_kernel_within_the_activation_rounding_bound(fmt: str, isa: str,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Against x @ dequantized^T (exact fp32 activations), the kernel's only error is the rounding of each
     activation to its block's step: |error| <= sum over blocks b of (amax_b / 254) * sum_{i in b} |w_i|."""
     native_kernel_here()
+    monkeypatch.setenv(native.ISA_ENV, isa)
     n, k = 64, 320 if fmt == "int8" else 384
     t = quant.quantize_weight("w", weights(n, k, seed=5), spec_of(fmt))
     x = torch.randn(4, k, generator=torch.Generator().manual_seed(9)) * 3
@@ -185,6 +197,25 @@ def test_native_kernel_within_the_activation_rounding_bound(fmt: str) -> None:
     err = (linear(x, t, "w").double() - ref).abs()
     assert (err <= bound * (1 + 1e-4) + 1e-5 * (x.double().abs() @ term_magnitudes(t, k).t())).all()
     assert err.max() > 0  # the activations were rounded: the test can tell the kernels apart
+
+
+def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
+    """isa() is AVX-512 VNNI exactly where the CPU has it; TPI_MPI_KERNEL_ISA=avx2 holds it to AVX2 (the run record
+    names the one that ran); any other value, or avx512-vnni on a CPU without it, is one error naming the choices."""
+    has = native.AVX512_FLAGS <= native._cpu_flags()
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    assert native.isa() == ("avx512-vnni" if has else "avx2")
+    monkeypatch.setenv(native.ISA_ENV, "avx2")
+    assert native.isa() == "avx2"
+    monkeypatch.setenv(native.ISA_ENV, "sse2")
+    with pytest.raises(UserError, match="not one of auto, avx2, avx512-vnni"):
+        native.isa()
+    monkeypatch.setenv(native.ISA_ENV, "avx512-vnni")
+    if has:
+        assert native.isa() == "avx512-vnni"
+    else:
+        with pytest.raises(UserError, match="this CPU lacks"):
+            native.isa()
 
 
 @pytest.mark.parametrize("dtype,m", [(torch.float32, 1), (torch.float32, 7), (torch.float16, 7), (torch.float16, 1)])

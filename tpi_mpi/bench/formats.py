@@ -11,7 +11,8 @@ repeat, every (world size, format) in turn (interleaved, so slow drifts of the m
 `mpirun -n N python -m tpi_mpi.run` with resident weights, torch threads = cores / N (2 threads in all here),
 greedy, exactly --new-tokens tokens. A format FMT@KERNEL runs FMT with model.kernel=KERNEL (int8@torch,
 int4-g64@torch: torch's kernels, int4 on a split in torch's layout, beside the hand-written ones that
-model.kernel=auto picks). Columns (medians over repeats):
+model.kernel=auto picks); FMT@avx2 runs our kernels with their AVX2 products on a CPU that has AVX-512 VNNI
+(TPI_MPI_KERNEL_ISA=avx2, kernels/native.py), to show what VNNI is worth. Columns (medians over repeats):
     TTFT ms        prefill of the prompt and the first token
     token ms       per-run median latency of the later tokens
     MB/token/rank  weight bytes one decoding step reads per rank: every layer block and its lm_head rows
@@ -38,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from tpi_mpi.bench.tp_latency import cores, ensure_checkpoint, prompt_ids, run_tpi
-from tpi_mpi.errors import main_guard
+from tpi_mpi.errors import UserError, main_guard
+from tpi_mpi.kernels.native import ISA_ENV
 from tpi_mpi.weights.formats import parse_weight_format
 
 TARGET_MS = {"fp32": 98.0, "fp16": 50.0, "int8": 25.0, "int4": 17.0}  # llama.cpp here (issue 15)
@@ -53,6 +55,7 @@ def ensure_format_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
     fmt, _, kernel = entry.partition("@")
     dtype, spec = parse_weight_format(fmt)
     name = f"{model.name}-n{n}" if fmt == "fp32" else f"{model.name}-n{n}-{fmt}"  # fp32: bench.tp_latency's
+    kernel = "torch" if kernel == "torch" else ""  # @avx2 runs the rows layout, as auto does here
     if kernel and spec.format == "int4":
         name += f"-{kernel}"
     out = workdir / "shards" / name
@@ -93,6 +96,15 @@ def read_bandwidth(threads: int, gib: float = 2.0, repeats: int = 5) -> float:
     return x.numel() * 4 / statistics.median(times)
 
 
+def kernel_settings(entry: str) -> tuple[list[str] | None, dict[str, str] | None]:
+    """The overrides and environment of a --formats entry's runs: FMT@torch and FMT@native set model.kernel;
+    FMT@avx2 runs our kernels with their AVX2 products where the CPU has AVX-512 VNNI (kernels/native.py)."""
+    kernel = entry.partition("@")[2]
+    if kernel == "avx2":
+        return ["model.kernel=native"], {**os.environ, ISA_ENV: "avx2"}
+    return ([f"model.kernel={kernel}"] if kernel else None), None
+
+
 def split_format(fmt: str) -> str:
     """The weight format of a --formats entry (FMT or FMT@KERNEL)."""
     return fmt.partition("@")[0]
@@ -108,6 +120,8 @@ def main_decode(a: argparse.Namespace) -> int:
     fmts = a.formats.split(",")
     for f in fmts:
         parse_weight_format(split_format(f))
+        if f.partition("@")[2] not in ("", "auto", "native", "torch", "avx2"):
+            raise UserError(f"--formats {f}: the kernel after @ is one of auto, native, torch, avx2")
     model = ensure_checkpoint(workdir, a.preset, a.layers)
     shards = {(n, f): ensure_format_split(workdir, model, n, f) for n in sizes for f in fmts}
     ids = prompt_ids(a.prompt_tokens)
@@ -124,9 +138,7 @@ def main_decode(a: argparse.Namespace) -> int:
             out = workdir / "runs" / f"{stamp}-formats-n{n}-{f}-r{rep}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             loads.append(os.getloadavg()[0])
-            kernel = f.partition("@")[2]
-            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout,
-                          [f"model.kernel={kernel}"] if kernel else None)
+            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout, *kernel_settings(f))
             runs[(n, f)].append(rec)
             with open(jsonl, "a") as fh:
                 fh.write(json.dumps({"bench": "formats", "world_size": n, "format": f, "repeat": rep,

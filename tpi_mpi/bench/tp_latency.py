@@ -95,14 +95,14 @@ def run_checked(cmd: list[str], timeout: float, env: dict[str, str] | None = Non
 
 
 def run_tpi(model: Path, shards: Path, n: int, ids: list[int], new: int, out: Path, timeout: float,
-            extra: list[str] | None = None) -> dict:
+            extra: list[str] | None = None, env: dict[str, str] | None = None) -> dict:
     cmd = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, "-m", "tpi_mpi.run",
            f"model.path={model}",
            f"model.shards={shards}", f"prompt_ids=[{','.join(map(str, ids))}]",
            f"generation.max_new_tokens={new}", "generation.do_sample=false", "generation.stop_on_eos=false",
            "logging.quiet=true", "threads=null", f"output.json={out}", "output.results=null",
            f"hydra.run.dir={out.parent / 'hydra' / out.stem}", *(extra or [])]
-    run_checked(cmd, timeout)
+    run_checked(cmd, timeout, env=env)
     return json.loads(out.read_text())
 
 

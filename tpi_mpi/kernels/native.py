@@ -2,6 +2,7 @@
 
     int8 weights, and int4 in the rows layout, x int8-quantized activations (AVX2)
                                                        q8_avx2.c says why torch's kernels are not enough
+    the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
 
 The shared library (both sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
@@ -14,6 +15,7 @@ failed), `load()` returns None and `unavailable_reason()` says why; models/linea
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -27,9 +29,13 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCES = [Path(__file__).with_name("q8_avx2.c"), Path(__file__).with_name("f16_avx2.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 BLOCK = 32  # activations are quantized in blocks of 32 (q8_avx2.c)
+# What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
+# too: the tests compare the two, and a benchmark can show what VNNI is worth.
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
+ISA_ENV = "TPI_MPI_KERNEL_ISA"
 
 _lib: ctypes.CDLL | None = None
 _reason: str | None = None
@@ -40,14 +46,27 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "tpi_mpi" / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
+                return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
+
+
+def isa() -> str:
+    """Which products int8 and int4 run: "avx512-vnni" where the CPU has it (and TPI_MPI_KERNEL_ISA does not say
+    avx2), else "avx2"."""
+    forced = os.environ.get(ISA_ENV, "")
+    if forced not in ("", "auto", "avx2", "avx512-vnni"):
+        raise UserError(f"{ISA_ENV}={forced} is not one of auto, avx2, avx512-vnni")
+    have = AVX512_FLAGS <= _cpu_flags()
+    if forced == "avx512-vnni" and not have:
+        raise UserError(f"{ISA_ENV}=avx512-vnni, but this CPU lacks {', '.join(sorted(AVX512_FLAGS - _cpu_flags()))}")
+    return "avx512-vnni" if have and forced != "avx2" else "avx2"
 
 
 def _build() -> Path:
@@ -108,6 +127,14 @@ def load() -> ctypes.CDLL | None:
     lib.q8_matmul_int4_mt.restype = None
     lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     lib.f16_matvec_mt.restype = None
+    lib.q8v_prepare_int8.argtypes = [p, p, i64, i64, p, p]
+    lib.q8v_prepare_int8.restype = None
+    lib.q8v_prepare_int4.argtypes = [p, p, i64, i64, p, p, p]
+    lib.q8v_prepare_int4.restype = None
+    lib.q8v_matmul_int8_mt.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, i64, ctypes.c_int]
+    lib.q8v_matmul_int8_mt.restype = None
+    lib.q8v_matmul_int4_mt.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, p, i64, ctypes.c_int]
+    lib.q8v_matmul_int4_mt.restype = None
     _lib = lib
     return lib
 
@@ -148,6 +175,14 @@ def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch
     q, scales = q.contiguous(), scales.contiguous()
     xq, xs = _quantize(lib, x)
     y = torch.empty((m, n), dtype=torch.float32)
+    if isa() == "avx512-vnni":
+        chunks = -(-k // 64)
+        corr = torch.empty((m, chunks * 16), dtype=torch.int32)
+        xse = torch.empty((m, chunks * 16), dtype=torch.float32)
+        lib.q8v_prepare_int8(xq.data_ptr(), xs.data_ptr(), m, k, corr.data_ptr(), xse.data_ptr())
+        lib.q8v_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), corr.data_ptr(),
+                               xse.data_ptr(), m, y.data_ptr(), n, _threads(n))
+        return y
     lib.q8_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
                           n, _threads(n))
     return y
@@ -164,6 +199,15 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     xg = torch.empty((m, groups), dtype=torch.float32)
     lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
     y = torch.empty((m, n), dtype=torch.float32)
+    if isa() == "avx512-vnni":
+        chunks = -(-k // 128)
+        xlo = torch.empty((m, chunks * 64), dtype=torch.int8)
+        xhi = torch.empty((m, chunks * 64), dtype=torch.int8)
+        xse = torch.empty((m, chunks * 16), dtype=torch.float32)
+        lib.q8v_prepare_int4(xq.data_ptr(), xs.data_ptr(), m, k, xlo.data_ptr(), xhi.data_ptr(), xse.data_ptr())
+        lib.q8v_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2 * groups, group, k, 0, n, xlo.data_ptr(),
+                               xhi.data_ptr(), xse.data_ptr(), xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
+        return y
     lib.q8_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k, 0, n, xq.data_ptr(), xs.data_ptr(),
                           xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
     return y

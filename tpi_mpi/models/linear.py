@@ -88,9 +88,10 @@ def kernel_name(spec: QuantSpec, float_dtype: torch.dtype | None = None) -> str 
     the one fp16 decoding runs on, and None for the other float dtypes (torch's, always)."""
     if not spec.quantized:
         return ("f16-avx2" if _native() else "torch") if float_dtype == torch.float16 else None
+    ours = f"q8-{native.isa()}"  # q8-avx2, or q8-avx512-vnni where the CPU has it (kernels/q8_avx512.c)
     if spec.format == "int4":
-        return "q8-avx2" if spec.layout == "rows" else "torch"
-    return "q8-avx2" if _native() else "torch"
+        return ours if spec.layout == "rows" else "torch"
+    return ours if _native() else "torch"
 
 
 def _mm_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:

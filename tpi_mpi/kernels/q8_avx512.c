@@ -1,0 +1,272 @@
+/* The int8 and int4 products of q8_avx2.c on AVX-512 with VNNI (vpdpbusd): the same weights, the same quantized
+ * activations, the same exact int32 block sums; only the instructions differ.
+ *
+ * Why a second version: on a CPU with AVX-512 VNNI (Intel since Cascade Lake, AMD since Zen 4) one vpdpbusd
+ * multiplies 64 unsigned bytes by 64 signed bytes and adds each four products into an int32 lane, where AVX2 needs
+ * maddubs + madd on 32 bytes. The AVX2 kernels run there too, but they spend more instructions per weight byte than
+ * the bus delivers bytes (docs/quantization.md has the measurements). kernels/native.py calls these only where the
+ * CPU has avx512f, avx512bw and avx512_vnni; this file is compiled for those instructions (the pragma below), the
+ * rest of the library for AVX2 only.
+ *
+ * Activations are rearranged once per call (q8v_prepare_*), not once per weight row, so that the inner loops are
+ * one load of weights and a few instructions per 64 bytes.
+ */
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef PFV
+#define PFV 2048 /* bytes ahead in the weight rows that are prefetched */
+#endif
+
+static inline float bf16f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* ---- int8: per-row scale ws[n]; y[r, n] = ws[n] * sum_b xs[r, b] * dot(w_b, xq_b) ----
+ * vpdpbusd wants one unsigned operand: w ^ 0x80 is w + 128 as an unsigned byte, so dot(w ^ 0x80, x) =
+ * dot(w, x) + 128 * sum(x). The accumulator starts at -128 * (the sum of each lane's four x), so each int32 lane
+ * ends holding exactly its four products w * x: no rounding, and no large term to cancel later.
+ * Per activation row and 64-byte chunk c (two blocks): corr[16] int32 (lanes 0-7 block 2c, 8-15 block 2c+1) and
+ * xse[16] fp32 (the block's scale in each of its lanes). */
+int64_t q8v_chunks(int64_t k) { return (k + 63) / 64; }
+
+void q8v_prepare_int8(const int8_t *xq, const float *xs, int64_t m, int64_t k, int32_t *corr, float *xse) {
+    int64_t nb = (k + 31) / 32, nc = q8v_chunks(k);
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t c = 0; c < nc; c++)
+            for (int l = 0; l < 16; l++) {
+                int64_t b = 2 * c + l / 8, i0 = b * 32 + (l % 8) * 4;
+                int32_t s = 0;
+                if (b < nb)
+                    for (int i = 0; i < 4; i++) s += xq[r * nb * 32 + i0 + i];
+                corr[(r * nc + c) * 16 + l] = -128 * s;
+                xse[(r * nc + c) * 16 + l] = b < nb ? xs[r * nb + b] : 0.0f;
+            }
+}
+
+static inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
+
+/* k a multiple of 16 (the split's rule). The last chunk may be a half (k % 64 == 32) or a quarter-multiple: the
+ * weight bytes past the row are masked off, and the activations there are zero-padded by q8_quantize / prepare. */
+void q8v_matmul_int8(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1, const int8_t *xq,
+                     const int32_t *corr, const float *xse, int64_t m, float *y, int64_t ldy) {
+    int64_t nb = (k + 31) / 32, nc = q8v_chunks(k), full = k / 64;
+    __mmask64 tail = (__mmask64)((k % 64) ? ((1ULL << (k % 64)) - 1) : 0);
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *wr = w + n * k;
+        float s = bf16f(ws[n]);
+        for (int64_t r = 0; r < m; r++) {
+            const int8_t *xr = xq + r * nb * 32;
+            const int32_t *cr = corr + r * nc * 16;
+            const float *er = xse + r * nc * 16;
+            /* Four chunks (256 bytes) per step into four accumulators: with two, the loop read 0.05-0.1 of the
+             * bus less (a loop of dpbusd alone: 25.0 GB/s with two, 27.1 with four, a plain sum 28.7; 2 threads). */
+            __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+            int64_t c = 0;
+#define Q8V_STEP(acc, j)                                                                                          \
+    acc = _mm512_fmadd_ps(                                                                                        \
+        _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(_mm512_loadu_si512(cr + (c + j) * 16),                            \
+                                               _mm512_xor_si512(_mm512_loadu_si512(wr + (c + j) * 64), flip),     \
+                                               _mm512_loadu_si512(xr + (c + j) * 64))),                           \
+        _mm512_loadu_ps(er + (c + j) * 16), acc)
+            for (; c + 3 < full; c += 4) {
+                _mm_prefetch((const char *)(wr + c * 64 + PFV), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wr + c * 64 + 64 + PFV), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wr + c * 64 + 128 + PFV), _MM_HINT_T0);
+                _mm_prefetch((const char *)(wr + c * 64 + 192 + PFV), _MM_HINT_T0);
+                Q8V_STEP(a0, 0);
+                Q8V_STEP(a1, 1);
+                Q8V_STEP(a2, 2);
+                Q8V_STEP(a3, 3);
+            }
+#undef Q8V_STEP
+            a0 = _mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3));
+            for (; c < nc; c++) {
+                __mmask64 mk = c < full ? ~(__mmask64)0 : tail;
+                /* past k: weights 0 ^ 0x80 = 128 against activations loaded as 0, so they add nothing (the
+                 * activations' padding ends at a whole block of 32, not of 64: they are masked too) */
+                __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wr + c * 64), flip);
+                __m512i d0 = _mm512_dpbusd_epi32(_mm512_loadu_si512(cr + c * 16), w0,
+                                                 _mm512_maskz_loadu_epi8(mk, xr + c * 64));
+                a0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d0), _mm512_loadu_ps(er + c * 16), a0);
+            }
+            y[r * ldy + n] = hsum16(a0) * s;
+        }
+    }
+}
+
+/* ---- int4, rows layout (q8_avx2.c): block b of 32 columns is 16 bytes, low nibbles columns 32b..32b+15, high
+ * nibbles 32b+16..32b+31; (scale, zero) bf16 per group; w = (q - 8) * scale + zero. A chunk is 4 blocks = 64 weight
+ * bytes = 128 columns: 128-bit lane j of the loaded register is block 4c+j. Prepared per activation row and chunk:
+ * xlo[64] (lane j: the first 16 activations of block 4c+j), xhi[64] (its last 16), and xse[16] (block 4c+j's scale
+ * in lanes 4j..4j+3). The zero points' term sum_g (zero_g - 8 scale_g) * xg[g] is summed over groups beside.
+ * k a multiple of the group (itself 32, 64 or 128), so a last chunk has 1-3 whole blocks. */
+void q8v_prepare_int4(const int8_t *xq, const float *xs, int64_t m, int64_t k, int8_t *xlo, int8_t *xhi,
+                      float *xse) {
+    int64_t nb = (k + 31) / 32, nc = (nb + 3) / 4;
+    for (int64_t r = 0; r < m; r++)
+        for (int64_t c = 0; c < nc; c++)
+            for (int j = 0; j < 4; j++) {
+                int64_t b = 4 * c + j;
+                int8_t *lo = xlo + (r * nc + c) * 64 + 16 * j, *hi = xhi + (r * nc + c) * 64 + 16 * j;
+                float *e = xse + (r * nc + c) * 16 + 4 * j;
+                if (b < nb) {
+                    memcpy(lo, xq + r * nb * 32 + b * 32, 16);
+                    memcpy(hi, xq + r * nb * 32 + b * 32 + 16, 16);
+                } else {
+                    memset(lo, 0, 16);
+                    memset(hi, 0, 16);
+                }
+                for (int i = 0; i < 4; i++) e[i] = b < nb ? xs[r * nb + b] : 0.0f;
+            }
+}
+
+/* The lane -> group index of a chunk (relative to its first group), for groups of 32, 64, 128 columns. */
+static inline __m512i group_lanes(int64_t group) {
+    if (group == 32) return _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    if (group == 64) return _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    return _mm512_setzero_si512();
+}
+
+/* Each lane's group scale: the (scale, zero) pairs are read as uint32 (scale in the low half), `have` of them. */
+static inline __m512 lane_scales(const uint16_t *sz, int have, __m512i lanes) {
+    __m512i v = _mm512_castsi128_si512(_mm_maskz_loadu_epi32((__mmask8)((1u << have) - 1), sz));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_permutexvar_epi32(lanes, v), 16));
+}
+
+/* sum_g (zero_g - 8 scale_g) * xg[g] over one row's groups, 16 at a time. */
+static inline float zero_term(const uint16_t *sz, const float *xg, int64_t groups) {
+    __m512 t = _mm512_setzero_ps();
+    const __m512i hi = _mm512_set1_epi32((int)0xffff0000u);
+    for (int64_t g = 0; g < groups; g += 16) {
+        __mmask16 mk = (__mmask16)(groups - g >= 16 ? 0xffff : (1u << (groups - g)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi32(mk, sz + 2 * g);
+        __m512 s = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), z = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+        t = _mm512_fmadd_ps(_mm512_fnmadd_ps(_mm512_set1_ps(8.0f), s, z), _mm512_maskz_loadu_ps(mk, xg + g), t);
+    }
+    return hsum16(t);
+}
+
+/* Weight row n (w0, its pairs s0) against activation rows r0 .. r0 + R - 1 (R <= 4, a constant where called):
+ * each chunk's nibbles are unpacked once for the R rows. */
+static inline __attribute__((always_inline)) void int4v_row_by_rows(
+        const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb, const int8_t *xlo,
+        const int8_t *xhi, const float *xse, const float *xg, int64_t r0, const int R, float *y, int64_t ldy,
+        int64_t n) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), lanes = group_lanes(group);
+    int64_t nc = (nb + 3) / 4, full = nb / 4, gpc = 128 / group; /* groups per chunk: 4, 2 or 1 */
+    __m512 acc[4];
+    for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; c++) {
+        int64_t g0 = c * 128 / group;
+        int have = (int)(groups - g0 < gpc ? groups - g0 : gpc);
+        __m512i raw = c < full ? _mm512_loadu_si512(w0 + c * 64)
+                               : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << ((nb - 4 * c) * 16)) - 1), w0 + c * 64);
+        __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+        __m512 sw = lane_scales(s0 + 2 * g0, have, lanes);
+        for (int j = 0; j < R; j++) {
+            int64_t o = (r0 + j) * nc + c;
+            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xlo + o * 64));
+            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xhi + o * 64));
+            acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + o * 16)), sw, acc[j]);
+        }
+    }
+    for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n] = hsum16(acc[j]) + zero_term(s0, xg + (r0 + j) * groups, groups);
+}
+
+/* Decoding (one activation row), weight row n: as int4v_row_by_rows with R = 1, two chunks per step into two
+ * accumulators, and the weights prefetched PFV bytes ahead. */
+static void int4v_row(const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb,
+                      const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg, float *y) {
+    const __m512i low4 = _mm512_set1_epi8(0x0f), lanes = group_lanes(group);
+    int64_t full = nb / 4, step = 128 / group; /* groups per chunk */
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+#define INT4V_STEP(acc, cc, sw)                                                                                    \
+    {                                                                                                              \
+        __m512i raw = _mm512_loadu_si512(w0 + (cc) * 64);                                                          \
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4),                       \
+                                        _mm512_loadu_si512(xlo + (cc) * 64));                                      \
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(xhi + (cc) * 64)); \
+        acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + (cc) * 16)), sw, acc);   \
+    }
+    int64_t c = 0;
+    /* The 4 * step groups of four chunks (at most 16) are loaded and widened to fp32 once; each chunk then takes
+     * its lanes' scales with one permute. */
+    const __m512i next = _mm512_set1_epi32((int)step);
+    const __m512i lanes1 = _mm512_add_epi32(lanes, next), lanes2 = _mm512_add_epi32(lanes1, next),
+                  lanes3 = _mm512_add_epi32(lanes2, next);
+    const __mmask16 four = (__mmask16)((1u << (4 * step)) - 1);
+    for (; c + 3 < full; c += 4) {
+        for (int j = 0; j < 4; j++) _mm_prefetch((const char *)(w0 + (c + j) * 64 + PFV), _MM_HINT_T0);
+        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_maskz_loadu_epi32(four, s0 + 2 * c * step), 16));
+        INT4V_STEP(a0, c, _mm512_permutexvar_ps(lanes, sc));
+        INT4V_STEP(a1, c + 1, _mm512_permutexvar_ps(lanes1, sc));
+        INT4V_STEP(a2, c + 2, _mm512_permutexvar_ps(lanes2, sc));
+        INT4V_STEP(a3, c + 3, _mm512_permutexvar_ps(lanes3, sc));
+    }
+    for (; c < full; c++) INT4V_STEP(a0, c, lane_scales(s0 + 2 * c * step, (int)step, lanes));
+#undef INT4V_STEP
+    float t = hsum16(_mm512_add_ps(_mm512_add_ps(a0, a2), _mm512_add_ps(a1, a3)));
+    if (full * 4 < nb) { /* a last chunk of 1-3 blocks (k is whole groups, so the chunk's groups are whole) */
+        int64_t g0 = full * step;
+        __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << ((nb - 4 * full) * 16)) - 1), w0 + full * 64);
+        __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4),
+                                        _mm512_loadu_si512(xlo + full * 64));
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(xhi + full * 64));
+        t += hsum16(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + full * 16)),
+                                  lane_scales(s0 + 2 * g0, (int)(groups - g0), lanes)));
+    }
+    *y = t + zero_term(s0, xg, groups);
+}
+
+/* sz: (scale, zero) of group g and row n at sz + g * 2 + n * sz_n (row by row, as the split stores them). */
+void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t group, int64_t k, int64_t n0,
+                     int64_t n1, const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg, int64_t m,
+                     float *y, int64_t ldy) {
+    int64_t nb = (k + 31) / 32, groups = k / group, half = k / 2;
+    if (m == 1) {
+        for (int64_t n = n0; n < n1; n++) int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n);
+        return;
+    }
+    for (int64_t n = n0; n < n1; n++) {  /* prefill: the row's k / 2 bytes stay in L1 while the rows pass over them */
+        const uint8_t *w0 = w + n * half;
+        const uint16_t *s0 = sz + n * sz_n;
+        int64_t r = 0;
+        for (; r + 4 <= m; r += 4) int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 4, y, ldy, n);
+        switch (m - r) {
+        case 3: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 3, y, ldy, n); break;
+        case 2: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 2, y, ldy, n); break;
+        case 1: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 1, y, ldy, n); break;
+        default: break;
+        }
+    }
+}
+
+/* Output rows over `threads` OpenMP threads (torch's: q8_avx2.c), in chunks of 16 rows. */
+void q8v_matmul_int8_mt(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1, const int8_t *xq,
+                        const int32_t *corr, const float *xse, int64_t m, float *y, int64_t ldy, int threads) {
+    int64_t chunks = (n1 - n0 + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
+        q8v_matmul_int8(w, ws, k, a, b, xq, corr, xse, m, y, ldy);
+    }
+}
+
+void q8v_matmul_int4_mt(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t group, int64_t k, int64_t n0,
+                        int64_t n1, const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg,
+                        int64_t m, float *y, int64_t ldy, int threads) {
+    int64_t chunks = (n1 - n0 + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
+        q8v_matmul_int4(w, sz, sz_n, group, k, a, b, xlo, xhi, xse, xg, m, y, ldy);
+    }
+}
