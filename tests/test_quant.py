@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import native
 from tpi_mpi.make_model import make_model
-from tpi_mpi.models.linear import kernel_name, linear, select_kernel
+from tpi_mpi.models.linear import kernel_name, linear, linears, select_kernel
 from tpi_mpi.weights import quant
 from tpi_mpi.weights.export import dequantized_checkpoint
 from tpi_mpi.weights.shards import open_rank_shard
@@ -197,6 +197,32 @@ def test_native_kernel_within_the_activation_rounding_bound(fmt: str, isa: str,
     err = (linear(x, t, "w").double() - ref).abs()
     assert (err <= bound * (1 + 1e-4) + 1e-5 * (x.double().abs() @ term_magnitudes(t, k).t())).all()
     assert err.max() > 0  # the activations were rounded: the test can tell the kernels apart
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("fmt,m", [("int8", 1), ("int8", 3), ("int4-64", 1), ("int4-32", 5)])
+def test_one_call_for_several_matrices_equals_one_call_each(fmt: str, m: int, isa: str,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """linears() runs q/k/v (or gate/up) in one kernel call: the same activations' quantization and the same sums
+    per output row, so the same bits as linear() on each, with a bias on one of them (Qwen2's q/k/v); output rows
+    over 2 threads, the matrices of unequal heights (GQA's k/v)."""
+    native_kernel_here()
+    monkeypatch.setenv(native.ISA_ENV, isa)
+    k = 256
+    t: dict[str, torch.Tensor] = {}
+    for i, (name, n) in enumerate([("q", 1104), ("k", 48), ("v", 48)]):
+        t.update(quant.quantize_weight(name, weights(n, k, seed=i), spec_of(fmt)))
+    t["k.bias"] = torch.randn(48)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = linears(x, t, ("q", "k", "v"))
+        alone = [linear(x, t, n) for n in ("q", "k", "v")]
+    finally:
+        torch.set_num_threads(threads)
+    assert [y.shape for y in together] == [(m, 1104), (m, 48), (m, 48)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
 
 
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -121,20 +121,21 @@ def load() -> ctypes.CDLL | None:
     lib.q8_group_sums.restype = None
     lib.q8_matmul_int4.argtypes = [p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64]
     lib.q8_matmul_int4.restype = None
-    lib.q8_matmul_int8_mt.argtypes = [*lib.q8_matmul_int8.argtypes, ctypes.c_int]
-    lib.q8_matmul_int8_mt.restype = None
-    lib.q8_matmul_int4_mt.argtypes = [*lib.q8_matmul_int4.argtypes, ctypes.c_int]
-    lib.q8_matmul_int4_mt.restype = None
+    c_int = ctypes.c_int
+    lib.q8_matmul_int8_many.argtypes = [c_int, p, p, p, i64, p, p, i64, p, c_int]
+    lib.q8_matmul_int8_many.restype = None
+    lib.q8_matmul_int4_many.argtypes = [c_int, p, p, p, i64, i64, p, p, p, i64, p, c_int]
+    lib.q8_matmul_int4_many.restype = None
     lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     lib.f16_matvec_mt.restype = None
     lib.q8v_prepare_int8.argtypes = [p, p, i64, i64, p, p]
     lib.q8v_prepare_int8.restype = None
     lib.q8v_prepare_int4.argtypes = [p, p, i64, i64, p, p, p]
     lib.q8v_prepare_int4.restype = None
-    lib.q8v_matmul_int8_mt.argtypes = [p, p, i64, i64, i64, p, p, p, i64, p, i64, ctypes.c_int]
-    lib.q8v_matmul_int8_mt.restype = None
-    lib.q8v_matmul_int4_mt.argtypes = [p, p, i64, i64, i64, i64, i64, p, p, p, p, i64, p, i64, ctypes.c_int]
-    lib.q8v_matmul_int4_mt.restype = None
+    lib.q8v_matmul_int8_many.argtypes = [c_int, p, p, p, i64, p, p, p, i64, p, c_int]
+    lib.q8v_matmul_int8_many.restype = None
+    lib.q8v_matmul_int4_many.argtypes = [c_int, p, p, p, i64, i64, p, p, p, p, i64, p, c_int]
+    lib.q8v_matmul_int4_many.restype = None
     _lib = lib
     return lib
 
@@ -167,50 +168,82 @@ def _quantize(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Te
     return xq, xs
 
 
-def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times int8 q [N, K] (bf16 scales [N]): fp32 [M, N], output rows over the rank's threads."""
+MAX_MANY = 8  # the most matrices one *_many call takes (MANY in q8_avx2.c)
+
+
+def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
+    return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+
+
+def _outputs(m: int, rows: list[int]) -> list[torch.Tensor]:
+    return [torch.empty((m, n), dtype=torch.float32) for n in rows]
+
+
+def int8_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """x [M, K] times each int8 q [N_j, K] (bf16 scales [N_j]) of `weights`: fp32 [M, N_j] each. One call: x is
+    quantized once, and the output rows of all of them are split over the rank's threads together."""
     lib = _library()
+    assert 0 < len(weights) <= MAX_MANY
     m, k = x.shape
-    n = q.shape[0]
-    q, scales = q.contiguous(), scales.contiguous()
+    qs = [q.contiguous() for q, _ in weights]
+    ss = [s.contiguous() for _, s in weights]
+    rows = [q.shape[0] for q in qs]
+    ns = (ctypes.c_int64 * len(rows))(*rows)
     xq, xs = _quantize(lib, x)
-    y = torch.empty((m, n), dtype=torch.float32)
+    ys = _outputs(m, rows)
     if isa() == "avx512-vnni":
         chunks = -(-k // 64)
         corr = torch.empty((m, chunks * 16), dtype=torch.int32)
         xse = torch.empty((m, chunks * 16), dtype=torch.float32)
         lib.q8v_prepare_int8(xq.data_ptr(), xs.data_ptr(), m, k, corr.data_ptr(), xse.data_ptr())
-        lib.q8v_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), corr.data_ptr(),
-                               xse.data_ptr(), m, y.data_ptr(), n, _threads(n))
-        return y
-    lib.q8_matmul_int8_mt(q.data_ptr(), scales.data_ptr(), k, 0, n, xq.data_ptr(), xs.data_ptr(), m, y.data_ptr(),
-                          n, _threads(n))
-    return y
+        lib.q8v_matmul_int8_many(len(qs), _pointers(qs), _pointers(ss), ns, k, xq.data_ptr(), corr.data_ptr(),
+                                 xse.data_ptr(), m, _pointers(ys), _threads(sum(rows)))
+    else:
+        lib.q8_matmul_int8_many(len(qs), _pointers(qs), _pointers(ss), ns, k, xq.data_ptr(), xs.data_ptr(), m,
+                                _pointers(ys), _threads(sum(rows)))
+    return ys
 
 
-def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [N, K/G, 2]: fp32 [M, N]."""
+def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times int8 q [N, K] (bf16 scales [N]): fp32 [M, N], output rows over the rank's threads."""
+    return int8_matmuls(x, [(q, scales)])[0]
+
+
+def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+    """x [M, K] times each int4 q [N_j, K/32, 16] (rows layout) with bf16 scales_zeros [N_j, K/G, 2] of `weights`
+    (one group size G): fp32 [M, N_j] each, in one call as int8_matmuls."""
     lib = _library()
+    assert 0 < len(weights) <= MAX_MANY
     m, k = x.shape
-    n, groups = q.shape[0], scales_zeros.shape[1]
+    qs = [q.contiguous() for q, _ in weights]
+    szs = [sz.contiguous() for _, sz in weights]
+    groups = szs[0].shape[1]
+    assert all(sz.shape[1] == groups for sz in szs), "one group size"
     group = k // groups
-    q, sz = q.contiguous(), scales_zeros.contiguous()
+    rows = [q.shape[0] for q in qs]
+    ns = (ctypes.c_int64 * len(rows))(*rows)
     xq, xs = _quantize(lib, x)
     xg = torch.empty((m, groups), dtype=torch.float32)
     lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
-    y = torch.empty((m, n), dtype=torch.float32)
+    ys = _outputs(m, rows)
     if isa() == "avx512-vnni":
         chunks = -(-k // 128)
         xlo = torch.empty((m, chunks * 64), dtype=torch.int8)
         xhi = torch.empty((m, chunks * 64), dtype=torch.int8)
         xse = torch.empty((m, chunks * 16), dtype=torch.float32)
         lib.q8v_prepare_int4(xq.data_ptr(), xs.data_ptr(), m, k, xlo.data_ptr(), xhi.data_ptr(), xse.data_ptr())
-        lib.q8v_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2 * groups, group, k, 0, n, xlo.data_ptr(),
-                               xhi.data_ptr(), xse.data_ptr(), xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
-        return y
-    lib.q8_matmul_int4_mt(q.data_ptr(), sz.data_ptr(), 2, 2 * groups, group, k, 0, n, xq.data_ptr(), xs.data_ptr(),
-                          xg.data_ptr(), m, y.data_ptr(), n, _threads(n))
-    return y
+        lib.q8v_matmul_int4_many(len(qs), _pointers(qs), _pointers(szs), ns, group, k, xlo.data_ptr(),
+                                 xhi.data_ptr(), xse.data_ptr(), xg.data_ptr(), m, _pointers(ys),
+                                 _threads(sum(rows)))
+    else:
+        lib.q8_matmul_int4_many(len(qs), _pointers(qs), _pointers(szs), ns, group, k, xq.data_ptr(), xs.data_ptr(),
+                                xg.data_ptr(), m, _pointers(ys), _threads(sum(rows)))
+    return ys
+
+
+def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
+    """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [N, K/G, 2]: fp32 [M, N]."""
+    return int4_matmuls(x, [(q, scales_zeros)])[0]
 
 
 def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

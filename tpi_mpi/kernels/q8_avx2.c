@@ -12,7 +12,7 @@
  * unchanged). Activations: fp32 [M, K], quantized by q8_quantize into blocks of 32 (a last block of 16 when
  * K % 32 == 16). Built by kernels/native.py with -mavx2 -mfma -fopenmp and called from Python through ctypes.
  *
- * Threads: the *_mt entry points split the output rows over OpenMP threads. The library is linked against
+ * Threads: the *_many entry points split the output rows over OpenMP threads. The library is linked against
  * libgomp.so.1, which torch has already loaded, so these are torch's own OpenMP threads: a pool of our own ran
  * beside torch's, whose threads spin for a while after each torch op, and two ranks' worth of threads fought
  * over the cores (int8 at one rank with 2 threads decoded no faster than with 1).
@@ -228,24 +228,43 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
 }
 
 
-/* The same products with output rows split over `threads` OpenMP threads, in chunks of 16 rows (int4: pairs). */
-void q8_matmul_int8_mt(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1,
-                       const int8_t *xq, const float *xs, int64_t m, float *y, int64_t ldy, int threads) {
-    int64_t chunks = (n1 - n0 + 15) / 16;
+/* The same products for `count` (<= MANY) matrices that share one input (q/k/v, gate/up): the output rows of all
+ * of them split over `threads` OpenMP threads in chunks of 16 rows, in one parallel region. One call for the three
+ * of an attention block, not three: the activations are quantized once, and the threads are started once. Matrix j
+ * is w[j] (n[j] rows), its scales ws[j] (int8) or (scale, zero) pairs sz[j] (int4), its output y[j] [m, n[j]]. */
+#define MANY 8
+
+static inline int64_t many_chunks(int count, const int64_t *n, int64_t *first) {
+    first[0] = 0;
+    for (int j = 0; j < count; j++) first[j + 1] = first[j] + (n[j] + 15) / 16;
+    return first[count];
+}
+
+static inline int many_matrix(int64_t c, const int64_t *first) {
+    int j = 0;
+    while (c >= first[j + 1]) j++;
+    return j;
+}
+
+void q8_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *const *ws, const int64_t *n, int64_t k,
+                         const int8_t *xq, const float *xs, int64_t m, float *const *y, int threads) {
+    int64_t first[MANY + 1], chunks = many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
-        q8_matmul_int8(w, ws, k, a, b, xq, xs, m, y, ldy);
+        int j = many_matrix(c, first);
+        int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
+        q8_matmul_int8(w[j], ws[j], k, a, b, xq, xs, m, y[j], n[j]);
     }
 }
 
-void q8_matmul_int4_mt(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t sz_n, int64_t group, int64_t k,
-                       int64_t n0, int64_t n1, const int8_t *xq, const float *xs, const float *xg, int64_t m,
-                       float *y, int64_t ldy, int threads) {
-    int64_t chunks = (n1 - n0 + 15) / 16;
+void q8_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
+                         int64_t group, int64_t k, const int8_t *xq, const float *xs, const float *xg, int64_t m,
+                         float *const *y, int threads) {
+    int64_t first[MANY + 1], chunks = many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
-        q8_matmul_int4(w, sz, sz_g, sz_n, group, k, a, b, xq, xs, xg, m, y, ldy);
+        int j = many_matrix(c, first);
+        int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
+        q8_matmul_int4(w[j], sz[j], 2, 2 * (k / group), group, k, a, b, xq, xs, xg, m, y[j], n[j]);
     }
 }

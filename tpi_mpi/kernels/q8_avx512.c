@@ -18,7 +18,7 @@
 #include <string.h>
 
 #ifndef PFV
-#define PFV 2048 /* bytes ahead in the weight rows that are prefetched */
+#define PFV 1024 /* bytes ahead in the weight rows that are prefetched: best of 0-8192 on huge pages */
 #endif
 
 static inline float bf16f(uint16_t h) {
@@ -249,24 +249,42 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
     }
 }
 
-/* Output rows over `threads` OpenMP threads (torch's: q8_avx2.c), in chunks of 16 rows. */
-void q8v_matmul_int8_mt(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1, const int8_t *xq,
-                        const int32_t *corr, const float *xse, int64_t m, float *y, int64_t ldy, int threads) {
-    int64_t chunks = (n1 - n0 + 15) / 16;
+/* Output rows of `count` matrices sharing one input over `threads` OpenMP threads (torch's), as q8_avx2.c's
+ * *_many, whose chunk bookkeeping is repeated here (two static helpers; this file has no header in common). */
+#define MANYV 8
+
+static inline int64_t manyv_chunks(int count, const int64_t *n, int64_t *first) {
+    first[0] = 0;
+    for (int j = 0; j < count; j++) first[j + 1] = first[j] + (n[j] + 15) / 16;
+    return first[count];
+}
+
+static inline int manyv_matrix(int64_t c, const int64_t *first) {
+    int j = 0;
+    while (c >= first[j + 1]) j++;
+    return j;
+}
+
+void q8v_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *const *ws, const int64_t *n, int64_t k,
+                          const int8_t *xq, const int32_t *corr, const float *xse, int64_t m, float *const *y,
+                          int threads) {
+    int64_t first[MANYV + 1], chunks = manyv_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
-        q8v_matmul_int8(w, ws, k, a, b, xq, corr, xse, m, y, ldy);
+        int j = manyv_matrix(c, first);
+        int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
+        q8v_matmul_int8(w[j], ws[j], k, a, b, xq, corr, xse, m, y[j], n[j]);
     }
 }
 
-void q8v_matmul_int4_mt(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t group, int64_t k, int64_t n0,
-                        int64_t n1, const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg,
-                        int64_t m, float *y, int64_t ldy, int threads) {
-    int64_t chunks = (n1 - n0 + 15) / 16;
+void q8v_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
+                          int64_t group, int64_t k, const int8_t *xlo, const int8_t *xhi, const float *xse,
+                          const float *xg, int64_t m, float *const *y, int threads) {
+    int64_t first[MANYV + 1], chunks = manyv_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
-        q8v_matmul_int4(w, sz, sz_n, group, k, a, b, xlo, xhi, xse, xg, m, y, ldy);
+        int j = manyv_matrix(c, first);
+        int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
+        q8v_matmul_int4(w[j], sz[j], 2 * (k / group), group, k, a, b, xlo, xhi, xse, xg, m, y[j], n[j]);
     }
 }

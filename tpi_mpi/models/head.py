@@ -49,7 +49,7 @@ class LMHead:
         block = quant.HEAD_ROW_BLOCK if any(e.name.endswith(".scales_zeros_rows") for e in self.entries) else 1
         self.chunk_rows = max(block, chunk_bytes // row_bytes // block * block)
         chunk = min(self.chunk_rows, self.padded_rows)
-        self.buffers = [torch.empty(chunk * (e.nbytes // e.shape[0]), dtype=torch.uint8) for e in self.entries]
+        self.buffers = [tensorfile.weight_buffer(chunk * (e.nbytes // e.shape[0])) for e in self.entries]
 
     def _kernel_tensors(self, read: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """As quant.linear takes them, named lm_head.*; a float head cast to the compute dtype."""

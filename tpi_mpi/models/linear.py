@@ -48,6 +48,25 @@ def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torc
     return y + bias if bias is not None else y
 
 
+def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
+    """[linear(x, tensors, n) for n in names], the same values; where all of them are packed for our kernels
+    (int8 with model.kernel choosing ours, or int4 in the rows layout), in one kernel call: the activations are
+    quantized once and the threads started once for q/k/v (or gate/up), not once per matrix."""
+    qs = [tensors.get(f"{n}.qweight") for n in names]
+    if all(q is not None and q.dim() == 3 for q in qs):
+        ys = native.int4_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales_zeros"]) for n in names])
+    elif all(q is not None and q.dtype == torch.int8 for q in qs) and _native():
+        ys = native.int8_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales"]) for n in names])
+    else:
+        return [linear(x, tensors, n) for n in names]
+    out = []
+    for n, y in zip(names, ys, strict=True):
+        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        bias = tensors.get(f"{n}.bias")
+        out.append(y + bias if bias is not None else y)
+    return out
+
+
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(-1, x.shape[-1])
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from tpi_mpi.comm.watchdog import Watchdog
 from tpi_mpi.models.decoder_config import DecoderConfig, Rope, apply_rope
-from tpi_mpi.models.linear import linear
+from tpi_mpi.models.linear import linear, linears
 from tpi_mpi.weights.prefetch import BlockSource, Weights
 from tpi_mpi.weights.quant import out_features
 from tpi_mpi.weights.shards import RankShard
@@ -108,7 +108,7 @@ class ShardedLayer:
         sequences of `spans`. cos/sin: RoPE of every row's position (positions_of)."""
         hd, q_len = self.head_dim, x.shape[0]
         h = rms_norm(x, a["input_norm.weight"], self.eps)
-        q, k, v = (linear(h, a, name) for name in ("q_proj", "k_proj", "v_proj"))
+        q, k, v = linears(h, a, ("q_proj", "k_proj", "v_proj"))
         q = q.view(1, q_len, self.n_heads, hd).transpose(1, 2)
         k = k.view(1, q_len, self.n_kv, hd).transpose(1, 2)
         v = v.view(1, q_len, self.n_kv, hd).transpose(1, 2)
@@ -142,7 +142,7 @@ class ShardedLayer:
 
     def ffn(self, f: Weights, x: torch.Tensor) -> torch.Tensor:
         h = rms_norm(x, f["post_norm.weight"], self.eps)
-        gate, up = linear(h, f, "gate_proj"), linear(h, f, "up_proj")
+        gate, up = linears(h, f, ("gate_proj", "up_proj"))
         return linear(F.silu(gate) * up, f, "down_proj")
 
 

@@ -134,7 +134,7 @@ class LayerPrefetcher:
         if streamed:
             size = max(files[k].data_bytes for k in streamed)
             for _ in range(window):
-                self._free.put(torch.empty(size, dtype=torch.uint8))
+                self._free.put(tensorfile.weight_buffer(size))
             self._thread = threading.Thread(target=self._read_loop, name="layer-prefetcher", daemon=True)
             self._thread.start()
 
