@@ -92,6 +92,7 @@ def measure_format(key: str, threads: int, repeats: int = 7) -> dict[str, float]
     nbytes = fmt.matrix_bytes(N_OUT, K_IN)
     copies = max(2, -(-MIN_BYTES // int(nbytes)))
     product, ws, dtype = format_kernel(fmt, copies)
+    ws = [on_huge_pages(w) for w in ws]  # where the ranks hold their weights (tensorfile.weight_buffer)
     one, prompt = torch.randn(1, K_IN).to(dtype), torch.randn(PROMPT, K_IN).to(dtype)
 
     def run(x: Any) -> Callable[[], None]:
@@ -107,12 +108,24 @@ def measure_format(key: str, threads: int, repeats: int = 7) -> dict[str, float]
             "bytes_per_weight": nbytes / (N_OUT * K_IN), "matrices": copies}
 
 
+def on_huge_pages(w: Any) -> Any:
+    """A copy of w (a tensor, or a dict or tuple of them) in weight buffers, on huge pages where the kernel allows."""
+    if isinstance(w, dict):
+        return {k: on_huge_pages(v) for k, v in w.items()}
+    if isinstance(w, tuple | list):
+        return type(w)(on_huge_pages(v) for v in w)
+    from tpi_mpi.weights.tensorfile import weight_buffer
+
+    return weight_buffer(w.nbytes).view(w.dtype).view(w.shape).copy_(w)
+
+
 def measure_read_bandwidth(threads: int, nbytes: int = 1 << 30, repeats: int = 5) -> float:
-    """Bytes/s of a sum over a float32 tensor of `nbytes` (the memory read bound of the products)."""
+    """Bytes/s of a sum over a float32 tensor of `nbytes` on huge pages, as the weights (the memory read bound of
+    the products)."""
     import torch
 
     torch.set_num_threads(threads)
-    x = torch.ones(nbytes // 4)
+    x = on_huge_pages(torch.ones(nbytes // 4))
     t = median_time(lambda: x.sum(), repeats)
     return nbytes / t
 
