@@ -9,7 +9,8 @@ from fp32's, for several prompts).
 Weight formats run on one rank (the format changes the numbers, not the world size); wire dtypes (comm.dtype,
 the partial sums on the wire) on --world-size ranks with fp32 weights, against fp32 on the wire at that size.
 FMT@KERNEL runs FMT with model.kernel=KERNEL (@torch: torch's
-kernels, bf16 activations, int4 in torch's layout; plain FMT: the AVX2 kernels, int8 activations, where they build).
+kernels, bf16 activations, int4 in torch's layout; plain FMT: our kernels, int8 activations, where they build, on
+AVX-512 VNNI where the CPU has it; @avx2: ours held to their AVX2 products, TPI_MPI_KERNEL_ISA=avx2).
 Every split is made once in the workdir. The table is printed in markdown (docs/quantization.md).
 """
 
@@ -33,10 +34,10 @@ PROMPTS = [
 ]
 
 
-def mpirun(n: int, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+def mpirun(n: int, args: list[str], timeout: float, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).with_name("mpirun")), "-n", str(n), sys.executable, *args]
     p = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+                       env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
     if p.returncode != 0:
         raise SystemExit(f"exit code {p.returncode}: {' '.join(cmd)}\n{p.stderr[-3000:]}")
     return p
@@ -49,6 +50,7 @@ def ensure_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
 
     fmt, _, kernel = entry.partition("@")
     dtype, spec = parse_weight_format(fmt)
+    kernel = "torch" if kernel == "torch" else ""  # @avx2 reads the rows layout, as auto does
     out = workdir / "shards" / f"{model.name}-n{n}-{fmt}{'-' + kernel if kernel and spec.format == 'int4' else ''}"
     if not out.is_dir():
         split(model, out, n, dtype=dtype, quant_format=spec.format, group_size=spec.group_size,
@@ -56,20 +58,28 @@ def ensure_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
     return out
 
 
-def kernel_of(entry: str) -> str:
-    return entry.partition("@")[2] or "auto"
+def kernel_of(entry: str) -> tuple[str, dict[str, str]]:
+    """model.kernel and the environment of a --formats entry's runs."""
+    from tpi_mpi.kernels.native import ISA_ENV
+
+    kernel = entry.partition("@")[2]
+    if kernel == "avx2":
+        return "native", {ISA_ENV: "avx2"}
+    return kernel or "auto", {}
 
 
-def perplexity(shards: Path, n: int, wire: str, kernel: str, out: Path, timeout: float) -> float:
-    mpirun(n, ["-m", "tpi_mpi.eval", f"model.shards={shards}", f"comm.dtype={wire}", f"model.kernel={kernel}",
-               f"output.json={out}", "output.results=null", f"hydra.run.dir={out.parent / 'hydra'}"], timeout)
+def perplexity(shards: Path, n: int, wire: str, kernel: tuple[str, dict[str, str]], out: Path,
+               timeout: float) -> float:
+    mpirun(n, ["-m", "tpi_mpi.eval", f"model.shards={shards}", f"comm.dtype={wire}", f"model.kernel={kernel[0]}",
+               f"output.json={out}", "output.results=null", f"hydra.run.dir={out.parent / 'hydra'}"], timeout,
+           kernel[1])
     return float(json.loads(out.read_text())["perplexity"])
 
 
-def greedy(shards: Path, n: int, wire: str, kernel: str, new_tokens: int, out: Path,
+def greedy(shards: Path, n: int, wire: str, kernel: tuple[str, dict[str, str]], new_tokens: int, out: Path,
            timeout: float) -> list[list[int]]:
-    mpirun(n, ["-m", "tpi_mpi.bench.quality", "--worker", str(shards), "--wire", wire, "--kernel", kernel,
-               "--new-tokens", str(new_tokens), "--out", str(out)], timeout)
+    mpirun(n, ["-m", "tpi_mpi.bench.quality", "--worker", str(shards), "--wire", wire, "--kernel", kernel[0],
+               "--new-tokens", str(new_tokens), "--out", str(out)], timeout, kernel[1])
     return json.loads(out.read_text())["tokens"]
 
 

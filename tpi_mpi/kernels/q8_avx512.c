@@ -178,10 +178,11 @@ static inline __attribute__((always_inline)) void int4v_row_by_rows(
             acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + o * 16)), sw, acc[j]);
         }
     }
-    for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n] = hsum16(acc[j]) + zero_term(s0, xg + (r0 + j) * groups, groups);
+    for (int j = 0; j < R; j++)
+        y[(r0 + j) * ldy + n] = hsum16(acc[j]) + zero_term(s0, xg + (r0 + j) * groups, groups);
 }
 
-/* Decoding (one activation row), weight row n: as int4v_row_by_rows with R = 1, two chunks per step into two
+/* Decoding (one activation row), weight row n: as int4v_row_by_rows with R = 1, four chunks per step into four
  * accumulators, and the weights prefetched PFV bytes ahead. */
 static void int4v_row(const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb,
                       const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg, float *y) {
@@ -193,7 +194,8 @@ static void int4v_row(const uint8_t *w0, const uint16_t *s0, int64_t group, int6
         __m512i raw = _mm512_loadu_si512(w0 + (cc) * 64);                                                          \
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4),                       \
                                         _mm512_loadu_si512(xlo + (cc) * 64));                                      \
-        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(xhi + (cc) * 64)); \
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4),                             \
+                                _mm512_loadu_si512(xhi + (cc) * 64));                                              \
         acc = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + (cc) * 16)), sw, acc);   \
     }
     int64_t c = 0;
@@ -219,7 +221,8 @@ static void int4v_row(const uint8_t *w0, const uint16_t *s0, int64_t group, int6
         __m512i raw = _mm512_maskz_loadu_epi8((__mmask64)((1ULL << ((nb - 4 * full) * 16)) - 1), w0 + full * 64);
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4),
                                         _mm512_loadu_si512(xlo + full * 64));
-        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4), _mm512_loadu_si512(xhi + full * 64));
+        d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4),
+                                _mm512_loadu_si512(xhi + full * 64));
         t += hsum16(_mm512_mul_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + full * 16)),
                                   lane_scales(s0 + 2 * g0, (int)(groups - g0), lanes)));
     }
@@ -232,7 +235,8 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
                      float *y, int64_t ldy) {
     int64_t nb = (k + 31) / 32, groups = k / group, half = k / 2;
     if (m == 1) {
-        for (int64_t n = n0; n < n1; n++) int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n);
+        for (int64_t n = n0; n < n1; n++)
+            int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n);
         return;
     }
     for (int64_t n = n0; n < n1; n++) {  /* prefill: the row's k / 2 bytes stay in L1 while the rows pass over them */
