@@ -23,6 +23,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -31,7 +32,6 @@ from tpi_mpi.kernels import rows
 
 SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
-BLOCK = 32  # activations are quantized in blocks of 32 (q8_avx2.c)
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
 # too: the tests compare the two, and a benchmark can show what VNNI is worth.
 AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni"}
@@ -113,29 +113,15 @@ def load() -> ctypes.CDLL | None:
         _reason = str(e)
         return None
     p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.q8_quantize.argtypes = [p, i64, i64, p, p]
-    lib.q8_quantize.restype = None
-    lib.q8_matmul_int8.argtypes = [p, p, i64, i64, i64, p, p, i64, p, i64]
-    lib.q8_matmul_int8.restype = None
-    lib.q8_group_sums.argtypes = [p, p, i64, i64, i64, p]
-    lib.q8_group_sums.restype = None
-    lib.q8_matmul_int4.argtypes = [p, p, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64]
-    lib.q8_matmul_int4.restype = None
     c_int = ctypes.c_int
-    lib.q8_matmul_int8_many.argtypes = [c_int, p, p, p, i64, p, p, i64, p, c_int]
-    lib.q8_matmul_int8_many.restype = None
-    lib.q8_matmul_int4_many.argtypes = [c_int, p, p, p, i64, i64, p, p, p, i64, p, c_int]
-    lib.q8_matmul_int4_many.restype = None
+    for name in ("q8_int8_products", "q8v_int8_products"):  # (count, w, scales, n, k, x, m, y, threads)
+        getattr(lib, name).argtypes = [c_int, p, p, p, i64, p, i64, p, c_int]
+        getattr(lib, name).restype = c_int
+    for name in ("q8_int4_products", "q8v_int4_products"):  # (count, w, scales_zeros, n, group, k, x, m, y, threads)
+        getattr(lib, name).argtypes = [c_int, p, p, p, i64, i64, p, i64, p, c_int]
+        getattr(lib, name).restype = c_int
     lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     lib.f16_matvec_mt.restype = None
-    lib.q8v_prepare_int8.argtypes = [p, p, i64, i64, p, p]
-    lib.q8v_prepare_int8.restype = None
-    lib.q8v_prepare_int4.argtypes = [p, p, i64, i64, p, p, p]
-    lib.q8v_prepare_int4.restype = None
-    lib.q8v_matmul_int8_many.argtypes = [c_int, p, p, p, i64, p, p, p, i64, p, c_int]
-    lib.q8v_matmul_int8_many.restype = None
-    lib.q8v_matmul_int4_many.argtypes = [c_int, p, p, p, i64, i64, p, p, p, p, i64, p, c_int]
-    lib.q8v_matmul_int4_many.restype = None
     _lib = lib
     return lib
 
@@ -157,51 +143,35 @@ def _library() -> ctypes.CDLL:
     return lib
 
 
-def _quantize(lib: ctypes.CDLL, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] -> (int8 [M, blocks * 32], fp32 scales [M, blocks])."""
-    x32 = x.float().contiguous()
-    m, k = x32.shape
-    blocks = -(-k // BLOCK)
-    xq = torch.empty((m, blocks * BLOCK), dtype=torch.int8)
-    xs = torch.empty((m, blocks), dtype=torch.float32)
-    lib.q8_quantize(x32.data_ptr(), m, k, xq.data_ptr(), xs.data_ptr())
-    return xq, xs
-
-
-MAX_MANY = 8  # the most matrices one *_many call takes (MANY in q8_avx2.c)
+MAX_MANY = 8  # the most matrices one call takes (MANY in q8_avx2.c)
 
 
 def _pointers(tensors: list[torch.Tensor]) -> ctypes.Array:
     return (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
 
-def _outputs(m: int, rows: list[int]) -> list[torch.Tensor]:
-    return [torch.empty((m, n), dtype=torch.float32) for n in rows]
+def _products(fn: Any, x: torch.Tensor, qs: list[torch.Tensor], extra: list[torch.Tensor],
+              group: int | None) -> list[torch.Tensor]:
+    """One call of a *_products entry point (q8_avx2.c says why one): x [M, K] against the matrices qs with their
+    scales `extra`; the C side quantizes x, so no tensor but the outputs is made here."""
+    assert 0 < len(qs) <= MAX_MANY
+    x32 = x.float().contiguous()
+    m, k = x32.shape
+    rows = [q.shape[0] for q in qs]
+    ys = [torch.empty((m, n), dtype=torch.float32) for n in rows]
+    shape = (len(qs), _pointers(qs), _pointers(extra), (ctypes.c_int64 * len(rows))(*rows))
+    args = (*shape, k) if group is None else (*shape, group, k)
+    if fn(*args, x32.data_ptr(), m, _pointers(ys), _threads(sum(rows))) != 0:
+        raise MemoryError("the kernel's workspace for the activations could not be allocated")
+    return ys
 
 
 def int8_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
     """x [M, K] times each int8 q [N_j, K] (bf16 scales [N_j]) of `weights`: fp32 [M, N_j] each. One call: x is
     quantized once, and the output rows of all of them are split over the rank's threads together."""
     lib = _library()
-    assert 0 < len(weights) <= MAX_MANY
-    m, k = x.shape
-    qs = [q.contiguous() for q, _ in weights]
-    ss = [s.contiguous() for _, s in weights]
-    rows = [q.shape[0] for q in qs]
-    ns = (ctypes.c_int64 * len(rows))(*rows)
-    xq, xs = _quantize(lib, x)
-    ys = _outputs(m, rows)
-    if isa() == "avx512-vnni":
-        chunks = -(-k // 64)
-        corr = torch.empty((m, chunks * 16), dtype=torch.int32)
-        xse = torch.empty((m, chunks * 16), dtype=torch.float32)
-        lib.q8v_prepare_int8(xq.data_ptr(), xs.data_ptr(), m, k, corr.data_ptr(), xse.data_ptr())
-        lib.q8v_matmul_int8_many(len(qs), _pointers(qs), _pointers(ss), ns, k, xq.data_ptr(), corr.data_ptr(),
-                                 xse.data_ptr(), m, _pointers(ys), _threads(sum(rows)))
-    else:
-        lib.q8_matmul_int8_many(len(qs), _pointers(qs), _pointers(ss), ns, k, xq.data_ptr(), xs.data_ptr(), m,
-                                _pointers(ys), _threads(sum(rows)))
-    return ys
+    fn = lib.q8v_int8_products if isa() == "avx512-vnni" else lib.q8_int8_products
+    return _products(fn, x, [q.contiguous() for q, _ in weights], [s.contiguous() for _, s in weights], None)
 
 
 def int8_matmul(x: torch.Tensor, q: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -213,32 +183,11 @@ def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
     """x [M, K] times each int4 q [N_j, K/32, 16] (rows layout) with bf16 scales_zeros [N_j, K/G, 2] of `weights`
     (one group size G): fp32 [M, N_j] each, in one call as int8_matmuls."""
     lib = _library()
-    assert 0 < len(weights) <= MAX_MANY
-    m, k = x.shape
-    qs = [q.contiguous() for q, _ in weights]
     szs = [sz.contiguous() for _, sz in weights]
     groups = szs[0].shape[1]
     assert all(sz.shape[1] == groups for sz in szs), "one group size"
-    group = k // groups
-    rows = [q.shape[0] for q in qs]
-    ns = (ctypes.c_int64 * len(rows))(*rows)
-    xq, xs = _quantize(lib, x)
-    xg = torch.empty((m, groups), dtype=torch.float32)
-    lib.q8_group_sums(xq.data_ptr(), xs.data_ptr(), m, k, group, xg.data_ptr())
-    ys = _outputs(m, rows)
-    if isa() == "avx512-vnni":
-        chunks = -(-k // 128)
-        xlo = torch.empty((m, chunks * 64), dtype=torch.int8)
-        xhi = torch.empty((m, chunks * 64), dtype=torch.int8)
-        xse = torch.empty((m, chunks * 16), dtype=torch.float32)
-        lib.q8v_prepare_int4(xq.data_ptr(), xs.data_ptr(), m, k, xlo.data_ptr(), xhi.data_ptr(), xse.data_ptr())
-        lib.q8v_matmul_int4_many(len(qs), _pointers(qs), _pointers(szs), ns, group, k, xlo.data_ptr(),
-                                 xhi.data_ptr(), xse.data_ptr(), xg.data_ptr(), m, _pointers(ys),
-                                 _threads(sum(rows)))
-    else:
-        lib.q8_matmul_int4_many(len(qs), _pointers(qs), _pointers(szs), ns, group, k, xq.data_ptr(), xs.data_ptr(),
-                                xg.data_ptr(), m, _pointers(ys), _threads(sum(rows)))
-    return ys
+    fn = lib.q8v_int4_products if isa() == "avx512-vnni" else lib.q8_int4_products
+    return _products(fn, x, [q.contiguous() for q, _ in weights], szs, x.shape[-1] // groups)
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

@@ -292,3 +292,51 @@ void q8v_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *co
         q8v_matmul_int4(w[j], sz[j], 2 * (k / group), group, k, a, b, xlo, xhi, xse, xg, m, y[j], n[j]);
     }
 }
+
+/* From fp32 activations in one call, as q8_avx2.c's q8_int8_products / q8_int4_products (which say why), with the
+ * activations' int8 blocks and group sums made by q8_avx2.c's functions. */
+int64_t q8_blocks(int64_t k);
+void q8_quantize(const float *x, int64_t m, int64_t k, int8_t *xq, float *xs);
+void q8_group_sums(const int8_t *xq, const float *xs, int64_t m, int64_t k, int64_t group, float *xg);
+
+int q8v_int8_products(int count, const int8_t *const *w, const uint16_t *const *ws, const int64_t *n, int64_t k,
+                      const float *x, int64_t m, float *const *y, int threads) {
+    int64_t nb = q8_blocks(k), nc = q8v_chunks(k);
+    int8_t *xq = malloc((size_t)(m * nb * 32));
+    float *xs = malloc((size_t)(m * nb) * sizeof(float)), *xse = malloc((size_t)(m * nc * 16) * sizeof(float));
+    int32_t *corr = malloc((size_t)(m * nc * 16) * sizeof(int32_t));
+    int ok = xq && xs && xse && corr;
+    if (ok) {
+        q8_quantize(x, m, k, xq, xs);
+        q8v_prepare_int8(xq, xs, m, k, corr, xse);
+        q8v_matmul_int8_many(count, w, ws, n, k, xq, corr, xse, m, y, threads);
+    }
+    free(xq);
+    free(xs);
+    free(xse);
+    free(corr);
+    return ok ? 0 : -1;
+}
+
+int q8v_int4_products(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
+                      int64_t group, int64_t k, const float *x, int64_t m, float *const *y, int threads) {
+    int64_t nb = q8_blocks(k), nc = (nb + 3) / 4, groups = k / group;
+    int8_t *xq = malloc((size_t)(m * nb * 32));
+    int8_t *xlo = malloc((size_t)(m * nc * 64)), *xhi = malloc((size_t)(m * nc * 64));
+    float *xs = malloc((size_t)(m * nb) * sizeof(float)), *xse = malloc((size_t)(m * nc * 16) * sizeof(float));
+    float *xg = malloc((size_t)(m * groups) * sizeof(float));
+    int ok = xq && xlo && xhi && xs && xse && xg;
+    if (ok) {
+        q8_quantize(x, m, k, xq, xs);
+        q8_group_sums(xq, xs, m, k, group, xg);
+        q8v_prepare_int4(xq, xs, m, k, xlo, xhi, xse);
+        q8v_matmul_int4_many(count, w, sz, n, group, k, xlo, xhi, xse, xg, m, y, threads);
+    }
+    free(xq);
+    free(xlo);
+    free(xhi);
+    free(xs);
+    free(xse);
+    free(xg);
+    return ok ? 0 : -1;
+}
