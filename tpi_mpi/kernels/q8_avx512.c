@@ -11,7 +11,12 @@
  * Activations are rearranged once per call (q8v_prepare_*), not once per weight row, so that the inner loops are
  * one load of weights and a few instructions per 64 bytes.
  */
+#if defined(__clang__) /* clang has no "GCC target" pragma: the same targets on every function of the file */
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma"))), \
+                             apply_to = function)
+#else
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,fma")
+#endif
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -340,3 +345,7 @@ int q8v_int4_products(int count, const uint8_t *const *w, const uint16_t *const 
     free(xg);
     return ok ? 0 : -1;
 }
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
