@@ -56,7 +56,7 @@ def ensure_format_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
     fmt, _, kernel = entry.partition("@")
     dtype, spec = parse_weight_format(fmt)
     name = f"{model.name}-n{n}" if fmt == "fp32" else f"{model.name}-n{n}-{fmt}"  # fp32: bench.tp_latency's
-    kernel = "torch" if kernel == "torch" else ""  # @avx2 runs the rows layout, as auto does here
+    kernel = split_kernel(entry)
     if kernel and spec.format == "int4":
         name += f"-{kernel}"
     out = workdir / "shards" / name
@@ -106,13 +106,22 @@ def read_bandwidths(threads: int) -> tuple[float, float]:
     return read_bandwidth(threads), read_bandwidth(threads, huge=True)
 
 
-def kernel_settings(entry: str) -> tuple[list[str] | None, dict[str, str] | None]:
-    """The overrides and environment of a --formats entry's runs: FMT@torch and FMT@native set model.kernel;
-    FMT@avx2 runs our kernels with their AVX2 products where the CPU has AVX-512 VNNI (kernels/native.py)."""
+def entry_kernel(entry: str) -> tuple[str, dict[str, str]]:
+    """model.kernel and the extra environment of the runs of a --formats entry FMT or FMT@KERNEL (here and in
+    bench.quality): @auto, @native, @torch set model.kernel; @avx2 runs our kernels with their AVX2 products where
+    the CPU has AVX-512 VNNI (kernels/native.py)."""
     kernel = entry.partition("@")[2]
+    if kernel not in ("", "auto", "native", "torch", "avx2"):
+        raise UserError(f"--formats {entry}: the kernel after @ is one of auto, native, torch, avx2")
     if kernel == "avx2":
-        return ["model.kernel=native"], {**os.environ, ISA_ENV: "avx2"}
-    return ([f"model.kernel={kernel}"] if kernel else None), None
+        return "native", {ISA_ENV: "avx2"}
+    return kernel or "auto", {}
+
+
+def split_kernel(entry: str) -> str:
+    """The split's --kernel for a --formats entry, "" for auto: only @torch needs torch's int4 layout (@avx2 and
+    @native read the rows layout, as auto does here)."""
+    return "torch" if entry.partition("@")[2] == "torch" else ""
 
 
 def split_format(fmt: str) -> str:
@@ -130,8 +139,7 @@ def main_decode(a: argparse.Namespace) -> int:
     fmts = a.formats.split(",")
     for f in fmts:
         parse_weight_format(split_format(f))
-        if f.partition("@")[2] not in ("", "auto", "native", "torch", "avx2"):
-            raise UserError(f"--formats {f}: the kernel after @ is one of auto, native, torch, avx2")
+        entry_kernel(f)
     model = ensure_checkpoint(workdir, a.preset, a.layers)
     shards = {(n, f): ensure_format_split(workdir, model, n, f) for n in sizes for f in fmts}
     ids = prompt_ids(a.prompt_tokens)
@@ -149,7 +157,9 @@ def main_decode(a: argparse.Namespace) -> int:
             out = workdir / "runs" / f"{stamp}-formats-n{n}-{f}-r{rep}.json"
             out.parent.mkdir(parents=True, exist_ok=True)
             loads.append(os.getloadavg()[0])
-            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout, *kernel_settings(f))
+            kernel, env = entry_kernel(f)
+            rec = run_tpi(model, shards[(n, f)], n, ids, a.new_tokens, out, a.timeout, [f"model.kernel={kernel}"],
+                          {**os.environ, **env} if env else None)
             runs[(n, f)].append(rec)
             with open(jsonl, "a") as fh:
                 fh.write(json.dumps({"bench": "formats", "world_size": n, "format": f, "repeat": rep,

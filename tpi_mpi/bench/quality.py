@@ -25,6 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tpi_mpi.bench.formats import entry_kernel, split_kernel  # FMT@KERNEL, as bench.formats reads it
 from tpi_mpi.errors import main_guard
 
 PROMPTS = [
@@ -48,24 +49,14 @@ def ensure_split(workdir: Path, model: Path, n: int, entry: str) -> Path:
     from tpi_mpi.weights.formats import parse_weight_format
     from tpi_mpi.weights.split import split
 
-    fmt, _, kernel = entry.partition("@")
+    fmt = entry.partition("@")[0]
     dtype, spec = parse_weight_format(fmt)
-    kernel = "torch" if kernel == "torch" else ""  # @avx2 reads the rows layout, as auto does
+    kernel = split_kernel(entry)
     out = workdir / "shards" / f"{model.name}-n{n}-{fmt}{'-' + kernel if kernel and spec.format == 'int4' else ''}"
     if not out.is_dir():
         split(model, out, n, dtype=dtype, quant_format=spec.format, group_size=spec.group_size,
               kernel=kernel or "auto")
     return out
-
-
-def kernel_of(entry: str) -> tuple[str, dict[str, str]]:
-    """model.kernel and the environment of a --formats entry's runs."""
-    from tpi_mpi.kernels.native import ISA_ENV
-
-    kernel = entry.partition("@")[2]
-    if kernel == "avx2":
-        return "native", {ISA_ENV: "avx2"}
-    return kernel or "auto", {}
 
 
 def perplexity(shards: Path, n: int, wire: str, kernel: tuple[str, dict[str, str]], out: Path,
@@ -155,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         shards = ensure_split(workdir, model, n, fmt)
         tag = workdir / "runs" / f"{fmt}-{wire}-n{n}"
         tag.mkdir(parents=True, exist_ok=True)
-        kernel = kernel_of(fmt)
+        kernel = entry_kernel(fmt)
         results[(fmt, wire, n)] = {"ppl": perplexity(shards, n, wire, kernel, tag / "eval.json", a.timeout),
                                    "tokens": greedy(shards, n, wire, kernel, a.new_tokens, tag / "greedy.json",
                                                     a.timeout)}
