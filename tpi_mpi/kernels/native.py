@@ -5,7 +5,7 @@
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
 
-The shared library (both sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all three sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build

@@ -258,13 +258,15 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
  * is w[j] (n[j] rows), its scales ws[j] (int8) or (scale, zero) pairs sz[j] (int4), its output y[j] [m, n[j]]. */
 #define MANY 8
 
-static inline int64_t many_chunks(int count, const int64_t *n, int64_t *first) {
+/* first[j]: the first chunk of 16 rows of matrix j (first[count]: all of them, returned); q8_avx512.c uses these
+ * two as well. */
+int64_t q8_many_chunks(int count, const int64_t *n, int64_t *first) {
     first[0] = 0;
     for (int j = 0; j < count; j++) first[j + 1] = first[j] + (n[j] + 15) / 16;
     return first[count];
 }
 
-static inline int many_matrix(int64_t c, const int64_t *first) {
+int q8_many_matrix(int64_t c, const int64_t *first) { /* the matrix chunk c is in */
     int j = 0;
     while (c >= first[j + 1]) j++;
     return j;
@@ -272,10 +274,10 @@ static inline int many_matrix(int64_t c, const int64_t *first) {
 
 void q8_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *const *ws, const int64_t *n, int64_t k,
                          const int8_t *xq, const float *xs, int64_t m, float *const *y, int threads) {
-    int64_t first[MANY + 1], chunks = many_chunks(count, n, first);
+    int64_t first[MANY + 1], chunks = q8_many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int j = many_matrix(c, first);
+        int j = q8_many_matrix(c, first);
         int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
         q8_matmul_int8(w[j], ws[j], k, a, b, xq, xs, m, y[j], n[j]);
     }
@@ -284,10 +286,10 @@ void q8_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *cons
 void q8_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
                          int64_t group, int64_t k, const int8_t *xq, const float *xs, const float *xg, int64_t m,
                          float *const *y, int threads) {
-    int64_t first[MANY + 1], chunks = many_chunks(count, n, first);
+    int64_t first[MANY + 1], chunks = q8_many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int j = many_matrix(c, first);
+        int j = q8_many_matrix(c, first);
         int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
         q8_matmul_int4(w[j], sz[j], 2, 2 * (k / group), group, k, a, b, xq, xs, xg, m, y[j], n[j]);
     }

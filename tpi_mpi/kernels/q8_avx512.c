@@ -259,28 +259,18 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
 }
 
 /* Output rows of `count` matrices sharing one input over `threads` OpenMP threads (torch's), as q8_avx2.c's
- * *_many, whose chunk bookkeeping is repeated here (two static helpers; this file has no header in common). */
-#define MANYV 8
-
-static inline int64_t manyv_chunks(int count, const int64_t *n, int64_t *first) {
-    first[0] = 0;
-    for (int j = 0; j < count; j++) first[j + 1] = first[j] + (n[j] + 15) / 16;
-    return first[count];
-}
-
-static inline int manyv_matrix(int64_t c, const int64_t *first) {
-    int j = 0;
-    while (c >= first[j + 1]) j++;
-    return j;
-}
+ * *_many, with its chunk bookkeeping. */
+#define MANYV 8 /* MANY in q8_avx2.c */
+int64_t q8_many_chunks(int count, const int64_t *n, int64_t *first);
+int q8_many_matrix(int64_t c, const int64_t *first);
 
 void q8v_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *const *ws, const int64_t *n, int64_t k,
                           const int8_t *xq, const int32_t *corr, const float *xse, int64_t m, float *const *y,
                           int threads) {
-    int64_t first[MANYV + 1], chunks = manyv_chunks(count, n, first);
+    int64_t first[MANYV + 1], chunks = q8_many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int j = manyv_matrix(c, first);
+        int j = q8_many_matrix(c, first);
         int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
         q8v_matmul_int8(w[j], ws[j], k, a, b, xq, corr, xse, m, y[j], n[j]);
     }
@@ -289,10 +279,10 @@ void q8v_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *con
 void q8v_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
                           int64_t group, int64_t k, const int8_t *xlo, const int8_t *xhi, const float *xse,
                           const float *xg, int64_t m, float *const *y, int threads) {
-    int64_t first[MANYV + 1], chunks = manyv_chunks(count, n, first);
+    int64_t first[MANYV + 1], chunks = q8_many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
-        int j = manyv_matrix(c, first);
+        int j = q8_many_matrix(c, first);
         int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
         q8v_matmul_int4(w[j], sz[j], 2 * (k / group), group, k, a, b, xlo, xhi, xse, xg, m, y[j], n[j]);
     }
