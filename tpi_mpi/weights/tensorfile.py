@@ -39,7 +39,7 @@ ITEMSIZE = {name: torch.empty(0, dtype=dt).element_size() for name, dt in DTYPES
 # bytes are then held once (in the buffer), and a memory cgroup, which counts page cache, sees at most
 # one chunk of cache per reading thread.
 READ_CHUNK_BYTES = 16 * 1024 * 1024
-# Buffers of weights at least this large are advised onto transparent huge pages (weight_buffer).
+# The transparent huge page size of x86-64 (weight_buffer advises the whole ones inside a buffer).
 HUGE_PAGE_BYTES = 2 * 1024 * 1024
 _libc = None
 
