@@ -32,7 +32,7 @@ from tpi_mpi.errors import UserError
 from tpi_mpi.faults import fail_point
 from tpi_mpi.models.head import LMHead, head_entries
 from tpi_mpi.models.linear import kernel_name
-from tpi_mpi.models.llama import ShardedDecoder, Span, rms_norm
+from tpi_mpi.models.llama import ShardedDecoder, Span, norm
 from tpi_mpi.weights import tensorfile
 from tpi_mpi.weights.cgroup_memory import cgroup_memory_peak
 from tpi_mpi.weights.memplan import HEAD_CHUNK_BYTES, MemoryPlan
@@ -117,7 +117,7 @@ class Engine:
 
     def _head_logits(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm and this rank's lm_head rows on positions `h` of the last layer's output."""
-        return self.head.logits(rms_norm(h.to(self.norm.dtype), self.norm, self.eps))
+        return self.head.logits(norm(h.to(self.norm.dtype), self.norm, self.eps))
 
     def _split_logits(self, h: torch.Tensor) -> torch.Tensor | None:
         """memory.head=split: this rank's slice of the logits of positions `h`, gathered on rank 0 into the

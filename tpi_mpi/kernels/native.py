@@ -4,8 +4,9 @@
                                                        q8_avx2.c says why torch's kernels are not enough
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
+    RMSNorm and the attention of one position in fp32      step_ops.c (the small ops of a decoding step)
 
-The shared library (all three sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all four sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
@@ -30,7 +31,7 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c", "step_ops.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
 # too: the tests compare the two, and a benchmark can show what VNNI is worth.
@@ -122,6 +123,11 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = c_int
     lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     lib.f16_matvec_mt.restype = None
+    lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.step_rms_norm.restype = None
+    # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads)
+    lib.step_attention_one.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
+    lib.step_attention_one.restype = c_int
     _lib = lib
     return lib
 
@@ -204,3 +210,26 @@ def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty((1, n), dtype=torch.float32)
     lib.f16_matvec_mt(w.data_ptr(), k, 0, n, x32.data_ptr(), y.data_ptr(), _threads(n))
     return y
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """HF's RMSNorm of the rows of fp32 x [M, K] with fp32 weight w [K] (step_ops.c): fp32 [M, K]."""
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    _library().step_rms_norm(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr())
+    return out
+
+
+def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                  k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, first: int, scale: float) -> torch.Tensor:
+    """One position's attention (step_ops.c): q [heads * dim], k, v [kv_heads * dim] fp32, contiguous, modified
+    (rotated by cos, sin [dim]); k, v written into the fp32 caches [kv_heads, capacity, dim] at pos; the output
+    [heads * dim] attends to keys first .. pos."""
+    kv_heads, capacity, dim = k_cache.shape[-3:]
+    heads = q.numel() // dim
+    out = torch.empty(heads * dim, dtype=torch.float32)
+    if _library().step_attention_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                     k_cache.data_ptr(), v_cache.data_ptr(), heads, kv_heads, dim, capacity, pos,
+                                     first, scale, out.data_ptr(), torch.get_num_threads()) != 0:
+        raise MemoryError("the attention's workspace could not be allocated")
+    return out

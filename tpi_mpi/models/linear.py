@@ -102,6 +102,11 @@ def _native() -> bool:
     return bool(_use_native)
 
 
+def native_kernels() -> bool:
+    """Whether model.kernel chose our kernels (kernels/native.py) and they could be built here."""
+    return _native()
+
+
 def kernel_name(spec: QuantSpec, float_dtype: torch.dtype | None = None) -> str | None:
     """The kernel the packed weights of `spec` run on here (the run record's weights.kernel); for float weights,
     the one fp16 decoding runs on, and None for the other float dtypes (torch's, always)."""

@@ -22,8 +22,9 @@ import torch
 import torch.nn.functional as F
 
 from tpi_mpi.comm.watchdog import Watchdog
+from tpi_mpi.kernels import native
 from tpi_mpi.models.decoder_config import DecoderConfig, Rope, apply_rope
-from tpi_mpi.models.linear import linear, linears
+from tpi_mpi.models.linear import linear, linears, native_kernels
 from tpi_mpi.weights.prefetch import BlockSource, Weights
 from tpi_mpi.weights.quant import out_features
 from tpi_mpi.weights.shards import RankShard
@@ -37,6 +38,19 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     x = x.float()
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight * x.to(weight.dtype)
+
+
+def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """rms_norm; for float32 rows at inference with our kernels in use, in one C call (kernels/step_ops.c)."""
+    if _step_ops(x) and weight.dtype == torch.float32 and x.dim() == 2:
+        return native.rms_norm(x, weight, eps)
+    return rms_norm(x, weight, eps)
+
+
+def _step_ops(x: torch.Tensor) -> bool:
+    """Whether the small ops of a step on x run in C (kernels/step_ops.c says why): float32, no autograd, and
+    model.kernel choosing our kernels."""
+    return x.dtype == torch.float32 and not torch.is_grad_enabled() and native_kernels()
 
 
 def attention_mask(q_len: int, start: int, kv_len: int, window: int | None) -> torch.Tensor | None:
@@ -107,15 +121,17 @@ class ShardedLayer:
         """x: [tokens, hidden] in the layer's dtype; one sequence at `start` in slot 0, or the stacked
         sequences of `spans`. cos/sin: RoPE of every row's position (positions_of)."""
         hd, q_len = self.head_dim, x.shape[0]
-        h = rms_norm(x, a["input_norm.weight"], self.eps)
+        h = norm(x, a["input_norm.weight"], self.eps)
         q, k, v = linears(h, a, ("q_proj", "k_proj", "v_proj"))
+        spans = spans or [Span(0, start, q_len)]
+        if all(s.q_len == 1 for s in spans) and _step_ops(q):  # decoding: every sequence at one position
+            return linear(self._attend_ones(q, k, v, cos, sin, spans), a, "o_proj")
         q = q.view(1, q_len, self.n_heads, hd).transpose(1, 2)
         k = k.view(1, q_len, self.n_kv, hd).transpose(1, 2)
         v = v.view(1, q_len, self.n_kv, hd).transpose(1, 2)
         q, k = apply_rope(q, k, cos, sin)  # elementwise per row: the same as for each alone
-        if spans is None or len(spans) == 1:
-            s = spans[0] if spans else Span(0, start, q_len)
-            out = self._attend(q, k, v, s)
+        if len(spans) == 1:
+            out = self._attend(q, k, v, spans[0])
         else:
             outs, o = [], 0
             for s in spans:
@@ -123,6 +139,20 @@ class ShardedLayer:
                 o += s.q_len
             out = torch.cat(outs)
         return linear(out, a, "o_proj")
+
+    def _attend_ones(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                     spans: Sequence[Span]) -> torch.Tensor:
+        """As apply_rope and _attend for sequences of one position each (row i of q/k/v, cos/sin: spans[i]),
+        each in one C call: [sequences, heads * head_dim]."""
+        outs = []
+        for i, s in enumerate(spans):
+            k_cache, v_cache = self.k_cache[s.slot], self.v_cache[s.slot]
+            assert k_cache is not None and v_cache is not None, "reset_cache first"
+            first = 0 if self.window is None else max(0, s.start - self.window + 1)
+            outs.append(native.attention_one(q[i].contiguous(), k[i].contiguous(), v[i].contiguous(),
+                                             cos[0, i].contiguous(), sin[0, i].contiguous(), k_cache, v_cache,
+                                             s.start, first, self.head_dim**-0.5))
+        return torch.stack(outs)
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, s: Span) -> torch.Tensor:
         """One sequence's attention over its own slot: [q_len, heads * head_dim]."""
@@ -141,7 +171,7 @@ class ShardedLayer:
         return out.transpose(1, 2).reshape(s.q_len, self.n_heads * self.head_dim)
 
     def ffn(self, f: Weights, x: torch.Tensor) -> torch.Tensor:
-        h = rms_norm(x, f["post_norm.weight"], self.eps)
+        h = norm(x, f["post_norm.weight"], self.eps)
         gate, up = linears(h, f, ("gate_proj", "up_proj"))
         return linear(F.silu(gate) * up, f, "down_proj")
 
