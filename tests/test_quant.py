@@ -225,6 +225,31 @@ def test_one_call_for_several_matrices_equals_one_call_each(fmt: str, m: int, is
     assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
 
 
+def test_one_fp16_call_for_several_matrices_equals_one_call_each() -> None:
+    """fp16 decoding: linears() runs q/k/v in one kernels/f16_avx2.c call, with the same bits as linear() on each
+    (the bias added to the fp32 sums before the one rounding to fp16, as float_linear does); unequal heights over 2
+    threads."""
+    native_kernel_here()
+    g = torch.Generator().manual_seed(5)
+    t = {f"{name}.weight": (torch.randn(n, 320, generator=g) * 0.05).half()
+         for name, n in [("q", 1104), ("k", 48), ("v", 48)]}
+    t["k.bias"] = torch.randn(48, generator=g).half()
+    x = torch.randn(1, 320, generator=g).half()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            together = linears(x, t, ("q", "k", "v"))
+            alone = [linear(x, t, n) for n in ("q", "k", "v")]
+    finally:
+        torch.set_num_threads(threads)
+    assert [(y.shape, y.dtype) for y in together] == [((1, n), torch.float16) for n in (1104, 48, 48)]
+    assert all(torch.equal(a, b) for a, b in zip(together, alone, strict=True))
+    ref = [F.linear(x.float(), t[f"{n}.weight"].float(), t.get(f"{n}.bias", torch.zeros(1)).float()).half()
+           for n in ("q", "k", "v")]
+    assert all((a.float() - b.float()).abs().max() <= 2e-3 * b.float().abs().max() for a, b in zip(together, ref, strict=True))
+
+
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
     """isa() is AVX-512 VNNI exactly where the CPU has it; TPI_MPI_KERNEL_ISA=avx2 holds it to AVX2 (the run record
     names the one that ran); any other value, or avx512-vnni on a CPU without it, is one error naming the choices."""

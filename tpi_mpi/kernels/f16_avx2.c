@@ -66,3 +66,20 @@ void f16_matvec_mt(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const f
         f16_matvec(w, k, a, b, x, y);
     }
 }
+
+/* The same for `count` matrices that share one input x (q/k/v, gate/up), as q8_avx2.c's *_many: their output rows
+ * in chunks of 16 over the threads in one parallel region, so the threads start once, not once per matrix. Each
+ * row's sum is the one f16_matvec computes alone. */
+int64_t q8_many_chunks(int count, const int64_t *n, int64_t *first);
+int q8_many_matrix(int64_t c, const int64_t *first);
+
+void f16_matvec_many(int count, const uint16_t *const *w, const int64_t *n, int64_t k, const float *x, float *const *y,
+                     int threads) {
+    int64_t first[8 + 1], chunks = q8_many_chunks(count, n, first); /* count <= 8, MANY in q8_avx2.c */
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int j = q8_many_matrix(c, first);
+        int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
+        f16_matvec(w[j], k, a, b, x, y[j]);
+    }
+}

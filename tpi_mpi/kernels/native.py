@@ -4,7 +4,7 @@
                                                        q8_avx2.c says why torch's kernels are not enough
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
-    RMSNorm and the attention of one position in fp32      step_ops.c (the small ops of a decoding step)
+    RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
 
 The shared library (all four sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
@@ -123,10 +123,13 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = c_int
     lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
     lib.f16_matvec_mt.restype = None
-    lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p]
+    lib.f16_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
+    lib.f16_matvec_many.restype = None
+    lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p, c_int]
     lib.step_rms_norm.restype = None
-    # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads)
-    lib.step_attention_one.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int]
+    # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads, half)
+    lib.step_attention_one.argtypes = [p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, ctypes.c_float, p, c_int,
+                                       c_int]
     lib.step_attention_one.restype = c_int
     _lib = lib
     return lib
@@ -201,6 +204,20 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     return int4_matmuls(x, [(q, scales_zeros)])[0]
 
 
+def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[fp16_matvec(x, w) for w in ws], the same values, in one call: the output rows of all of them split over the
+    rank's threads together."""
+    assert 0 < len(ws) <= MAX_MANY
+    lib = _library()
+    ws = [w.contiguous() for w in ws]
+    x32 = x.reshape(-1).float().contiguous()
+    rows = [w.shape[0] for w in ws]
+    ys = [torch.empty((1, n), dtype=torch.float32) for n in rows]
+    lib.f16_matvec_many(len(ws), _pointers(ws), (ctypes.c_int64 * len(rows))(*rows), x32.shape[0], x32.data_ptr(),
+                        _pointers(ys), _threads(sum(rows)))
+    return ys
+
+
 def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """One row x [1, K] (any float dtype) times fp16 w [N, K]: fp32 [1, N], output rows over the rank's threads."""
     lib = _library()
@@ -212,24 +229,31 @@ def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
+STEP_DTYPES = (torch.float32, torch.float16)  # what step_ops.c computes in
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """HF's RMSNorm of the rows of fp32 x [M, K] with fp32 weight w [K] (step_ops.c): fp32 [M, K]."""
+    """HF's RMSNorm of the rows of x [M, K] with weight w [K], both fp32 or both fp16 (step_ops.c): [M, K]."""
+    assert x.dtype == w.dtype and x.dtype in STEP_DTYPES
     x = x.contiguous()
     out = torch.empty_like(x)
-    _library().step_rms_norm(x.data_ptr(), w.data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr())
+    _library().step_rms_norm(x.data_ptr(), w.contiguous().data_ptr(), x.shape[0], x.shape[1], eps, out.data_ptr(),
+                             int(x.dtype == torch.float16))
     return out
 
 
 def attention_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                   k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int, first: int, scale: float) -> torch.Tensor:
-    """One position's attention (step_ops.c): q [heads * dim], k, v [kv_heads * dim] fp32, contiguous, modified
-    (rotated by cos, sin [dim]); k, v written into the fp32 caches [kv_heads, capacity, dim] at pos; the output
-    [heads * dim] attends to keys first .. pos."""
+    """One position's attention (step_ops.c): q [heads * dim], k, v [kv_heads * dim], contiguous, q and k modified
+    (rotated by cos, sin [dim]); k, v written into the caches [kv_heads, capacity, dim] at pos; the output
+    [heads * dim] attends to keys first .. pos. All in one dtype of STEP_DTYPES."""
+    assert all(t.dtype == q.dtype for t in (k, v, cos, sin, k_cache, v_cache)) and q.dtype in STEP_DTYPES
     kv_heads, capacity, dim = k_cache.shape[-3:]
     heads = q.numel() // dim
-    out = torch.empty(heads * dim, dtype=torch.float32)
+    out = torch.empty(heads * dim, dtype=q.dtype)
     if _library().step_attention_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                                      k_cache.data_ptr(), v_cache.data_ptr(), heads, kv_heads, dim, capacity, pos,
-                                     first, scale, out.data_ptr(), torch.get_num_threads()) != 0:
+                                     first, scale, out.data_ptr(), torch.get_num_threads(),
+                                     int(q.dtype == torch.float16)) != 0:
         raise MemoryError("the attention's workspace could not be allocated")
     return out

@@ -50,10 +50,15 @@ def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torc
 
 def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str, ...]) -> list[torch.Tensor]:
     """[linear(x, tensors, n) for n in names], the same values; where all of them are packed for our kernels
-    (int8 with model.kernel choosing ours, or int4 in the rows layout), in one kernel call: the activations are
-    quantized once and the threads started once for q/k/v (or gate/up), not once per matrix."""
+    (int8 with model.kernel choosing ours, or int4 in the rows layout), or all fp16 at one row (decoding), in one
+    kernel call: the activations are quantized once and the threads started once for q/k/v (or gate/up), not once
+    per matrix."""
     qs = [tensors.get(f"{n}.qweight") for n in names]
-    if all(q is not None and q.dim() == 3 for q in qs):
+    ws = [tensors.get(f"{n}.weight") for n in names]
+    fp16 = all(w is not None and w.dtype == torch.float16 for w in ws) and _fp16_decoding(x)
+    if fp16:
+        ys = native.fp16_matvecs(x, [w for w in ws if w is not None])
+    elif all(q is not None and q.dim() == 3 for q in qs):
         ys = native.int4_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales_zeros"]) for n in names])
     elif all(q is not None and q.dtype == torch.int8 for q in qs) and _native():
         ys = native.int8_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales"]) for n in names])
@@ -61,10 +66,19 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
         return [linear(x, tensors, n) for n in names]
     out = []
     for n, y in zip(names, ys, strict=True):
-        y = y.reshape(*x.shape[:-1], -1).to(x.dtype)
+        y = y.reshape(*x.shape[:-1], -1)
         bias = tensors.get(f"{n}.bias")
-        out.append(y + bias if bias is not None else y)
+        if fp16:  # as float_linear: the bias added to the fp32 sums, then one rounding
+            out.append((y + bias.float() if bias is not None else y).to(x.dtype))
+        else:
+            y = y.to(x.dtype)
+            out.append(y + bias if bias is not None else y)
     return out
+
+
+def _fp16_decoding(x: torch.Tensor) -> bool:
+    """Whether an fp16 weight's product with x runs on kernels/f16_avx2.c: one row at inference, our kernels chosen."""
+    return x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled() and _native()
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -130,7 +144,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
         return _fp32_rows(x, w, bias) if x.shape[0] == 1 else _onednn(x, w, bias)
     if w.dtype == torch.float16 and x.shape[0] > 1:
         return _fp16_by_chunks(x, w, bias)
-    if w.dtype == torch.float16 and _native():
+    if w.dtype == torch.float16 and _fp16_decoding(x):
         y = native.fp16_matvec(x, w)  # fp32 sums, rounded once to x's dtype, as torch's fp16 product
         return (y + bias.float() if bias is not None else y).to(x.dtype)
     return F.linear(x, w, bias)  # bf16 (and fp16 without the AVX2 kernels): torch's own use every thread

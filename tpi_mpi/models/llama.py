@@ -41,16 +41,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """rms_norm; for float32 rows at inference with our kernels in use, in one C call (kernels/step_ops.c)."""
-    if _step_ops(x) and weight.dtype == torch.float32 and x.dim() == 2:
+    """rms_norm; for fp32 or fp16 rows at inference with our kernels in use, in one C call (kernels/step_ops.c)."""
+    if _step_ops(x) and weight.dtype == x.dtype and x.dim() == 2:
         return native.rms_norm(x, weight, eps)
     return rms_norm(x, weight, eps)
 
 
 def _step_ops(x: torch.Tensor) -> bool:
-    """Whether the small ops of a step on x run in C (kernels/step_ops.c says why): float32, no autograd, and
+    """Whether the small ops of a step on x run in C (kernels/step_ops.c says why): fp32 or fp16, no autograd, and
     model.kernel choosing our kernels."""
-    return x.dtype == torch.float32 and not torch.is_grad_enabled() and native_kernels()
+    return x.dtype in native.STEP_DTYPES and not torch.is_grad_enabled() and native_kernels()
 
 
 def attention_mask(q_len: int, start: int, kv_len: int, window: int | None) -> torch.Tensor | None:
