@@ -251,6 +251,44 @@ def test_one_fp16_call_for_several_matrices_equals_one_call_each() -> None:
         assert (a.float() - b.float()).abs().max() <= 2e-3 * b.float().abs().max()
 
 
+@pytest.mark.parametrize("m,n,k", [(2, 64, 4096), (5, 37, 100), (13, 130, 48), (16, 16, 16), (7, 3, 33)])
+def test_fp32_prefill_kernel_is_the_product_to_fp32_rounding(m: int, n: int, k: int) -> None:
+    """fp32 prefill of 2..16 rows: kernels/f32_avx512.c where the CPU has AVX-512F (float_linear takes it there),
+    else oneDNN; either is the fp64 product within fp32 rounding of its terms (k * 2^-24 of sum |w x|, and a margin),
+    for row counts that are not multiples of its 6-row groups, N of its 4-row blocks and K of its 16 lanes."""
+    native_kernel_here()
+    g = torch.Generator().manual_seed(m * n + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(m, k, generator=g), torch.randn(n, generator=g)
+    with torch.inference_mode():
+        got = linear(x, {"w.weight": w, "w.bias": b}, "w")
+    want = x.double() @ w.double().t() + b.double()
+    bound = 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t()) + 1e-6
+    assert got.shape == (m, n) and ((got.double() - want).abs() <= bound).all()
+    if native.fp32_prefill_here():
+        assert torch.equal(got, native.fp32_matmul(x, w) + b)  # and it was our kernel that ran
+
+
+@pytest.mark.parametrize("in_hardware", [True, False], ids=["torch-fp16", "fp32-chunks"])
+def test_fp16_prefill_either_way_is_the_fp32_product_rounded(in_hardware: bool,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several rows of fp16 activations: torch's fp16 matmul where the CPU has AVX-512-FP16 (the default there), else
+    fp32 products on converted chunks of rows; either is the fp32 product of the same values with its bias, rounded
+    once to fp16 (within 2 fp16 ulps: the sums' order differs), over more rows than one chunk holds."""
+    from tpi_mpi.models import linear as lin
+
+    assert lin.FP16_MATMUL_IN_HARDWARE == ("avx512_fp16" in native.cpu_flags())
+    monkeypatch.setattr(lin, "FP16_MATMUL_IN_HARDWARE", in_hardware)
+    monkeypatch.setattr(lin, "FP16_CHUNK_BYTES", 64 * 96 * 4)  # 64 rows a chunk: 3 chunks and a part
+    g = torch.Generator().manual_seed(9)
+    w, b = (torch.randn(200, 96, generator=g) * 0.1).half(), torch.randn(200, generator=g).half()
+    x = torch.randn(5, 96, generator=g).half()
+    with torch.inference_mode():
+        got = lin.float_linear(x, w, b)
+    want = F.linear(x.float(), w.float(), b.float())
+    assert got.dtype == torch.float16 and got.shape == (5, 200)
+    assert ((got.float() - want).abs() <= 2 * 2.0**-10 * want.abs().clamp(min=2.0**-14)).all()
+
+
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
     """isa() is AVX-512 VNNI exactly where the CPU has it; TPI_MPI_KERNEL_ISA=avx2 holds it to AVX2 (the run record
     names the one that ran); any other value, or avx512-vnni on a CPU without it, is one error naming the choices."""

@@ -5,8 +5,9 @@
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
+    fp32 weights x a few fp32 rows (prefill; AVX-512)      f32_avx512.c
 
-The shared library (all four sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all five sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
@@ -31,7 +32,8 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c", "step_ops.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c", "step_ops.c",
+                                                   "f32_avx512.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
 # too: the tests compare the two, and a benchmark can show what VNNI is worth.
@@ -56,6 +58,11 @@ def _cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    return _cpu_flags()
 
 
 def isa() -> str:
@@ -125,6 +132,8 @@ def load() -> ctypes.CDLL | None:
     lib.f16_matvec_mt.restype = None
     lib.f16_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f16_matvec_many.restype = None
+    lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
+    lib.f32_matmul.restype = None
     lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p, c_int]
     lib.step_rms_norm.restype = None
     # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads, half)
@@ -202,6 +211,24 @@ def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
     """x [M, K] times int4 q [N, K/32, 16] (rows layout), bf16 scales_zeros [N, K/G, 2]: fp32 [M, N]."""
     return int4_matmuls(x, [(q, scales_zeros)])[0]
+
+
+PREFILL_MAX_ROWS = 16  # f32_matmul's rows of activations: beyond, oneDNN's blocking for larger products wins
+
+
+def fp32_prefill_here() -> bool:
+    """Whether fp32 products of 2..PREFILL_MAX_ROWS rows run on f32_avx512.c: the CPU has AVX-512F."""
+    return "avx512f" in _cpu_flags()
+
+
+def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N] (f32_avx512.c), output rows over the rank's threads."""
+    lib = _library()
+    x, w = x.contiguous(), w.contiguous()
+    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
+    lib.f32_matmul(w.data_ptr(), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
+                   _threads(w.shape[0]))
+    return y
 
 
 def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:

@@ -1,0 +1,87 @@
+/* fp32 weights times a few rows of fp32 activations on AVX-512: the prefill of a short prompt in fp32.
+ *
+ * Why hand-written: oneDNN's fp32 product (models/linear.py's prefill path) is limited by its arithmetic at a few
+ * rows: 16 rows of 4096 x 11008 took 24.7 ms on one thread and 12.4 on two (7.3 GB/s of weights a thread, 30 % of
+ * the FMA peak), so a 7B-shaped prompt of 16 tokens spent 250 ms reading 3.8 GB of weights (3 December 2026, Intel
+ * Xeon with AVX-512). Here 4 weight rows are loaded once per 16 columns and multiplied into up to 6 rows of
+ * activations at a time (24 accumulators of 16 lanes); the 4 rows (64 KB at K = 4096) stay in L2 while the
+ * activation rows pass over them in groups of 6. kernels/native.py calls this where the CPU has avx512f, for
+ * 2..PREFILL_MAX_ROWS rows (models/linear.py); the file is compiled for AVX-512 by the pragma below.
+ *
+ *   y[m, n] = sum_k w[n, k] * x[m, k]      w fp32 [N, K], x fp32 [M, K], y fp32 [M, N], all row-major
+ *
+ * The sums run in 16 lanes and are added up at the end, another order than oneDNN's: they agree to fp32 rounding.
+ */
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f,fma"))), apply_to = function)
+#else
+#pragma GCC target("avx512f,fma")
+#endif
+#include <immintrin.h>
+#include <stdint.h>
+
+#define F32_PF 1024 /* bytes ahead in each weight row that are prefetched, as the other kernels */
+
+/* Weight rows n .. n + R - 1 against activation rows m0 .. m0 + M - 1 (R <= 4, M <= 6: constants where called, so
+ * the loops over them unroll into registers). */
+static inline __attribute__((always_inline)) void f32_block(const float *w, int64_t k, const float *x, int64_t m0,
+                                                            const int M, int64_t n, const int R, float *y,
+                                                            int64_t ldy) {
+    __m512 acc[6][4];
+    for (int j = 0; j < M; j++)
+        for (int c = 0; c < R; c++) acc[j][c] = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+        __m512 wv[4];
+        for (int c = 0; c < R; c++) {
+            _mm_prefetch((const char *)(w + (n + c) * k + i) + F32_PF, _MM_HINT_T0);
+            wv[c] = _mm512_loadu_ps(w + (n + c) * k + i);
+        }
+        for (int j = 0; j < M; j++) {
+            __m512 xv = _mm512_loadu_ps(x + (m0 + j) * k + i);
+            for (int c = 0; c < R; c++) acc[j][c] = _mm512_fmadd_ps(wv[c], xv, acc[j][c]);
+        }
+    }
+    if (i < k) { /* the last k % 16 columns, masked */
+        __mmask16 mk = (__mmask16)((1u << (k - i)) - 1);
+        __m512 wv[4];
+        for (int c = 0; c < R; c++) wv[c] = _mm512_maskz_loadu_ps(mk, w + (n + c) * k + i);
+        for (int j = 0; j < M; j++) {
+            __m512 xv = _mm512_maskz_loadu_ps(mk, x + (m0 + j) * k + i);
+            for (int c = 0; c < R; c++) acc[j][c] = _mm512_fmadd_ps(wv[c], xv, acc[j][c]);
+        }
+    }
+    for (int j = 0; j < M; j++)
+        for (int c = 0; c < R; c++) y[(m0 + j) * ldy + n + c] = _mm512_reduce_add_ps(acc[j][c]);
+}
+
+/* All activation rows against weight rows n .. n + R - 1, 6 at a time. */
+static inline __attribute__((always_inline)) void f32_rows(const float *w, int64_t k, const float *x, int64_t m,
+                                                           int64_t n, const int R, float *y, int64_t ldy) {
+    int64_t m0 = 0;
+    for (; m0 + 6 <= m; m0 += 6) f32_block(w, k, x, m0, 6, n, R, y, ldy);
+    switch (m - m0) {
+    case 5: f32_block(w, k, x, m0, 5, n, R, y, ldy); break;
+    case 4: f32_block(w, k, x, m0, 4, n, R, y, ldy); break;
+    case 3: f32_block(w, k, x, m0, 3, n, R, y, ldy); break;
+    case 2: f32_block(w, k, x, m0, 2, n, R, y, ldy); break;
+    case 1: f32_block(w, k, x, m0, 1, n, R, y, ldy); break;
+    default: break;
+    }
+}
+
+/* y [m, n] = x [m, k] w [n, k]^T, output rows in chunks of 16 over `threads` OpenMP threads (torch's, as the other
+ * kernels: q8_avx2.c says why). */
+void f32_matmul(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+    int64_t chunks = (n + 15) / 16;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t c = 0; c < chunks; c++) {
+        int64_t a = c * 16, b = a + 16 < n ? a + 16 : n, r = a;
+        for (; r + 4 <= b; r += 4) f32_rows(w, k, x, m, r, 4, y, n);
+        for (; r < b; r++) f32_rows(w, k, x, m, r, 1, y, n);
+    }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#endif
