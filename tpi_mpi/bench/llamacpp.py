@@ -17,7 +17,8 @@ on; a test that crashes is reported as such and leaves the other), then one tpi_
 bench.formats runs them). Columns (medians over repeats): token ms (llama.cpp:
 its tg test, decoding from an empty context; ours: the later tokens after the prompt), prefill ms (llama.cpp:
 its pp test; ours: TTFT, which adds the first token), MB/token (weight bytes a decoding step reads, all ranks),
-and the bound (those bytes / the read bandwidth measured in this run, as bench.formats).
+and the bound (those bytes / the read bandwidth measured in this run, as bench.formats). The GGUF files (WORKDIR/gguf)
+are removed at the end unless --keep-gguf; the checkpoint and the splits stay, as bench.formats keeps them.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -159,34 +161,9 @@ def median_or_failure(values: list[float | str]) -> str:
     return f"{statistics.median(times):.1f}" if times else str(values[0])
 
 
-@main_guard
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.llamacpp", description=__doc__.splitlines()[0])
-    p.add_argument("--llama-cpp", required=True, help="llama.cpp source tree (gguf-py, build/bin)")
-    p.add_argument("--bin", default=None, help="where llama-bench and llama-quantize are (default DIR/build/bin)")
-    p.add_argument("--formats", default="fp32,fp16,int8,int4-g64", help=f"of {', '.join(GGUF_TYPES)}")
-    p.add_argument("--world-sizes", default="1,2", help="of the tpi_mpi runs")
-    p.add_argument("--preset", default="llama2-7b")
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--prompt-tokens", type=int, default=16)
-    p.add_argument("--new-tokens", type=int, default=16)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workdir", default="bench_out/tp_latency")
-    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
-    a = p.parse_args(argv)
-    root = Path(a.llama_cpp)
-    bin_dir, gguf_py = Path(a.bin) if a.bin else root / "build" / "bin", root / "gguf-py"
-    for need in (bin_dir / "llama-bench", bin_dir / "llama-quantize", gguf_py / "gguf"):
-        if not need.exists():
-            raise UserError(f"{need} does not exist: --llama-cpp is a built llama.cpp tree (docs/quantization.md)")
-    fmts = a.formats.split(",")
-    for f in fmts:
-        if f not in GGUF_TYPES:
-            raise UserError(f"--formats {f}: one of {', '.join(GGUF_TYPES)}")
-    sizes = [int(x) for x in a.world_sizes.split(",")]
-    workdir = Path(a.workdir)
-    model = ensure_checkpoint(workdir, a.preset, a.layers)
-    ggufs = {f: ensure_gguf(workdir, model, f, bin_dir, gguf_py) for f in fmts}
+def compare(a: argparse.Namespace, bin_dir: Path, gguf_py: Path, model: Path, ggufs: dict[str, Path]) -> None:
+    """The interleaved runs and the table."""
+    fmts, sizes, workdir = a.formats.split(","), [int(x) for x in a.world_sizes.split(",")], Path(a.workdir)
     shards = {(n, f): ensure_format_split(workdir, model, n, f) for n in sizes for f in fmts}
     ids = prompt_ids(a.prompt_tokens)
     bw_start = max(read_bandwidths(cores()))
@@ -224,6 +201,42 @@ def main(argv: list[str] | None = None) -> int:
             op = statistics.median(r["ttft_s"] for r in recs) * 1e3
             print(f"| tpi_mpi N={n} | {f} | {op:.0f} | {ot:.1f} | {ob / 1e6:.0f} | {ob / bw * 1e3:.1f} | "
                   f"{ot / (ob / bw * 1e3):.2f} | {f'{ot / lt:.2f}' if lt else '-'} |")
+
+
+@main_guard
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tpi_mpi.bench.llamacpp", description=__doc__.splitlines()[0])
+    p.add_argument("--llama-cpp", required=True, help="llama.cpp source tree (gguf-py, build/bin)")
+    p.add_argument("--bin", default=None, help="where llama-bench and llama-quantize are (default DIR/build/bin)")
+    p.add_argument("--formats", default="fp32,fp16,int8,int4-g64", help=f"of {', '.join(GGUF_TYPES)}")
+    p.add_argument("--world-sizes", default="1,2", help="of the tpi_mpi runs")
+    p.add_argument("--preset", default="llama2-7b")
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--prompt-tokens", type=int, default=16)
+    p.add_argument("--new-tokens", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--workdir", default="bench_out/tp_latency")
+    p.add_argument("--timeout", type=float, default=900, help="seconds per run")
+    p.add_argument("--keep-gguf", action="store_true",
+                   help="keep the GGUF files (WORKDIR/gguf, 8 GB at the defaults) for the next run; by default they "
+                        "are removed at the end, also after a failure or an interrupt")
+    a = p.parse_args(argv)
+    root = Path(a.llama_cpp)
+    bin_dir, gguf_py = Path(a.bin) if a.bin else root / "build" / "bin", root / "gguf-py"
+    for need in (bin_dir / "llama-bench", bin_dir / "llama-quantize", gguf_py / "gguf"):
+        if not need.exists():
+            raise UserError(f"{need} does not exist: --llama-cpp is a built llama.cpp tree (docs/quantization.md)")
+    for f in a.formats.split(","):
+        if f not in GGUF_TYPES:
+            raise UserError(f"--formats {f}: one of {', '.join(GGUF_TYPES)}")
+    workdir = Path(a.workdir)
+    model = ensure_checkpoint(workdir, a.preset, a.layers)
+    try:
+        ggufs = {f: ensure_gguf(workdir, model, f, bin_dir, gguf_py) for f in a.formats.split(",")}
+        compare(a, bin_dir, gguf_py, model, ggufs)
+    finally:
+        if not a.keep_gguf:
+            shutil.rmtree(workdir / "gguf", ignore_errors=True)
     return 0
 
 
