@@ -268,6 +268,17 @@ def test_fp32_prefill_kernel_is_the_product_to_fp32_rounding(m: int, n: int, k: 
         assert torch.equal(got, native.fp32_matmul(x, w) + b)  # and it was our kernel that ran
 
 
+@pytest.mark.skipif(not native.fp32_prefill_here(), reason="f32_avx512.c runs where the CPU has AVX-512F only")
+@pytest.mark.parametrize("m", [17, 20, 37])
+def test_fp32_prefill_kernel_takes_more_rows_in_turns(m: int) -> None:
+    """f32_matmul itself takes any number of rows, 18 at a time (linear() gives it 2..16): the same bound."""
+    g = torch.Generator().manual_seed(m)
+    w, x = torch.randn(40, 1100, generator=g), torch.randn(m, 1100, generator=g)
+    got = native.fp32_matmul(x, w)
+    want = x.double() @ w.double().t()
+    assert ((got.double() - want).abs() <= 2 * 1100 * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()
+
+
 @pytest.mark.parametrize("in_hardware", [True, False], ids=["torch-fp16", "fp32-chunks"])
 def test_fp16_prefill_either_way_is_the_fp32_product_rounded(in_hardware: bool,
                                                              monkeypatch: pytest.MonkeyPatch) -> None:
