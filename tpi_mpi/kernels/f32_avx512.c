@@ -59,8 +59,8 @@ static inline __attribute__((always_inline)) void f32_tile(const float *w, int64
         for (int c = 0; c < R; c++) acc[j][c] = a[j][c];
 }
 
-/* Activation rows 0 .. m - 1 (m <= 18) against weight rows n .. n + R - 1: tile by tile of F32_TILE columns, and in each
- * tile the activation rows 6 at a time. In one pass over all k the 6 activation rows and 4 weight rows (160 KB at
+/* Activation rows 0 .. m - 1 (m <= 18) against weight rows n .. n + R - 1: tile by tile of F32_TILE columns, and in
+ * each tile the activation rows 6 at a time. In one pass over all k the 6 activation rows and 4 weight rows (160 KB at
  * K = 4096) came from L2 at every step, which held the FMAs to half their rate even on weights in cache (16 rows of
  * 4096 x 11008, 2 threads: 9.6-9.8 ms in one pass, 7.7-8.1 in tiles of 128-512; 3 December 2026). */
 static inline __attribute__((always_inline)) void f32_rows(const float *w, int64_t k, const float *x, int64_t m,

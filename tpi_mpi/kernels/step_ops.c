@@ -56,7 +56,8 @@ static float dot_h(const float *a, const uint16_t *b, int64_t n) {
     __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc0);
+        acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i),
+                               _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i))), acc0);
         acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8),
                                _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(b + i + 8))), acc1);
     }
@@ -150,7 +151,8 @@ int step_attention_one(void *q, void *k, const void *v, const void *cos, const v
             __m256 p = _mm256_set1_ps(s[j] * inv);
             int64_t i = 0;
             for (; i + 8 <= dim; i += 8) {
-                __m256 vj = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)v_cache + row + i)))
+                const uint16_t *vh = (const uint16_t *)v_cache + row + i;
+                __m256 vj = half ? _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)vh))
                                  : _mm256_loadu_ps((const float *)v_cache + row + i);
                 _mm256_storeu_ps(o + i, _mm256_fmadd_ps(p, vj, _mm256_loadu_ps(o + i)));
             }
