@@ -57,6 +57,28 @@ void q8v_prepare_int8(const int8_t *xq, const float *xs, int64_t m, int64_t k, i
 
 static inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
 
+/* Prefill: weight row wr (scale s) against activation rows r0 .. r0 + R - 1 (R <= 4, a constant where called):
+ * each 64-byte chunk of the row is loaded and sign-flipped once for the R rows, not once per row (16 rows of
+ * 4096 x 11008, 2 threads: 13.2 ms row by row, 12.0 in fours; 3 December 2026). */
+static inline __attribute__((always_inline)) void int8v_row_by_rows(
+        const int8_t *wr, float s, int64_t nb, int64_t nc, int64_t full, __mmask64 tail, const int8_t *xq,
+        const int32_t *corr, const float *xse, int64_t r0, const int R, float *y, int64_t ldy, int64_t n) {
+    const __m512i flip = _mm512_set1_epi8((char)0x80);
+    __m512 acc[4];
+    for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < nc; c++) {
+        __mmask64 mk = c < full ? ~(__mmask64)0 : tail;
+        __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wr + c * 64), flip);
+        for (int j = 0; j < R; j++) {
+            int64_t r = r0 + j;
+            __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + (r * nc + c) * 16), w0,
+                                            _mm512_maskz_loadu_epi8(mk, xq + r * nb * 32 + c * 64));
+            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + (r * nc + c) * 16), acc[j]);
+        }
+    }
+    for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n] = hsum16(acc[j]) * s;
+}
+
 /* k a multiple of 16 (the split's rule). The last chunk may be a half (k % 64 == 32) or a quarter-multiple: the
  * weight bytes past the row are masked off, and the activations there are zero-padded by q8_quantize / prepare. */
 void q8v_matmul_int8(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0, int64_t n1, const int8_t *xq,
@@ -64,6 +86,21 @@ void q8v_matmul_int8(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0,
     int64_t nb = (k + 31) / 32, nc = q8v_chunks(k), full = k / 64;
     __mmask64 tail = (__mmask64)((k % 64) ? ((1ULL << (k % 64)) - 1) : 0);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
+    if (m > 1) {
+        for (int64_t n = n0; n < n1; n++) {
+            const int8_t *wr = w + n * k;
+            float s = bf16f(ws[n]);
+            int64_t r = 0;
+            for (; r + 4 <= m; r += 4) int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 4, y, ldy, n);
+            switch (m - r) {
+            case 3: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 3, y, ldy, n); break;
+            case 2: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 2, y, ldy, n); break;
+            case 1: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 1, y, ldy, n); break;
+            default: break;
+            }
+        }
+        return;
+    }
     for (int64_t n = n0; n < n1; n++) {
         const int8_t *wr = w + n * k;
         float s = bf16f(ws[n]);
