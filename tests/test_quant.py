@@ -116,7 +116,7 @@ def q8_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def native_kernel_here() -> bool:
     """Whether this machine should run the AVX2 kernel; on one that should, a failed build fails the tests."""
-    if not ({"avx2", "fma", "f16c"} <= native._cpu_flags()):
+    if not ({"avx2", "fma", "f16c"} <= native.cpu_flags()):
         pytest.skip("this CPU has no AVX2/FMA/F16C: model.kernel=auto uses torch's kernels (tested above)")
     assert native.load() is not None, native.unavailable_reason()
     return True
@@ -127,7 +127,7 @@ NATIVE_CASES = [("int8", 96, 256, 1), ("int8", 33, 112, 1), ("int8", 1104, 4096,
                 ("int4-64", 48, 192, 1), ("int4-64", 32, 320, 6), ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
 # The instruction sets of our int8 / int4 products this CPU can run (kernels/native.py's isa()): AVX2 on every
 # machine the kernels build on, and AVX-512 VNNI (kernels/q8_avx512.c) where the CPU has it.
-ISAS = ["avx2"] + (["avx512-vnni"] if native.AVX512_FLAGS <= native._cpu_flags() else [])
+ISAS = ["avx2"] + (["avx512-vnni"] if native.AVX512_FLAGS <= native.cpu_flags() else [])
 
 
 def spec_of(fmt: str) -> quant.QuantSpec:
@@ -303,7 +303,7 @@ def test_fp16_prefill_either_way_is_the_fp32_product_rounded(in_hardware: bool,
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
     """isa() is AVX-512 VNNI exactly where the CPU has it; TPI_MPI_KERNEL_ISA=avx2 holds it to AVX2 (the run record
     names the one that ran); any other value, or avx512-vnni on a CPU without it, is one error naming the choices."""
-    has = native.AVX512_FLAGS <= native._cpu_flags()
+    has = native.AVX512_FLAGS <= native.cpu_flags()
     monkeypatch.delenv(native.ISA_ENV, raising=False)
     assert native.isa() == ("avx512-vnni" if has else "avx2")
     monkeypatch.setenv(native.ISA_ENV, "avx2")

@@ -62,11 +62,19 @@ def permute_rope(w: Any, heads: int) -> Any:
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def import_gguf(gguf_py: Path) -> Any:
+    """The gguf package of the llama.cpp tree (its gguf-py folder), which this benchmark's GGUF files match."""
+    if str(gguf_py) not in sys.path:
+        sys.path.insert(0, str(gguf_py))
+    import gguf
+
+    return gguf
+
+
 def write_f32_gguf(model: Path, out: Path, gguf_py: Path) -> None:
     """The HF checkpoint `model` (fp32 Llama) as an F32 GGUF file, with a made-up SentencePiece vocabulary of its
     vocabulary size (the bench feeds token ids, never text). Written to a temporary name, renamed when complete."""
-    sys.path.insert(0, str(gguf_py))
-    import gguf
+    gguf = import_gguf(gguf_py)
     from safetensors import safe_open
 
     cfg = json.loads((model / "config.json").read_text())
@@ -134,9 +142,7 @@ def ensure_gguf(workdir: Path, model: Path, fmt: str, bin_dir: Path, gguf_py: Pa
 
 def gguf_token_bytes(path: Path, gguf_py: Path) -> int:
     """Bytes of the matrices one decoding step reads (all but the embedding, of which it reads one row)."""
-    sys.path.insert(0, str(gguf_py))
-    import gguf
-
+    gguf = import_gguf(gguf_py)
     return sum(int(t.n_bytes) for t in gguf.GGUFReader(str(path)).tensors if t.name != "token_embd.weight")
 
 

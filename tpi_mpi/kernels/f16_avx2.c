@@ -57,19 +57,9 @@ void f16_matvec(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const floa
     }
 }
 
-/* The same with output rows split over `threads` OpenMP threads (torch's: q8_avx2.c), in chunks of 16 rows. */
-void f16_matvec_mt(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const float *x, float *y, int threads) {
-    int64_t chunks = (n1 - n0 + 15) / 16;
-#pragma omp parallel for schedule(static) num_threads(threads)
-    for (int64_t c = 0; c < chunks; c++) {
-        int64_t a = n0 + c * 16, b = a + 16 < n1 ? a + 16 : n1;
-        f16_matvec(w, k, a, b, x, y);
-    }
-}
-
-/* The same for `count` matrices that share one input x (q/k/v, gate/up), as q8_avx2.c's *_many: their output rows
- * in chunks of 16 over the threads in one parallel region, so the threads start once, not once per matrix. Each
- * row's sum is the one f16_matvec computes alone. */
+/* y[j] = w[j] x for `count` matrices that share one input x (one, or q/k/v, gate/up), as q8_avx2.c's *_many: their
+ * output rows in chunks of 16 over `threads` OpenMP threads (torch's: q8_avx2.c) in one parallel region, so the
+ * threads start once, not once per matrix. Each row's sum is the one f16_matvec computes alone. */
 int64_t q8_many_chunks(int count, const int64_t *n, int64_t *first);
 int q8_many_matrix(int64_t c, const int64_t *first);
 

@@ -50,7 +50,8 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def _cpu_flags() -> frozenset[str]:
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("flags"):
@@ -60,20 +61,15 @@ def _cpu_flags() -> frozenset[str]:
     return frozenset()
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
-    return _cpu_flags()
-
-
 def isa() -> str:
     """Which products int8 and int4 run: "avx512-vnni" where the CPU has it (and TPI_MPI_KERNEL_ISA does not say
     avx2), else "avx2"."""
     forced = os.environ.get(ISA_ENV, "")
     if forced not in ("", "auto", "avx2", "avx512-vnni"):
         raise UserError(f"{ISA_ENV}={forced} is not one of auto, avx2, avx512-vnni")
-    have = AVX512_FLAGS <= _cpu_flags()
+    have = AVX512_FLAGS <= cpu_flags()
     if forced == "avx512-vnni" and not have:
-        raise UserError(f"{ISA_ENV}=avx512-vnni, but this CPU lacks {', '.join(sorted(AVX512_FLAGS - _cpu_flags()))}")
+        raise UserError(f"{ISA_ENV}=avx512-vnni, but this CPU lacks {', '.join(sorted(AVX512_FLAGS - cpu_flags()))}")
     return "avx512-vnni" if have and forced != "avx2" else "avx2"
 
 
@@ -81,7 +77,7 @@ def _build() -> Path:
     """The path of the built library: from the cache, else compiled now. Raises RuntimeError saying why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         raise RuntimeError(f"the kernel is for x86-64 (AVX2); this machine is {platform.machine()}")
-    missing = {"avx2", "fma", "f16c"} - _cpu_flags()
+    missing = {"avx2", "fma", "f16c"} - cpu_flags()
     if missing:
         raise RuntimeError(f"this CPU lacks {', '.join(sorted(missing))}")
     named = os.environ.get("CC")
@@ -128,8 +124,6 @@ def load() -> ctypes.CDLL | None:
     for name in ("q8_int4_products", "q8v_int4_products"):  # (count, w, scales_zeros, n, group, k, x, m, y, threads)
         getattr(lib, name).argtypes = [c_int, p, p, p, i64, i64, p, i64, p, c_int]
         getattr(lib, name).restype = c_int
-    lib.f16_matvec_mt.argtypes = [p, i64, i64, i64, p, p, ctypes.c_int]
-    lib.f16_matvec_mt.restype = None
     lib.f16_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f16_matvec_many.restype = None
     lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
@@ -218,7 +212,7 @@ PREFILL_MAX_ROWS = 16  # f32_matmul's rows of activations: beyond, oneDNN's bloc
 
 def fp32_prefill_here() -> bool:
     """Whether fp32 products of 2..PREFILL_MAX_ROWS rows run on f32_avx512.c: the CPU has AVX-512F."""
-    return "avx512f" in _cpu_flags()
+    return "avx512f" in cpu_flags()
 
 
 def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -247,13 +241,7 @@ def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """One row x [1, K] (any float dtype) times fp16 w [N, K]: fp32 [1, N], output rows over the rank's threads."""
-    lib = _library()
-    n, k = w.shape
-    x32 = x.reshape(-1).float().contiguous()
-    w = w.contiguous()
-    y = torch.empty((1, n), dtype=torch.float32)
-    lib.f16_matvec_mt(w.data_ptr(), k, 0, n, x32.data_ptr(), y.data_ptr(), _threads(n))
-    return y
+    return fp16_matvecs(x, [w])[0]
 
 
 STEP_DTYPES = (torch.float32, torch.float16)  # what step_ops.c computes in

@@ -37,7 +37,7 @@ def linear(x: torch.Tensor, tensors: dict[str, torch.Tensor], name: str) -> torc
     q = tensors[f"{name}.qweight"]
     if q.dim() == 3:  # int4 in the rows layout: only the AVX2 kernel reads it (select_kernel checked it can)
         y = native.int4_matmul(_rows2d(x), q, tensors[f"{name}.scales_zeros"]).reshape(*x.shape[:-1], -1)
-    elif q.dtype == torch.int8 and _native():
+    elif q.dtype == torch.int8 and native_kernels():
         y = native.int8_matmul(_rows2d(x), q, tensors[f"{name}.scales"]).reshape(*x.shape[:-1], -1)
     else:
         xb = x.to(torch.bfloat16).contiguous()
@@ -62,7 +62,7 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
         ys = native.fp16_matvecs(x, [w for w in ws if w is not None])
     elif all(q is not None and q.dim() == 3 for q in qs):
         ys = native.int4_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales_zeros"]) for n in names])
-    elif all(q is not None and q.dtype == torch.int8 for q in qs) and _native():
+    elif all(q is not None and q.dtype == torch.int8 for q in qs) and native_kernels():
         ys = native.int8_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales"]) for n in names])
     else:
         return [linear(x, tensors, n) for n in names]
@@ -80,7 +80,7 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
 
 def _fp16_decoding(x: torch.Tensor) -> bool:
     """Whether an fp16 weight's product with x runs on kernels/f16_avx2.c: one row at inference, our kernels chosen."""
-    return x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled() and _native()
+    return x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled() and native_kernels()
 
 
 def _rows2d(x: torch.Tensor) -> torch.Tensor:
@@ -112,26 +112,22 @@ def select_kernel(kind: str, spec: QuantSpec | None = None) -> None:
     _use_native = kind != "torch" and lib is not None
 
 
-def _native() -> bool:
+def native_kernels() -> bool:
+    """Whether model.kernel chose our kernels (kernels/native.py) and they could be built here."""
     if _use_native is None:
         select_kernel("auto")
     return bool(_use_native)
-
-
-def native_kernels() -> bool:
-    """Whether model.kernel chose our kernels (kernels/native.py) and they could be built here."""
-    return _native()
 
 
 def kernel_name(spec: QuantSpec, float_dtype: torch.dtype | None = None) -> str | None:
     """The kernel the packed weights of `spec` run on here (the run record's weights.kernel); for float weights,
     the one fp16 decoding runs on, and None for the other float dtypes (torch's, always)."""
     if not spec.quantized:
-        return ("f16-avx2" if _native() else "torch") if float_dtype == torch.float16 else None
+        return ("f16-avx2" if native_kernels() else "torch") if float_dtype == torch.float16 else None
     ours = f"q8-{native.isa()}"  # q8-avx2, or q8-avx512-vnni where the CPU has it (kernels/q8_avx512.c)
     if spec.format == "int4":
         return ours if spec.layout == "rows" else "torch"
-    return ours if _native() else "torch"
+    return ours if native_kernels() else "torch"
 
 
 def _mm_into(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
@@ -145,7 +141,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     if w.dtype == torch.float32:
         if x.shape[0] == 1:
             return _fp32_rows(x, w, bias)
-        if x.shape[0] <= native.PREFILL_MAX_ROWS and native.fp32_prefill_here() and _native():
+        if x.shape[0] <= native.PREFILL_MAX_ROWS and native.fp32_prefill_here() and native_kernels():
             y = native.fp32_matmul(x, w)  # a short prompt: kernels/f32_avx512.c says why
             return y + bias if bias is not None else y
         return _onednn(x, w, bias)
