@@ -28,6 +28,10 @@
  * 15-20 % with PF4, measured with several distances). */
 #define PF 1024
 #define PF4 4096
+/* The same for the 256-bit decoding at group sizes of 64 and more (int4_decode256): 16 KiB ahead, 8 rows of 4096
+ * columns; 4096 x 44032, G = 64, 2 threads: 5.3-6.3 ms at 16384 and 8192, 6.7 at 4096 (AMD EPYC Zen 3,
+ * 4 December 2026). */
+#define PF4W 16384
 
 static inline float bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
@@ -252,6 +256,93 @@ void q8_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_g, int64_t 
 }
 
 
+/* Decoding at group sizes that are multiples of 64, in 256-bit registers: 32 weight bytes (two blocks of one group) a
+ * step, in half the instructions of nib_dot's 128-bit halves, and without the vinserti128 that made one 256-bit
+ * register slower on Zen 1 (above): the activations are laid out to match the weight bytes instead. On Zen 3 the
+ * halves ran short of the bus for want of instructions: 4096 x 44032, G = 64, 2 threads, interleaved: 6.5-8.1 ms
+ * in halves, 5.3-6.3 here (12-16 GB/s -> 16-19 against a bus of 24-28; 4 December 2026). The activations are
+ * rearranged once per call (int4_pairs_prepare): for blocks 2p and 2p + 1,
+ * xq2[p] = [xq_2p[0:16], xq_2p+1[0:16], xq_2p[16:32], xq_2p+1[16:32]] (the low nibbles of the 32 bytes, then the high
+ * ones) and xs2[p] = [xs_2p x 4, xs_2p+1 x 4] (the scales of the 8 int32 lanes of the pair's dot products). */
+static void int4_pairs_prepare(const int8_t *xq, const float *xs, int64_t nb, int8_t *xq2, float *xs2) {
+    for (int64_t p = 0; p < nb / 2; p++) {
+        const int8_t *a = xq + 2 * p * 32, *b = a + 32;
+        int8_t *o = xq2 + p * 64;
+        memcpy(o, a, 16);
+        memcpy(o + 16, b, 16);
+        memcpy(o + 32, a + 16, 16);
+        memcpy(o + 48, b + 16, 16);
+        for (int i = 0; i < 4; i++) {
+            xs2[p * 8 + i] = xs[2 * p];
+            xs2[p * 8 + 4 + i] = xs[2 * p + 1];
+        }
+    }
+}
+
+static inline __m256i nib_dot256(const uint8_t *w, __m256i xlo, __m256i xhi, __m256i low4, __m256i ones) {
+    __m256i raw = _mm256_loadu_si256((const __m256i *)w);
+    __m256i p = _mm256_add_epi16(_mm256_maddubs_epi16(_mm256_and_si256(raw, low4), xlo),
+                                 _mm256_maddubs_epi16(_mm256_and_si256(_mm256_srli_epi16(raw, 4), low4), xhi));
+    return _mm256_madd_epi16(p, ones);
+}
+
+/* A bf16 (scale, zero) pair as one 32-bit word (scale in the low half): the scale in every lane of a register. */
+static inline __m256 int4_scale8(const uint16_t *pair) {
+    uint32_t u;
+    memcpy(&u, pair, sizeof u);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_set1_epi32((int)u), 16));
+}
+
+/* sum_g (zero_g - 8 scale_g) * xg[g] of one row whose pairs are sz[2g], sz[2g + 1]: 8 groups a step. */
+static inline float int4_zero_term(const uint16_t *sz, int64_t groups, const float *xg) {
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
+    __m256 acc = _mm256_setzero_ps();
+    int64_t g = 0;
+    for (; g + 8 <= groups; g += 8) {
+        __m256i pr = _mm256_loadu_si256((const __m256i *)(sz + 2 * g));
+        __m256 s = _mm256_castsi256_ps(_mm256_slli_epi32(pr, 16)), z = _mm256_castsi256_ps(_mm256_and_si256(pr, hi16));
+        acc = _mm256_fmadd_ps(_mm256_fnmadd_ps(_mm256_set1_ps(8.0f), s, z), _mm256_loadu_ps(xg + g), acc);
+    }
+    float t = hsum8(acc);
+    for (; g < groups; g++) t += (bf16_to_f32(sz[2 * g + 1]) - 8.0f * bf16_to_f32(sz[2 * g])) * xg[g];
+    return t;
+}
+
+/* R (1 or 2) weight rows from n against the rearranged activations; each pair's activations loaded once for both. */
+static inline __attribute__((always_inline)) void int4_rows256(const uint8_t *w, const uint16_t *sz, int64_t sz_n,
+        int64_t groups, int64_t pairs, int64_t half, const int8_t *xq2, const float *xs2, const float *xg, const int R,
+        float *y, int64_t n) {
+    const __m256i low4 = _mm256_set1_epi8(0x0f), ones = _mm256_set1_epi16(1);
+    const uint8_t *wr[2] = {w + n * half, w + (n + 1) * half};
+    const uint16_t *sr[2] = {sz + n * sz_n, sz + (n + 1) * sz_n};
+    __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+    int64_t p = 0;
+    for (int64_t g = 0; g < groups; g++) {
+        __m256 t[2];
+        for (int64_t e = 0; e < pairs; e++, p++) {
+            if ((p & 1) == 0) /* one prefetch per 64-byte line */
+                for (int j = 0; j < R; j++) _mm_prefetch((const char *)(wr[j] + p * 32 + PF4W), _MM_HINT_T0);
+            __m256i xlo = _mm256_loadu_si256((const __m256i *)(xq2 + p * 64));
+            __m256i xhi = _mm256_loadu_si256((const __m256i *)(xq2 + p * 64 + 32));
+            __m256 xs = _mm256_loadu_ps(xs2 + p * 8);
+            for (int j = 0; j < R; j++) {
+                __m256 d = _mm256_cvtepi32_ps(nib_dot256(wr[j] + p * 32, xlo, xhi, low4, ones));
+                t[j] = e == 0 ? _mm256_mul_ps(d, xs) : _mm256_fmadd_ps(d, xs, t[j]);
+            }
+        }
+        for (int j = 0; j < R; j++) acc[j] = _mm256_fmadd_ps(t[j], int4_scale8(sr[j] + 2 * g), acc[j]);
+    }
+    for (int j = 0; j < R; j++) y[n + j] = hsum8(acc[j]) + int4_zero_term(sr[j], groups, xg);
+}
+
+static void int4_decode256(const uint8_t *w, const uint16_t *sz, int64_t group, int64_t k, int64_t n0, int64_t n1,
+                           const int8_t *xq2, const float *xs2, const float *xg, float *y) {
+    int64_t groups = k / group, pairs = group / 64, half = k / 2, sz_n = 2 * groups;
+    int64_t n = n0;
+    for (; n + 1 < n1; n += 2) int4_rows256(w, sz, sz_n, groups, pairs, half, xq2, xs2, xg, 2, y, n);
+    if (n < n1) int4_rows256(w, sz, sz_n, groups, pairs, half, xq2, xs2, xg, 1, y, n);
+}
+
 /* The same products for `count` (<= MANY) matrices that share one input (q/k/v, gate/up): the output rows of all
  * of them split over `threads` OpenMP threads in chunks of 16 rows, in one parallel region. One call for the three
  * of an attention block, not three: the activations are quantized once, and the threads are started once. Matrix j
@@ -285,13 +376,16 @@ void q8_matmul_int8_many(int count, const int8_t *const *w, const uint16_t *cons
 
 void q8_matmul_int4_many(int count, const uint8_t *const *w, const uint16_t *const *sz, const int64_t *n,
                          int64_t group, int64_t k, const int8_t *xq, const float *xs, const float *xg, int64_t m,
-                         float *const *y, int threads) {
+                         const int8_t *xq2, const float *xs2, float *const *y, int threads) {
     int64_t first[MANY + 1], chunks = q8_many_chunks(count, n, first);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t c = 0; c < chunks; c++) {
         int j = q8_many_matrix(c, first);
         int64_t a = (c - first[j]) * 16, b = a + 16 < n[j] ? a + 16 : n[j];
-        q8_matmul_int4(w[j], sz[j], 2, 2 * (k / group), group, k, a, b, xq, xs, xg, m, y[j], n[j]);
+        if (xq2)
+            int4_decode256(w[j], sz[j], group, k, a, b, xq2, xs2, xg, y[j]);
+        else
+            q8_matmul_int4(w[j], sz[j], 2, 2 * (k / group), group, k, a, b, xq, xs, xg, m, y[j], n[j]);
     }
 }
 
@@ -320,14 +414,20 @@ int q8_int4_products(int count, const uint8_t *const *w, const uint16_t *const *
     int64_t nb = q8_blocks(k), groups = k / group;
     int8_t *xq = malloc((size_t)(m * nb * 32));
     float *xs = malloc((size_t)(m * nb) * sizeof(float)), *xg = malloc((size_t)(m * groups) * sizeof(float));
-    int ok = xq && xs && xg;
+    int wide = m == 1 && group % 64 == 0; /* decoding in 256-bit registers (int4_decode256) */
+    int8_t *xq2 = wide ? malloc((size_t)(nb * 32)) : NULL;
+    float *xs2 = wide ? malloc((size_t)(nb / 2 * 8) * sizeof(float)) : NULL;
+    int ok = xq && xs && xg && (!wide || (xq2 && xs2));
     if (ok) {
         q8_quantize(x, m, k, xq, xs);
         q8_group_sums(xq, xs, m, k, group, xg);
-        q8_matmul_int4_many(count, w, sz, n, group, k, xq, xs, xg, m, y, threads);
+        if (wide) int4_pairs_prepare(xq, xs, nb, xq2, xs2);
+        q8_matmul_int4_many(count, w, sz, n, group, k, xq, xs, xg, m, xq2, xs2, y, threads);
     }
     free(xq);
     free(xs);
     free(xg);
+    free(xq2);
+    free(xs2);
     return ok ? 0 : -1;
 }
