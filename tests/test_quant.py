@@ -279,25 +279,41 @@ def test_fp32_prefill_kernel_takes_more_rows_in_turns(m: int) -> None:
     assert ((got.double() - want).abs() <= 2 * 1100 * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()
 
 
-@pytest.mark.parametrize("in_hardware", [True, False], ids=["torch-fp16", "fp32-chunks"])
-def test_fp16_prefill_either_way_is_the_fp32_product_rounded(in_hardware: bool,
-                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("path", ["torch-fp16", "kernel", "fp32-chunks"])
+def test_fp16_prefill_either_way_is_the_fp32_product_rounded(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Several rows of fp16 activations: torch's fp16 matmul where the CPU has AVX-512-FP16 (the default there), else
-    fp32 products on converted chunks of rows; either is the fp32 product of the same values with its bias, rounded
-    once to fp16 (within 2 fp16 ulps: the sums' order differs), over more rows than one chunk holds."""
+    f16_avx2.c's prefill for 2..16 rows, else fp32 products on converted chunks of rows (more rows, or no kernels);
+    each is the fp32 product of the same values with its bias, rounded once to fp16 (within 2 fp16 ulps: the sums'
+    order differs), over more rows than one chunk holds."""
     from tpi_mpi.models import linear as lin
 
     assert lin.FP16_MATMUL_IN_HARDWARE == ("avx512_fp16" in native.cpu_flags())
-    monkeypatch.setattr(lin, "FP16_MATMUL_IN_HARDWARE", in_hardware)
+    monkeypatch.setattr(lin, "FP16_MATMUL_IN_HARDWARE", path == "torch-fp16")
     monkeypatch.setattr(lin, "FP16_CHUNK_BYTES", 64 * 96 * 4)  # 64 rows a chunk: 3 chunks and a part
     g = torch.Generator().manual_seed(9)
     w, b = (torch.randn(200, 96, generator=g) * 0.1).half(), torch.randn(200, generator=g).half()
-    x = torch.randn(5, 96, generator=g).half()
+    x = torch.randn(20 if path == "fp32-chunks" else 5, 96, generator=g).half()  # 20 rows: beyond the kernel's
     with torch.inference_mode():
         got = lin.float_linear(x, w, b)
     want = F.linear(x.float(), w.float(), b.float())
-    assert got.dtype == torch.float16 and got.shape == (5, 200)
+    assert got.dtype == torch.float16 and got.shape == (x.shape[0], 200)
     assert ((got.float() - want).abs() <= 2 * 2.0**-10 * want.abs().clamp(min=2.0**-14)).all()
+    if path == "kernel" and lin.native_kernels():
+        assert torch.equal(got, (native.fp16_matmul(x, w) + b.float()).half())  # and it was our kernel that ran
+
+
+@pytest.mark.skipif(native.load() is None, reason="the AVX2 kernels cannot be built here")
+@pytest.mark.parametrize("m,n,k", [(2, 16, 96), (5, 40, 1100), (16, 33, 300), (17, 48, 264), (37, 31, 1031)])
+def test_fp16_prefill_kernel_is_the_fp64_product_within_fp32_rounding(m: int, n: int, k: int) -> None:
+    """f16_matmul on any shape: rows beyond a chunk of 16 and an odd last pair (n = 33, 31), columns beyond whole
+    tiles and a last k % 8 (1100, 300, 1031), activation rows 18 at a time (37): each sum within fp32 rounding of the
+    exact one of the same fp16 weights."""
+    g = torch.Generator().manual_seed(m * n)
+    w, x = torch.randn(n, k, generator=g).half(), torch.randn(m, k, generator=g)
+    got = native.fp16_matmul(x, w)
+    want = x.double() @ w.double().t()
+    assert got.dtype == torch.float32 and got.shape == (m, n)
+    assert ((got.double() - want).abs() <= 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()
 
 
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:

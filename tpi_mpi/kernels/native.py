@@ -3,7 +3,8 @@
     int8 weights, and int4 in the rows layout, x int8-quantized activations (AVX2)
                                                        q8_avx2.c says why torch's kernels are not enough
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
-    fp16 weights x one fp32 row (decoding; AVX2 + F16C)    f16_avx2.c likewise
+    fp16 weights x fp32 rows (decoding, and prefill where the CPU has no AVX-512-FP16; AVX2 + F16C)
+                                                       f16_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
     fp32 weights x a few fp32 rows (prefill; AVX-512)      f32_avx512.c
 
@@ -128,6 +129,8 @@ def load() -> ctypes.CDLL | None:
     lib.f16_matvec_many.restype = None
     lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
     lib.f32_matmul.restype = None
+    lib.f16_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
+    lib.f16_matmul.restype = c_int
     lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p, c_int]
     lib.step_rms_norm.restype = None
     # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads, half)
@@ -222,6 +225,18 @@ def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
     lib.f32_matmul(w.data_ptr(), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
                    _threads(w.shape[0]))
+    return y
+
+
+def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (f16_avx2.c's prefill), output
+    rows over the rank's threads."""
+    lib = _library()
+    x32, w = x.float().contiguous(), w.contiguous()
+    y = torch.empty((x32.shape[0], w.shape[0]), dtype=torch.float32)
+    if lib.f16_matmul(w.data_ptr(), w.shape[0], w.shape[1], x32.data_ptr(), x32.shape[0], y.data_ptr(),
+                      _threads(w.shape[0])) != 0:
+        raise MemoryError("the kernel's workspace for the activations could not be allocated")
     return y
 
 

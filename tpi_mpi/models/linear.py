@@ -146,7 +146,12 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
             return y + bias if bias is not None else y
         return _onednn(x, w, bias)
     if w.dtype == torch.float16 and x.shape[0] > 1:
-        return F.linear(x, w, bias) if FP16_MATMUL_IN_HARDWARE else _fp16_by_chunks(x, w, bias)
+        if FP16_MATMUL_IN_HARDWARE:
+            return F.linear(x, w, bias)
+        if x.shape[0] <= native.PREFILL_MAX_ROWS and native_kernels():
+            y = native.fp16_matmul(x, w)  # a short prompt: kernels/f16_avx2.c says why
+            return (y + bias.float() if bias is not None else y).to(x.dtype)
+        return _fp16_by_chunks(x, w, bias)
     if w.dtype == torch.float16 and _fp16_decoding(x):
         y = native.fp16_matvec(x, w)  # fp32 sums, rounded once to x's dtype, as torch's fp16 product
         return (y + bias.float() if bias is not None else y).to(x.dtype)
@@ -184,8 +189,10 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 # fp16 prefill: torch has no fast fp16 matmul on a CPU without AVX-512-FP16 (16 rows of 4096 x 11008: 267 ms, 3.6x
-# the fp32 time). So the weight is converted to fp32, which is exact, a chunk of rows at a time into a buffer that
-# stays in cache, and multiplied there in fp32 (as a fp16 matmul accumulates); the output is rounded to fp16.
+# the fp32 time). A short prompt (2..16 rows) goes to kernels/f16_avx2.c's prefill, which widens each weight as it
+# loads it; longer ones, or without our kernels: the weight is converted to fp32, which is exact, a chunk of rows at
+# a time into a buffer that stays in cache, and multiplied there in fp32 (as a fp16 matmul accumulates). Either way
+# the output is rounded to fp16 once.
 # Where the CPU has AVX-512-FP16 (Intel since Sapphire Rapids), torch's own fp16 matmul (oneDNN) is the faster:
 # 16 rows of 4096 x 11008, 2 threads, 8.6 ms against 16.9 by chunks, with the same bits (3 December 2026).
 FP16_CHUNK_BYTES = 8 * 2**20
