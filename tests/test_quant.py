@@ -251,6 +251,34 @@ def test_one_fp16_call_for_several_matrices_equals_one_call_each() -> None:
         assert (a.float() - b.float()).abs().max() <= 2e-3 * b.float().abs().max()
 
 
+@pytest.mark.parametrize("n,k", [(2304, 4096), (40, 37), (33, 72), (1105, 200), (3, 15)])
+def test_native_fp32_decoding_kernel_is_the_product_to_fp32_rounding(n: int, k: int) -> None:
+    """kernels/f32_avx2.c: one row times fp32 weights, 4 rows at a time and the rest one by one (n = 33, 1105, 3),
+    16 columns a step with tails of 8 and of single columns (k = 37, 72, 15). Against fp64 within fp32 rounding of
+    its terms; linear() runs it (with the bias added to its sums) and linears() runs q/k/v in one call with the same
+    bits as one call each."""
+    native_kernel_here()
+    g = torch.Generator().manual_seed(n + k)
+    w, x, b = torch.randn(n, k, generator=g), torch.randn(1, k, generator=g), torch.randn(n, generator=g)
+    ref = x.double() @ w.double().t()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with torch.inference_mode():
+            got = native.fp32_matvecs(x, [w])[0]
+            with_bias = linear(x, {"w.weight": w, "w.bias": b}, "w")
+            kn = max(1, n // 3)
+            t = {"q.weight": w, "k.weight": w[:kn].clone(), "v.weight": w[-1:].clone(), "k.bias": b[:kn]}
+            together = linears(x, t, ("q", "k", "v"))
+            alone = [linear(x, t, name) for name in ("q", "k", "v")]
+    finally:
+        torch.set_num_threads(threads)
+    assert got.dtype == torch.float32 and got.shape == (1, n)
+    assert ((got.double() - ref).abs() <= 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t()) + 1e-30).all()
+    assert torch.equal(with_bias, got + b)  # linear() took the kernel
+    assert all(torch.equal(a, c) for a, c in zip(together, alone, strict=True))
+
+
 @pytest.mark.parametrize("m,n,k", [(2, 64, 4096), (5, 37, 100), (13, 130, 48), (16, 16, 16), (7, 3, 33)])
 def test_fp32_prefill_kernel_is_the_product_to_fp32_rounding(m: int, n: int, k: int) -> None:
     """fp32 prefill of 2..16 rows: kernels/f32_avx512.c where the CPU has AVX-512F (float_linear takes it there),

@@ -6,9 +6,10 @@
     fp16 weights x fp32 rows (decoding, and prefill where the CPU has no AVX-512-FP16; AVX2 + F16C)
                                                        f16_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
+    fp32 weights x one fp32 row (decoding; AVX2 + FMA)     f32_avx2.c likewise
     fp32 weights x a few fp32 rows (prefill; AVX-512)      f32_avx512.c
 
-The shared library (all five sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all six sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
@@ -33,8 +34,8 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "q8_avx512.c", "step_ops.c",
-                                                   "f32_avx512.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "q8_avx512.c",
+                                                   "step_ops.c", "f32_avx512.c")]
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
 # too: the tests compare the two, and a benchmark can show what VNNI is worth.
@@ -127,6 +128,8 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = c_int
     lib.f16_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f16_matvec_many.restype = None
+    lib.f32_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
+    lib.f32_matvec_many.restype = None
     lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
     lib.f32_matmul.restype = None
     lib.f16_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
@@ -240,18 +243,28 @@ def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
-    """[fp16_matvec(x, w) for w in ws], the same values, in one call: the output rows of all of them split over the
-    rank's threads together."""
+def _matvecs(fn: Any, x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One row x times each w of `ws` through f16_matvec_many / f32_matvec_many: fp32 [1, N_j] each."""
     assert 0 < len(ws) <= MAX_MANY
-    lib = _library()
     ws = [w.contiguous() for w in ws]
     x32 = x.reshape(-1).float().contiguous()
     rows = [w.shape[0] for w in ws]
     ys = [torch.empty((1, n), dtype=torch.float32) for n in rows]
-    lib.f16_matvec_many(len(ws), _pointers(ws), (ctypes.c_int64 * len(rows))(*rows), x32.shape[0], x32.data_ptr(),
-                        _pointers(ys), _threads(sum(rows)))
+    fn(len(ws), _pointers(ws), (ctypes.c_int64 * len(rows))(*rows), x32.shape[0], x32.data_ptr(), _pointers(ys),
+       _threads(sum(rows)))
     return ys
+
+
+def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """[fp16_matvec(x, w) for w in ws], the same values, in one call: the output rows of all of them split over the
+    rank's threads together."""
+    return _matvecs(_library().f16_matvec_many, x, ws)
+
+
+def fp32_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
+    """One row x [1, K] times each fp32 w [N_j, K] of `ws` (f32_avx2.c): fp32 [1, N_j] each, in one call as
+    fp16_matvecs."""
+    return _matvecs(_library().f32_matvec_many, x, ws)
 
 
 def fp16_matvec(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -57,9 +57,11 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
     per matrix."""
     qs = [tensors.get(f"{n}.qweight") for n in names]
     ws = [tensors.get(f"{n}.weight") for n in names]
-    fp16 = all(w is not None and w.dtype == torch.float16 for w in ws) and _fp16_decoding(x)
-    if fp16:
-        ys = native.fp16_matvecs(x, [w for w in ws if w is not None])
+    dtypes = {w.dtype if w is not None else None for w in ws}
+    fp16 = dtypes == {torch.float16} and _one_row(x)
+    fp32 = dtypes == {torch.float32} and _one_row(x) and x.dtype == torch.float32
+    if fp16 or fp32:
+        ys = (native.fp16_matvecs if fp16 else native.fp32_matvecs)(x, [w for w in ws if w is not None])
     elif all(q is not None and q.dim() == 3 for q in qs):
         ys = native.int4_matmuls(_rows2d(x), [(tensors[f"{n}.qweight"], tensors[f"{n}.scales_zeros"]) for n in names])
     elif all(q is not None and q.dtype == torch.int8 for q in qs) and native_kernels():
@@ -70,7 +72,7 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
     for n, y in zip(names, ys, strict=True):
         y = y.reshape(*x.shape[:-1], -1)
         bias = tensors.get(f"{n}.bias")
-        if fp16:  # as float_linear: the bias added to the fp32 sums, then one rounding
+        if fp16 or fp32:  # as float_linear: the bias added to the fp32 sums, then one rounding
             out.append((y + bias.float() if bias is not None else y).to(x.dtype))
         else:
             y = y.to(x.dtype)
@@ -78,8 +80,9 @@ def linears(x: torch.Tensor, tensors: dict[str, torch.Tensor], names: tuple[str,
     return out
 
 
-def _fp16_decoding(x: torch.Tensor) -> bool:
-    """Whether an fp16 weight's product with x runs on kernels/f16_avx2.c: one row at inference, our kernels chosen."""
+def _one_row(x: torch.Tensor) -> bool:
+    """Whether a float weight's product with x runs on our one-row kernels (kernels/f16_avx2.c, f32_avx2.c): one row
+    at inference, our kernels chosen."""
     return x.dim() == 2 and x.shape[0] == 1 and not torch.is_grad_enabled() and native_kernels()
 
 
@@ -140,6 +143,9 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
         return F.linear(x, w, bias)
     if w.dtype == torch.float32:
         if x.shape[0] == 1:
+            if x.dtype == torch.float32 and native_kernels():
+                y = native.fp32_matvecs(x, [w])[0]  # kernels/f32_avx2.c says why
+                return y + bias if bias is not None else y
             return _fp32_rows(x, w, bias)
         if x.shape[0] <= native.PREFILL_MAX_ROWS and native.fp32_prefill_here() and native_kernels():
             y = native.fp32_matmul(x, w)  # a short prompt: kernels/f32_avx512.c says why
@@ -152,7 +158,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
             y = native.fp16_matmul(x, w)  # a short prompt: kernels/f16_avx2.c says why
             return (y + bias.float() if bias is not None else y).to(x.dtype)
         return _fp16_by_chunks(x, w, bias)
-    if w.dtype == torch.float16 and _fp16_decoding(x):
+    if w.dtype == torch.float16 and _one_row(x):
         y = native.fp16_matvec(x, w)  # fp32 sums, rounded once to x's dtype, as torch's fp16 product
         return (y + bias.float() if bias is not None else y).to(x.dtype)
     return F.linear(x, w, bias)  # bf16 (and fp16 without the AVX2 kernels): torch's own use every thread
