@@ -390,7 +390,11 @@ static void int4_decode256(const uint8_t *w, const uint16_t *sz, int64_t group, 
                            const int8_t *xq2, const float *xs2, const float *xg, float *y) {
     int64_t groups = k / group, pairs = group / 64, half = k / 2, sz_n = 2 * groups;
     int64_t n = n0;
-    for (; n + 1 < n1; n += 2) int4_rows256(w, sz, sz_n, groups, pairs, half, xq2, xs2, xg, 2, y, n);
+    if (pairs == 1) { /* G = 64, the default: the loop over a group's pairs unrolled (in cache, one thread: 5 %) */
+        for (; n + 1 < n1; n += 2) int4_rows256(w, sz, sz_n, groups, 1, half, xq2, xs2, xg, 2, y, n);
+    } else {
+        for (; n + 1 < n1; n += 2) int4_rows256(w, sz, sz_n, groups, pairs, half, xq2, xs2, xg, 2, y, n);
+    }
     if (n < n1) int4_rows256(w, sz, sz_n, groups, pairs, half, xq2, xs2, xg, 1, y, n);
 }
 
