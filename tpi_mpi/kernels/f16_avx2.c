@@ -15,16 +15,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "avx2_sums.h"
+
 /* Bytes ahead in the row that are prefetched: 1024 measured best of 512, 1024, 2048 (the hardware prefetcher
  * alone leaves one thread short of the bus, as for the int8 kernel). */
 #define PF16 1024
-
-static inline float f16_hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
 
 /* y[n] for rows n in [n0, n1). Four accumulators of 8 lanes: the fmadd latency is hidden behind the loads. 64 weights
  * (128 bytes) a step, not 32: 27.1-27.6 GB/s against 25.8-26.3 on huge pages, 2 threads (3 December 2026). */
@@ -54,7 +49,7 @@ void f16_matvec(const uint16_t *w, int64_t k, int64_t n0, int64_t n1, const floa
         }
         for (; i + 8 <= k; i += 8)
             a0 = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(r + i))), _mm256_loadu_ps(x + i), a0);
-        float total = f16_hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+        float total = hsum8(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
         for (; i < k; i++) total += _cvtsh_ss(r[i]) * x[i];
         y[n] = total;
     }
@@ -154,7 +149,7 @@ static inline __attribute__((always_inline)) void f16p_chunk(const uint16_t *w, 
     }
     for (int64_t n = a; n < b; n++)
         for (int64_t r = 0; r < m; r++) {
-            float t = f16_hsum8(acc[(n - a) / 2][r / 6][r % 6][(n - a) % 2]);
+            float t = hsum8(acc[(n - a) / 2][r / 6][r % 6][(n - a) % 2]);
             for (int64_t i = k8; i < k; i++) t += _cvtsh_ss(w[n * k + i]) * x[r * k + i];
             y[r * ldy + n] = t;
         }

@@ -15,16 +15,11 @@
 #include <immintrin.h>
 #include <stdint.h>
 
+#include "avx2_sums.h"
+
 /* Bytes ahead in each row that are prefetched: 512 measured best of 512, 1024, 2048 (11008 x 4096, one thread:
  * 9.1-9.5 ms against 10.0-10.2 at 1024). */
-#define PF32 512 /* bytes ahead in the row that are prefetched, as f16_avx2.c */
-
-static inline float f32_hsum8(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    s = _mm_add_ss(s, _mm_movehdup_ps(s));
-    return _mm_cvtss_f32(s);
-}
+#define PF32 512
 
 /* Rows n .. n + R - 1 (R <= 4, a constant where called): each 8 activations loaded once for the R rows, two steps of
  * 8 columns at a time into separate accumulators (the FMA latency), R weight streams read side by side. */
@@ -48,7 +43,7 @@ static inline __attribute__((always_inline)) void f32_rows(const float *w, int64
     for (; i + 8 <= k; i += 8)
         for (int j = 0; j < R; j++) a[j][0] = _mm256_fmadd_ps(_mm256_loadu_ps(r[j] + i), _mm256_loadu_ps(x + i), a[j][0]);
     for (int j = 0; j < R; j++) {
-        float total = f32_hsum8(_mm256_add_ps(a[j][0], a[j][1]));
+        float total = hsum8(_mm256_add_ps(a[j][0], a[j][1]));
         for (int64_t t = i; t < k; t++) total += r[j][t] * x[t];
         y[n + j] = total;
     }

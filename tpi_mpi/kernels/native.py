@@ -36,6 +36,7 @@ from tpi_mpi.kernels import rows
 
 SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "q8_avx512.c",
                                                    "step_ops.c", "f32_avx512.c")]
+HEADERS = [Path(__file__).with_name("avx2_sums.h")]  # included by the AVX2 sources: part of the library's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
 # too: the tests compare the two, and a benchmark can show what VNNI is worth.
@@ -88,7 +89,7 @@ def _build() -> Path:
         raise RuntimeError(f"no C compiler to build it (CC={named} is not one)" if named else
                            "no C compiler to build it (cc or gcc; or set CC)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
-    source = b"".join(s.read_bytes() for s in SOURCES)
+    source = b"".join(s.read_bytes() for s in SOURCES + HEADERS)
     key = hashlib.sha256(source + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
     out = cache_dir() / f"q8_avx2-{key}.so"
     if out.exists():
