@@ -143,7 +143,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
         return F.linear(x, w, bias)
     if w.dtype == torch.float32:
         if x.shape[0] == 1:
-            if x.dtype == torch.float32 and native_kernels():
+            if x.dtype == torch.float32 and _one_row(x):
                 y = native.fp32_matvecs(x, [w])[0]  # kernels/f32_avx2.c says why
                 return y + bias if bias is not None else y
             return _fp32_rows(x, w, bias)
