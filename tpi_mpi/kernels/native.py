@@ -3,13 +3,14 @@
     int8 weights, and int4 in the rows layout, x int8-quantized activations (AVX2)
                                                        q8_avx2.c says why torch's kernels are not enough
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
-    fp16 weights x fp32 rows (decoding, and prefill where the CPU has no AVX-512-FP16; AVX2 + F16C)
-                                                       f16_avx2.c likewise
+    fp16 weights x one fp32 row (decoding; AVX2 + F16C)  f16_avx2.c likewise
+    fp16 or fp32 weights x a few fp32 rows (prefill where the CPU has no AVX-512-FP16 / AVX-512F)
+                                                       prefill_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
     fp32 weights x one fp32 row (decoding; AVX2 + FMA)     f32_avx2.c likewise
-    fp32 weights x a few fp32 rows (prefill; AVX-512)      f32_avx512.c
+    fp32 weights x a few fp32 rows (prefill; AVX-512F)     f32_avx512.c
 
-The shared library (all six sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all seven sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
@@ -34,8 +35,8 @@ import torch
 from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
-SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "q8_avx512.c",
-                                                   "step_ops.c", "f32_avx512.c")]
+SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "prefill_avx2.c",
+                                                   "q8_avx512.c", "step_ops.c", "f32_avx512.c")]
 HEADERS = [Path(__file__).with_name("avx2_sums.h")]  # included by the AVX2 sources: part of the library's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
@@ -133,8 +134,9 @@ def load() -> ctypes.CDLL | None:
     lib.f32_matvec_many.restype = None
     lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
     lib.f32_matmul.restype = None
-    lib.f16_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
-    lib.f16_matmul.restype = c_int
+    for name in ("f16_matmul", "f32_matmul_avx2"):  # (w, n, k, x, m, y, threads)
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
+        getattr(lib, name).restype = c_int
     lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p, c_int]
     lib.step_rms_norm.restype = None
     # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads, half)
@@ -214,16 +216,14 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     return int4_matmuls(x, [(q, scales_zeros)])[0]
 
 
-PREFILL_MAX_ROWS = 16  # f32_matmul's rows of activations: beyond, oneDNN's blocking for larger products wins
-
-
-def fp32_prefill_here() -> bool:
-    """Whether fp32 products of 2..PREFILL_MAX_ROWS rows run on f32_avx512.c: the CPU has AVX-512F."""
-    return "avx512f" in cpu_flags()
+PREFILL_MAX_ROWS = 16  # the prefill kernels' rows of activations in linear(): beyond, oneDNN's blocking wins
 
 
 def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N] (f32_avx512.c), output rows over the rank's threads."""
+    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N], output rows over the rank's threads: f32_avx512.c where the
+    CPU has AVX-512F, else prefill_avx2.c (fp32_matmul_avx2)."""
+    if "avx512f" not in cpu_flags():
+        return fp32_matmul_avx2(x, w)
     lib = _library()
     x, w = x.contiguous(), w.contiguous()
     y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
@@ -233,13 +233,20 @@ def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 
 def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (f16_avx2.c's prefill), output
-    rows over the rank's threads."""
-    lib = _library()
+    """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (prefill_avx2.c), output rows over
+    the rank's threads."""
+    return _prefill(_library().f16_matmul, x, w)
+
+
+def fp32_matmul_avx2(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N] (prefill_avx2.c, where the CPU has no AVX-512F)."""
+    return _prefill(_library().f32_matmul_avx2, x, w)
+
+
+def _prefill(fn: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     x32, w = x.float().contiguous(), w.contiguous()
     y = torch.empty((x32.shape[0], w.shape[0]), dtype=torch.float32)
-    if lib.f16_matmul(w.data_ptr(), w.shape[0], w.shape[1], x32.data_ptr(), x32.shape[0], y.data_ptr(),
-                      _threads(w.shape[0])) != 0:
+    if fn(w.data_ptr(), w.shape[0], w.shape[1], x32.data_ptr(), x32.shape[0], y.data_ptr(), _threads(w.shape[0])) != 0:
         raise MemoryError("the kernel's workspace for the activations could not be allocated")
     return y
 

@@ -147,15 +147,15 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
                 y = native.fp32_matvecs(x, [w])[0]  # kernels/f32_avx2.c says why
                 return y + bias if bias is not None else y
             return _fp32_rows(x, w, bias)
-        if x.shape[0] <= native.PREFILL_MAX_ROWS and native.fp32_prefill_here() and native_kernels():
-            y = native.fp32_matmul(x, w)  # a short prompt: kernels/f32_avx512.c says why
+        if x.shape[0] <= native.PREFILL_MAX_ROWS and native_kernels():
+            y = native.fp32_matmul(x, w)  # a short prompt: kernels/f32_avx512.c and prefill_avx2.c say why
             return y + bias if bias is not None else y
         return _onednn(x, w, bias)
     if w.dtype == torch.float16 and x.shape[0] > 1:
         if FP16_MATMUL_IN_HARDWARE:
             return F.linear(x, w, bias)
         if x.shape[0] <= native.PREFILL_MAX_ROWS and native_kernels():
-            y = native.fp16_matmul(x, w)  # a short prompt: kernels/f16_avx2.c says why
+            y = native.fp16_matmul(x, w)  # a short prompt: kernels/prefill_avx2.c says why
             return (y + bias.float() if bias is not None else y).to(x.dtype)
         return _fp16_by_chunks(x, w, bias)
     if w.dtype == torch.float16 and _one_row(x):
@@ -195,7 +195,7 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 # fp16 prefill: torch has no fast fp16 matmul on a CPU without AVX-512-FP16 (16 rows of 4096 x 11008: 267 ms, 3.6x
-# the fp32 time). A short prompt (2..16 rows) goes to kernels/f16_avx2.c's prefill, which widens each weight as it
+# the fp32 time). A short prompt (2..16 rows) goes to kernels/prefill_avx2.c, which widens each weight as it
 # loads it; longer ones, or without our kernels: the weight is converted to fp32, which is exact, a chunk of rows at
 # a time into a buffer that stays in cache, and multiplied there in fp32 (as a fp16 matmul accumulates). Either way
 # the output is rounded to fp16 once.
