@@ -310,7 +310,7 @@ def test_fp32_prefill_kernel_takes_more_rows_in_turns(m: int) -> None:
 @pytest.mark.parametrize("path", ["torch-fp16", "kernel", "fp32-chunks"])
 def test_fp16_prefill_either_way_is_the_fp32_product_rounded(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Several rows of fp16 activations: torch's fp16 matmul where the CPU has AVX-512-FP16 (the default there), else
-    prefill_avx2.c for 2..16 rows, else fp32 products on converted chunks of rows (more rows, or no kernels);
+    prefill_avx2.c for 2..64 rows, else fp32 products on converted chunks of rows (more rows, or no kernels);
     each is the fp32 product of the same values with its bias, rounded once to fp16 (within 2 fp16 ulps: the sums'
     order differs), over more rows than one chunk holds."""
     from tpi_mpi.models import linear as lin
@@ -320,7 +320,7 @@ def test_fp16_prefill_either_way_is_the_fp32_product_rounded(path: str, monkeypa
     monkeypatch.setattr(lin, "FP16_CHUNK_BYTES", 64 * 96 * 4)  # 64 rows a chunk: 3 chunks and a part
     g = torch.Generator().manual_seed(9)
     w, b = (torch.randn(200, 96, generator=g) * 0.1).half(), torch.randn(200, generator=g).half()
-    x = torch.randn(20 if path == "fp32-chunks" else 5, 96, generator=g).half()  # 20 rows: beyond the kernel's
+    x = torch.randn(70 if path == "fp32-chunks" else 5, 96, generator=g).half()  # 70 rows: beyond the kernel's
     with torch.inference_mode():
         got = lin.float_linear(x, w, b)
     want = F.linear(x.float(), w.float(), b.float())

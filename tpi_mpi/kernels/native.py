@@ -216,7 +216,7 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
     return int4_matmuls(x, [(q, scales_zeros)])[0]
 
 
-PREFILL_MAX_ROWS = 16  # the prefill kernels' rows of activations in linear(): beyond, oneDNN's blocking wins
+PREFILL_MAX_ROWS = 16  # fp32 prefill kernels' rows of activations in linear(): beyond, oneDNN's blocking wins
 
 
 def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

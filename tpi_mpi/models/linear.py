@@ -154,7 +154,7 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
     if w.dtype == torch.float16 and x.shape[0] > 1:
         if FP16_MATMUL_IN_HARDWARE:
             return F.linear(x, w, bias)
-        if x.shape[0] <= native.PREFILL_MAX_ROWS and native_kernels():
+        if x.shape[0] <= FP16_PREFILL_MAX_ROWS and native_kernels():
             y = native.fp16_matmul(x, w)  # a short prompt: kernels/prefill_avx2.c says why
             return (y + bias.float() if bias is not None else y).to(x.dtype)
         return _fp16_by_chunks(x, w, bias)
@@ -195,12 +195,16 @@ def _onednn(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torc
 
 
 # fp16 prefill: torch has no fast fp16 matmul on a CPU without AVX-512-FP16 (16 rows of 4096 x 11008: 267 ms, 3.6x
-# the fp32 time). A short prompt (2..16 rows) goes to kernels/prefill_avx2.c, which widens each weight as it
+# the fp32 time). A prompt of 2..64 rows goes to kernels/prefill_avx2.c, which widens each weight as it
 # loads it; longer ones, or without our kernels: the weight is converted to fp32, which is exact, a chunk of rows at
 # a time into a buffer that stays in cache, and multiplied there in fp32 (as a fp16 matmul accumulates). Either way
 # the output is rounded to fp16 once.
 # Where the CPU has AVX-512-FP16 (Intel since Sapphire Rapids), torch's own fp16 matmul (oneDNN) is the faster:
 # 16 rows of 4096 x 11008, 2 threads, 8.6 ms against 16.9 by chunks, with the same bits (3 December 2026).
+# Up to 64 rows prefill_avx2.c is the faster (11008 x 4096 and 4096 x 11008, 2 threads: 24 rows 115-122 GFLOP/s
+# against 62-76 by chunks, 48 rows 123-132 against 63-93, 64 rows 88-112 against 80-83; 256 rows 132 against 120-135:
+# AMD EPYC Zen 3, 4 December 2026). Its fp32 twin is ahead of oneDNN only to 16 rows (native.PREFILL_MAX_ROWS).
+FP16_PREFILL_MAX_ROWS = 64
 FP16_CHUNK_BYTES = 8 * 2**20
 FP16_MATMUL_IN_HARDWARE = "avx512_fp16" in native.cpu_flags()
 
