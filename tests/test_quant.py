@@ -348,6 +348,25 @@ def test_avx2_prefill_kernel_is_the_fp64_product_within_fp32_rounding(m: int, n:
     assert ((got.double() - want).abs() <= 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()
 
 
+def test_int4_decoding_on_amd_takes_the_avx2_products(monkeypatch: pytest.MonkeyPatch) -> None:
+    """native.int4_isa: on AMD CPUs with VNNI, one activation row at group sizes of 64 and more runs the AVX2
+    products (measured faster there, native.py); prefill, G = 32, Intel CPUs, and TPI_MPI_KERNEL_ISA=avx512-vnni
+    keep the VNNI ones, and a CPU without VNNI runs AVX2 throughout."""
+    monkeypatch.delenv(native.ISA_ENV, raising=False)
+    monkeypatch.setattr(native, "isa", lambda: "avx512-vnni")
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
+    assert [native.int4_isa(1, 64), native.int4_isa(1, 128)] == ["avx2", "avx2"]
+    assert [native.int4_isa(1, 32), native.int4_isa(2, 64), native.int4_isa(16, 128)] == ["avx512-vnni"] * 3
+    monkeypatch.setenv(native.ISA_ENV, "avx512-vnni")
+    assert native.int4_isa(1, 64) == "avx512-vnni"
+    monkeypatch.delenv(native.ISA_ENV)
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
+    assert native.int4_isa(1, 64) == "avx512-vnni"
+    monkeypatch.setattr(native, "isa", lambda: "avx2")
+    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
+    assert native.int4_isa(1, 64) == native.int4_isa(4, 64) == "avx2"
+
+
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:
     """isa() is AVX-512 VNNI exactly where the CPU has it; TPI_MPI_KERNEL_ISA=avx2 holds it to AVX2 (the run record
     names the one that ran); any other value, or avx512-vnni on a CPU without it, is one error naming the choices."""
@@ -386,13 +405,20 @@ def test_float_paths_equal_torch_linear(dtype: torch.dtype, m: int) -> None:
     assert ((got.float() - ref).abs() <= eps * ref.abs().max()).all()
 
 
+FP16_DECODERS = ["f16-avx2"] + (["f16-avx512"] if "avx512f" in native.cpu_flags() else [])
+
+
+@pytest.mark.parametrize("kernel", FP16_DECODERS)
 @pytest.mark.parametrize("n,k", [(2304, 4096), (40, 37), (33, 72), (1104, 200)])
-def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int) -> None:
-    """kernels/f16_avx2.c: one row times fp16 weights, summed in fp32. Against the same fp16 values in fp64 it may
-    differ by fp32 rounding only (1e-6 of the sum of |terms|; K = 37 and 72 take the tails of 8 and of 1, 2304
-    rows split over 2 threads); the bias is added before the one rounding to fp16. With model.kernel=torch the
-    same call is torch's F.linear, and the run record's weights.kernel names each."""
+def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int, kernel: str,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """kernels/f16_avx2.c, and f16_avx512.c where the CPU has AVX-512F (TPI_MPI_KERNEL_ISA=avx2 holds it to the
+    first): one row times fp16 weights, summed in fp32. Against the same fp16 values in fp64 it may differ by fp32
+    rounding only (1e-6 of the sum of |terms|; K = 37 and 72 take the tails of 8 or 16 and of 1, 2304 rows split
+    over 2 threads); the bias is added before the one rounding to fp16. With model.kernel=torch the same call is
+    torch's F.linear, and the run record's weights.kernel names each."""
     native_kernel_here()
+    monkeypatch.setenv(native.ISA_ENV, "avx2" if kernel == "f16-avx2" else "auto")
     g = torch.Generator().manual_seed(k)
     w = (torch.randn(n, k, generator=g) * torch.logspace(-3, 1, k)).half()
     x, b = torch.randn(1, k, generator=g).half(), torch.randn(n, generator=g).half()
@@ -408,7 +434,7 @@ def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int) -> None:
     assert got.dtype == torch.float32 and got.shape == (1, n)
     assert ((got.double() - ref).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().t()) + 1e-30).all()
     assert with_bias.dtype == torch.float16 and torch.equal(with_bias, (got + b.float()).half())
-    assert kernel_name(quant.QuantSpec("none"), torch.float16) == "f16-avx2"
+    assert native.fp16_decode_kernel() == kernel and kernel_name(quant.QuantSpec("none"), torch.float16) == kernel
     select_kernel("torch")
     try:
         with torch.inference_mode():
@@ -420,8 +446,9 @@ def test_native_fp16_decoding_kernel_is_exact_in_fp32(n: int, k: int) -> None:
 
 
 def test_fp16_run_records_the_kernel_model_kernel_chose(models: dict[str, Path], tmp_path: Path) -> None:
-    """A fp16 split decodes on the AVX2 kernel by default and on torch's F.linear with model.kernel=torch (the run
-    record's weights.kernel), with the same greedy tokens on this 3-layer model."""
+    """A fp16 split decodes on our kernel by default (f16-avx2, f16-avx512 where the CPU has AVX-512F) and on
+    torch's F.linear with model.kernel=torch (the run record's weights.kernel), with the same greedy tokens on this
+    3-layer model."""
     native_kernel_here()
     shards = split(models["llama-gqa"], tmp_path / "fp16", 2, None, dtype="fp16")
     records = {}
@@ -432,7 +459,8 @@ def test_fp16_run_records_the_kernel_model_kernel_chose(models: dict[str, Path],
                           f"output.json={out}", f"model.kernel={kind}"], timeout=120)
         assert proc.returncode == 0, proc.stderr[-3000:]
         records[kind] = json.loads(out.read_text())
-    assert records["auto"]["weights"]["kernel"] == "f16-avx2" and records["torch"]["weights"]["kernel"] == "torch"
+    assert records["auto"]["weights"]["kernel"] == native.fp16_decode_kernel()
+    assert records["torch"]["weights"]["kernel"] == "torch"
     assert records["auto"]["token_ids"] == records["torch"]["token_ids"]
 
 

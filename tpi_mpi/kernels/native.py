@@ -4,13 +4,14 @@
                                                        q8_avx2.c says why torch's kernels are not enough
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)  f16_avx2.c likewise
+    the same on AVX-512F, where the CPU has it            f16_avx512.c
     fp16 or fp32 weights x a few fp32 rows (prefill where the CPU has no AVX-512-FP16 / AVX-512F)
                                                        prefill_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
     fp32 weights x one fp32 row (decoding; AVX2 + FMA)     f32_avx2.c likewise
     fp32 weights x a few fp32 rows (prefill; AVX-512F)     f32_avx512.c
 
-The shared library (all seven sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
+The shared library (all eight sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
 together may build at once: each writes its own temporary file and renames it into place (atomic), so nobody
 loads a half-written library. Where it cannot be had (not x86-64 with AVX2, FMA and F16C, no compiler, the build
@@ -36,7 +37,7 @@ from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
 SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "prefill_avx2.c",
-                                                   "q8_avx512.c", "step_ops.c", "f32_avx512.c")]
+                                                   "q8_avx512.c", "step_ops.c", "f32_avx512.c", "f16_avx512.c")]
 HEADERS = [Path(__file__).with_name("avx2_sums.h")]  # included by the AVX2 sources: part of the library's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
@@ -128,8 +129,9 @@ def load() -> ctypes.CDLL | None:
     for name in ("q8_int4_products", "q8v_int4_products"):  # (count, w, scales_zeros, n, group, k, x, m, y, threads)
         getattr(lib, name).argtypes = [c_int, p, p, p, i64, i64, p, i64, p, c_int]
         getattr(lib, name).restype = c_int
-    lib.f16_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
-    lib.f16_matvec_many.restype = None
+    for name in ("f16_matvec_many", "f16v_matvec_many"):  # (count, w, n, k, x, y, threads)
+        getattr(lib, name).argtypes = [c_int, p, p, i64, p, p, c_int]
+        getattr(lib, name).restype = None
     lib.f32_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f32_matvec_many.restype = None
     lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
@@ -207,8 +209,36 @@ def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
     szs = [sz.contiguous() for _, sz in weights]
     groups = szs[0].shape[1]
     assert all(sz.shape[1] == groups for sz in szs), "one group size"
-    fn = lib.q8v_int4_products if isa() == "avx512-vnni" else lib.q8_int4_products
-    return _products(fn, x, [q.contiguous() for q, _ in weights], szs, x.shape[-1] // groups)
+    group = x.shape[-1] // groups
+    fn = lib.q8v_int4_products if int4_isa(x.shape[0], group) == "avx512-vnni" else lib.q8_int4_products
+    return _products(fn, x, [q.contiguous() for q, _ in weights], szs, group)
+
+
+@functools.cache
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), "" where it cannot be read."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def int4_isa(rows: int, group: int) -> str:
+    """Which int4 products run for `rows` activation rows: isa()'s, except decoding (one row) at group sizes of 64
+    and more on AMD CPUs, which takes the AVX2 kernel (q8_avx2.c's int4_decode256) even where VNNI is there: on AMD
+    EPYC Zen 5 (4 December 2026; 4 layers of Llama-2-7B's matrices, G = 64, huge pages, interleaved) it read
+    25-28 GB/s at one thread where the VNNI loop read 17-21, and 36-40 at two against 31-38. The VNNI loop is the
+    faster from cache (44 against 31 GB/s, 9 MB of weights) but not from memory, whatever its prefetch distance
+    (0.5-32 KiB tried); Intel's VNNI hosts measured the VNNI loop faster than the AVX2 one of that day.
+    TPI_MPI_KERNEL_ISA=avx512-vnni holds decoding to the VNNI loop there too (the tests run both)."""
+    have = isa()
+    if (have == "avx512-vnni" and os.environ.get(ISA_ENV, "") != "avx512-vnni" and rows == 1 and group % 64 == 0
+            and cpu_vendor() == "AuthenticAMD"):
+        return "avx2"
+    return have
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:
@@ -263,10 +293,17 @@ def _matvecs(fn: Any, x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Ten
     return ys
 
 
+def fp16_decode_kernel() -> str:
+    """Which fp16 one-row product runs here: "f16-avx512" where the CPU has AVX-512F (f16_avx512.c), else
+    "f16-avx2"; TPI_MPI_KERNEL_ISA=avx2 holds it to the AVX2 one, as it does the int8 and int4 products."""
+    return "f16-avx512" if "avx512f" in cpu_flags() and os.environ.get(ISA_ENV, "") != "avx2" else "f16-avx2"
+
+
 def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:
     """[fp16_matvec(x, w) for w in ws], the same values, in one call: the output rows of all of them split over the
     rank's threads together."""
-    return _matvecs(_library().f16_matvec_many, x, ws)
+    lib = _library()
+    return _matvecs(lib.f16v_matvec_many if fp16_decode_kernel() == "f16-avx512" else lib.f16_matvec_many, x, ws)
 
 
 def fp32_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:

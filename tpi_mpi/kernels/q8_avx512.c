@@ -277,8 +277,15 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
                      float *y, int64_t ldy) {
     int64_t nb = (k + 31) / 32, groups = k / group, half = k / 2;
     if (m == 1) {
-        for (int64_t n = n0; n < n1; n++)
+        for (int64_t n = n0; n < n1; n++) {
+            /* The next row's (scale, zero) pairs, a stream of their own beside the weights' that the hardware
+             * prefetcher leaves behind: 4096 x 4096 .. 4096 x 11008, G = 64, one thread: 17.9 -> 21.1 GB/s, two
+             * 31.8 -> 37.0 (AMD EPYC Zen 5; two or four rows ahead: no better; 4 December 2026). */
+            const char *next = (const char *)(sz + (n + 1) * sz_n);
+            if (n + 1 < n1)
+                for (int64_t b = 0; b < sz_n * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
             int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n);
+        }
         return;
     }
     for (int64_t n = n0; n < n1; n++) {  /* prefill: the row's k / 2 bytes stay in L1 while the rows pass over them */

@@ -7,7 +7,8 @@
     fp32, one row (decoding)   split by output rows over the rank's threads (kernels/rows.py says why)
     fp32, 2-16 rows            kernels/f32_avx512.c where the CPU has AVX-512 (model.kernel), else oneDNN (prefill)
     fp32, more rows            oneDNN
-    fp16, one row (decoding)   kernels/f16_avx2.c (where the AVX2 kernels build; model.kernel), else torch's
+    fp16, one row (decoding)   kernels/f16_avx2.c, or f16_avx512.c with AVX-512F (where our kernels build;
+                               model.kernel), else torch's
     fp16, several rows         torch's F.linear where the CPU has AVX-512-FP16, else oneDNN in fp32 on converted row
                                chunks of the weight (prefill)
     otherwise                  torch.nn.functional.linear
@@ -126,7 +127,7 @@ def kernel_name(spec: QuantSpec, float_dtype: torch.dtype | None = None) -> str 
     """The kernel the packed weights of `spec` run on here (the run record's weights.kernel); for float weights,
     the one fp16 decoding runs on, and None for the other float dtypes (torch's, always)."""
     if not spec.quantized:
-        return ("f16-avx2" if native_kernels() else "torch") if float_dtype == torch.float16 else None
+        return (native.fp16_decode_kernel() if native_kernels() else "torch") if float_dtype == torch.float16 else None
     ours = f"q8-{native.isa()}"  # q8-avx2, or q8-avx512-vnni where the CPU has it (kernels/q8_avx512.c)
     if spec.format == "int4":
         return ours if spec.layout == "rows" else "torch"
