@@ -123,7 +123,7 @@ def native_kernel_here() -> bool:
 
 
 NATIVE_CASES = [("int8", 96, 256, 1), ("int8", 33, 112, 1), ("int8", 1104, 4096, 1), ("int8", 1104, 400, 5),
-                ("int8", 40, 16, 3), ("int4-32", 96, 256, 1), ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
+                ("int8", 40, 16, 3), ("int8", 33, 112, 6), ("int8", 50, 160, 17), ("int4-32", 96, 256, 1), ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
                 ("int4-64", 48, 192, 1), ("int4-64", 32, 320, 6), ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
 # The instruction sets of our int8 / int4 products this CPU can run (kernels/native.py's isa()): AVX2 on every
 # machine the kernels build on, and AVX-512 VNNI (kernels/q8_avx512.c) where the CPU has it.
@@ -155,7 +155,8 @@ def test_native_kernel_is_exact_on_quantized_activations(fmt: str, n: int, k: in
     activations as the kernel quantized them) they may differ by fp32 rounding only: 1e-5 of the sum of the terms'
     magnitudes. K % 32 == 16 (int8's last half block), K % 64 of 16, 32, 48 (VNNI's masked last chunk of 64 int8
     bytes) and int4 rows that end in a part of a 128-column chunk (K = 96, 192, 320), a zero activation row,
-    several rows, and output rows split over 2 threads (n >= 1024) included."""
+    several rows (prefill tiles of 4 x 4 with 1-3 weight or activation rows left over: n = 33, 50, m = 6, 17), and
+    output rows split over 2 threads (n >= 1024) included."""
     native_kernel_here()
     monkeypatch.setenv(native.ISA_ENV, isa)
     assert native.isa() == isa

@@ -57,26 +57,48 @@ void q8v_prepare_int8(const int8_t *xq, const float *xs, int64_t m, int64_t k, i
 
 static inline float hsum16(__m512 v) { return _mm512_reduce_add_ps(v); }
 
-/* Prefill: weight row wr (scale s) against activation rows r0 .. r0 + R - 1 (R <= 4, a constant where called):
- * each 64-byte chunk of the row is loaded and sign-flipped once for the R rows, not once per row (16 rows of
- * 4096 x 11008, 2 threads: 13.2 ms row by row, 12.0 in fours; 3 December 2026). */
-static inline __attribute__((always_inline)) void int8v_row_by_rows(
-        const int8_t *wr, float s, int64_t nb, int64_t nc, int64_t full, __mmask64 tail, const int8_t *xq,
-        const int32_t *corr, const float *xse, int64_t r0, const int R, float *y, int64_t ldy, int64_t n) {
+/* Prefill: weight rows n .. n + NW - 1 (scales ws) against activation rows r0 .. r0 + R - 1 (NW, R <= 4, constants
+ * where called), NW x R sums in registers: each 64-byte chunk of a weight row is loaded and sign-flipped once for the
+ * R rows, and each row's activations, corrections and scales once for the NW weight rows. One weight row at a time
+ * (NW = 1), three loads of activations went with every product; 16 rows, 4 layers of Llama-2-7B's matrices, AMD EPYC
+ * Zen 5, 2 threads (4 December 2026): see docs/quantization.md. */
+static inline __attribute__((always_inline)) void int8v_tile(
+        const int8_t *w, const uint16_t *ws, int64_t k, int64_t n, const int NW, int64_t nb, int64_t nc, int64_t full,
+        __mmask64 tail, const int8_t *xq, const int32_t *corr, const float *xse, int64_t r0, const int R, float *y,
+        int64_t ldy) {
     const __m512i flip = _mm512_set1_epi8((char)0x80);
-    __m512 acc[4];
-    for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+    __m512 acc[4][4];
+    for (int i = 0; i < NW; i++)
+        for (int j = 0; j < R; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; c++) {
         __mmask64 mk = c < full ? ~(__mmask64)0 : tail;
-        __m512i w0 = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, wr + c * 64), flip);
+        __m512i wv[4];
+        for (int i = 0; i < NW; i++) wv[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + (n + i) * k + c * 64), flip);
         for (int j = 0; j < R; j++) {
-            int64_t r = r0 + j;
-            __m512i d = _mm512_dpbusd_epi32(_mm512_loadu_si512(corr + (r * nc + c) * 16), w0,
-                                            _mm512_maskz_loadu_epi8(mk, xq + r * nb * 32 + c * 64));
-            acc[j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + (r * nc + c) * 16), acc[j]);
+            int64_t o = (r0 + j) * nc + c;
+            __m512i xv = _mm512_maskz_loadu_epi8(mk, xq + (r0 + j) * nb * 32 + c * 64);
+            __m512i cv = _mm512_loadu_si512(corr + o * 16);
+            __m512 ev = _mm512_loadu_ps(xse + o * 16);
+            for (int i = 0; i < NW; i++)
+                acc[i][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(cv, wv[i], xv)), ev, acc[i][j]);
         }
     }
-    for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n] = hsum16(acc[j]) * s;
+    for (int i = 0; i < NW; i++)
+        for (int j = 0; j < R; j++) y[(r0 + j) * ldy + n + i] = hsum16(acc[i][j]) * bf16f(ws[n + i]);
+}
+
+/* The tiles of weight rows n .. n + NW - 1 against all m activation rows, four at a time. */
+static inline __attribute__((always_inline)) void int8v_tiles(
+        const int8_t *w, const uint16_t *ws, int64_t k, int64_t n, const int NW, int64_t nb, int64_t nc, int64_t full,
+        __mmask64 tail, const int8_t *xq, const int32_t *corr, const float *xse, int64_t m, float *y, int64_t ldy) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) int8v_tile(w, ws, k, n, NW, nb, nc, full, tail, xq, corr, xse, r, 4, y, ldy);
+    switch (m - r) {
+    case 3: int8v_tile(w, ws, k, n, NW, nb, nc, full, tail, xq, corr, xse, r, 3, y, ldy); break;
+    case 2: int8v_tile(w, ws, k, n, NW, nb, nc, full, tail, xq, corr, xse, r, 2, y, ldy); break;
+    case 1: int8v_tile(w, ws, k, n, NW, nb, nc, full, tail, xq, corr, xse, r, 1, y, ldy); break;
+    default: break;
+    }
 }
 
 /* k a multiple of 16 (the split's rule). The last chunk may be a half (k % 64 == 32) or a quarter-multiple: the
@@ -87,18 +109,9 @@ void q8v_matmul_int8(const int8_t *w, const uint16_t *ws, int64_t k, int64_t n0,
     __mmask64 tail = (__mmask64)((k % 64) ? ((1ULL << (k % 64)) - 1) : 0);
     const __m512i flip = _mm512_set1_epi8((char)0x80);
     if (m > 1) {
-        for (int64_t n = n0; n < n1; n++) {
-            const int8_t *wr = w + n * k;
-            float s = bf16f(ws[n]);
-            int64_t r = 0;
-            for (; r + 4 <= m; r += 4) int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 4, y, ldy, n);
-            switch (m - r) {
-            case 3: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 3, y, ldy, n); break;
-            case 2: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 2, y, ldy, n); break;
-            case 1: int8v_row_by_rows(wr, s, nb, nc, full, tail, xq, corr, xse, r, 1, y, ldy, n); break;
-            default: break;
-            }
-        }
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) int8v_tiles(w, ws, k, n, 4, nb, nc, full, tail, xq, corr, xse, m, y, ldy);
+        for (; n < n1; n++) int8v_tiles(w, ws, k, n, 1, nb, nc, full, tail, xq, corr, xse, m, y, ldy);
         return;
     }
     for (int64_t n = n0; n < n1; n++) {
