@@ -22,6 +22,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef NT4
+#define NT4 4 /* int4 prefill: weight rows per tile (int4v_tile; 2: 1.5x slower, docs/quantization.md) */
+#endif
 #ifndef PFV
 #define PFV 1024 /* bytes ahead in the weight rows that are prefetched: best of 0-8192 on huge pages */
 #endif
@@ -209,32 +212,58 @@ static inline float zero_term(const uint16_t *sz, const float *xg, int64_t group
     return hsum16(t);
 }
 
-/* Weight row n (w0, its pairs s0) against activation rows r0 .. r0 + R - 1 (R <= 4, a constant where called):
- * each chunk's nibbles are unpacked once for the R rows. */
-static inline __attribute__((always_inline)) void int4v_row_by_rows(
-        const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb, const int8_t *xlo,
-        const int8_t *xhi, const float *xse, const float *xg, int64_t r0, const int R, float *y, int64_t ldy,
-        int64_t n) {
+/* Prefill: weight rows n .. n + NW - 1 (w + row * half, pairs sz + row * sz_n) against activation rows r0 .. r0 + R - 1
+ * (NW, R <= 4, constants where called), NW x R sums in registers: each chunk's nibbles are unpacked once for the R
+ * rows, and each row's activations loaded once for the NW weight rows (docs/quantization.md has the measurements). */
+static inline __attribute__((always_inline)) void int4v_tile(
+        const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t half, int64_t n, const int NW, int64_t group,
+        int64_t groups, int64_t nb, const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg,
+        int64_t r0, const int R, float *y, int64_t ldy) {
     const __m512i low4 = _mm512_set1_epi8(0x0f), lanes = group_lanes(group);
     int64_t nc = (nb + 3) / 4, full = nb / 4, gpc = 128 / group; /* groups per chunk: 4, 2 or 1 */
-    __m512 acc[4];
-    for (int j = 0; j < R; j++) acc[j] = _mm512_setzero_ps();
+    __m512 acc[NT4][4];
+    for (int i = 0; i < NW; i++)
+        for (int j = 0; j < R; j++) acc[i][j] = _mm512_setzero_ps();
     for (int64_t c = 0; c < nc; c++) {
         int64_t g0 = c * 128 / group;
         int have = (int)(groups - g0 < gpc ? groups - g0 : gpc);
-        __m512i raw = c < full ? _mm512_loadu_si512(w0 + c * 64)
-                               : _mm512_maskz_loadu_epi8((__mmask64)((1ULL << ((nb - 4 * c) * 16)) - 1), w0 + c * 64);
-        __m512i lo = _mm512_and_si512(raw, low4), hi = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
-        __m512 sw = lane_scales(s0 + 2 * g0, have, lanes);
+        __mmask64 mk = c < full ? ~(__mmask64)0 : (__mmask64)((1ULL << ((nb - 4 * c) * 16)) - 1);
+        __m512i lo[NT4], hi[NT4];
+        __m512 sw[NT4];
+        for (int i = 0; i < NW; i++) {
+            __m512i raw = _mm512_maskz_loadu_epi8(mk, w + (n + i) * half + c * 64);
+            lo[i] = _mm512_and_si512(raw, low4);
+            hi[i] = _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4);
+            sw[i] = lane_scales(sz + (n + i) * sz_n + 2 * g0, have, lanes);
+        }
         for (int j = 0; j < R; j++) {
             int64_t o = (r0 + j) * nc + c;
-            __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xlo + o * 64));
-            d = _mm512_dpbusd_epi32(d, hi, _mm512_loadu_si512(xhi + o * 64));
-            acc[j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), _mm512_loadu_ps(xse + o * 16)), sw, acc[j]);
+            __m512i xl = _mm512_loadu_si512(xlo + o * 64), xh = _mm512_loadu_si512(xhi + o * 64);
+            __m512 e = _mm512_loadu_ps(xse + o * 16);
+            for (int i = 0; i < NW; i++) {
+                __m512i d = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[i], xl), hi[i], xh);
+                acc[i][j] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(d), e), sw[i], acc[i][j]);
+            }
         }
     }
-    for (int j = 0; j < R; j++)
-        y[(r0 + j) * ldy + n] = hsum16(acc[j]) + zero_term(s0, xg + (r0 + j) * groups, groups);
+    for (int i = 0; i < NW; i++)
+        for (int j = 0; j < R; j++)
+            y[(r0 + j) * ldy + n + i] = hsum16(acc[i][j]) + zero_term(sz + (n + i) * sz_n, xg + (r0 + j) * groups, groups);
+}
+
+/* The tiles of weight rows n .. n + NW - 1 against all m activation rows, four at a time. */
+static inline __attribute__((always_inline)) void int4v_tiles(
+        const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t half, int64_t n, const int NW, int64_t group,
+        int64_t groups, int64_t nb, const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg,
+        int64_t m, float *y, int64_t ldy) {
+    int64_t r = 0;
+    for (; r + 4 <= m; r += 4) int4v_tile(w, sz, sz_n, half, n, NW, group, groups, nb, xlo, xhi, xse, xg, r, 4, y, ldy);
+    switch (m - r) {
+    case 3: int4v_tile(w, sz, sz_n, half, n, NW, group, groups, nb, xlo, xhi, xse, xg, r, 3, y, ldy); break;
+    case 2: int4v_tile(w, sz, sz_n, half, n, NW, group, groups, nb, xlo, xhi, xse, xg, r, 2, y, ldy); break;
+    case 1: int4v_tile(w, sz, sz_n, half, n, NW, group, groups, nb, xlo, xhi, xse, xg, r, 1, y, ldy); break;
+    default: break;
+    }
 }
 
 /* Decoding (one activation row), weight row n: as int4v_row_by_rows with R = 1, four chunks per step into four
@@ -301,18 +330,10 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
         }
         return;
     }
-    for (int64_t n = n0; n < n1; n++) {  /* prefill: the row's k / 2 bytes stay in L1 while the rows pass over them */
-        const uint8_t *w0 = w + n * half;
-        const uint16_t *s0 = sz + n * sz_n;
-        int64_t r = 0;
-        for (; r + 4 <= m; r += 4) int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 4, y, ldy, n);
-        switch (m - r) {
-        case 3: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 3, y, ldy, n); break;
-        case 2: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 2, y, ldy, n); break;
-        case 1: int4v_row_by_rows(w0, s0, group, groups, nb, xlo, xhi, xse, xg, r, 1, y, ldy, n); break;
-        default: break;
-        }
-    }
+    int64_t n = n0;
+    for (; n + NT4 <= n1; n += NT4)
+        int4v_tiles(w, sz, sz_n, half, n, NT4, group, groups, nb, xlo, xhi, xse, xg, m, y, ldy);
+    for (; n < n1; n++) int4v_tiles(w, sz, sz_n, half, n, 1, group, groups, nb, xlo, xhi, xse, xg, m, y, ldy);
 }
 
 /* Output rows of `count` matrices sharing one input over `threads` OpenMP threads (torch's), as q8_avx2.c's
