@@ -123,7 +123,8 @@ def native_kernel_here() -> bool:
 
 
 NATIVE_CASES = [("int8", 96, 256, 1), ("int8", 33, 112, 1), ("int8", 1104, 4096, 1), ("int8", 1104, 400, 5),
-                ("int8", 40, 16, 3), ("int8", 33, 112, 6), ("int8", 50, 160, 17), ("int4-32", 96, 256, 1), ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
+                ("int8", 40, 16, 3), ("int8", 33, 112, 6), ("int8", 50, 160, 17), ("int4-32", 96, 256, 1),
+                ("int4-32", 48, 96, 3), ("int4-64", 1104, 4096, 1),
                 ("int4-64", 48, 192, 1), ("int4-64", 32, 320, 6), ("int4-128", 1104, 384, 5), ("int4-128", 16, 128, 1)]
 # The instruction sets of our int8 / int4 products this CPU can run (kernels/native.py's isa()): AVX2 on every
 # machine the kernels build on, and AVX-512 VNNI (kernels/q8_avx512.c) where the CPU has it.
