@@ -283,7 +283,7 @@ def test_native_fp32_decoding_kernel_is_the_product_to_fp32_rounding(n: int, k: 
 
 @pytest.mark.parametrize("m,n,k", [(2, 64, 4096), (5, 37, 100), (13, 130, 48), (16, 16, 16), (7, 3, 33)])
 def test_fp32_prefill_kernel_is_the_product_to_fp32_rounding(m: int, n: int, k: int) -> None:
-    """fp32 prefill of 2..16 rows: kernels/f32_avx512.c where the CPU has AVX-512F, else prefill_avx2.c (float_linear
+    """fp32 prefill of 2..16 rows: kernels/prefill_avx512.c where the CPU has AVX-512, else prefill_avx2.c (float_linear
     takes either); the fp64 product within fp32 rounding of its terms (k * 2^-24 of sum |w x|, and a margin), for row
     counts that are not multiples of the kernels' groups of rows, N of their blocks and K of their lanes."""
     native_kernel_here()
@@ -299,7 +299,7 @@ def test_fp32_prefill_kernel_is_the_product_to_fp32_rounding(m: int, n: int, k: 
 
 @pytest.mark.parametrize("m", [17, 20, 37])
 def test_fp32_prefill_kernel_takes_more_rows_in_turns(m: int) -> None:
-    """fp32_matmul itself takes any number of rows, in turns (18 a turn in f32_avx512.c, 16 in prefill_avx2.c;
+    """fp32_matmul itself takes any number of rows, in turns (18 a turn in prefill_avx512.c, 16 in prefill_avx2.c;
     linear() gives it 2..16): the same bound."""
     native_kernel_here()
     g = torch.Generator().manual_seed(m)
@@ -312,9 +312,9 @@ def test_fp32_prefill_kernel_takes_more_rows_in_turns(m: int) -> None:
 @pytest.mark.parametrize("path", ["torch-fp16", "kernel", "fp32-chunks"])
 def test_fp16_prefill_either_way_is_the_fp32_product_rounded(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Several rows of fp16 activations: torch's fp16 matmul where the CPU has AVX-512-FP16 (the default there), else
-    prefill_avx2.c for 2..64 rows, else fp32 products on converted chunks of rows (more rows, or no kernels);
-    each is the fp32 product of the same values with its bias, rounded once to fp16 (within 2 fp16 ulps: the sums'
-    order differs), over more rows than one chunk holds."""
+    prefill_avx512.c or prefill_avx2.c for 2..64 rows, else fp32 products on converted chunks of rows (more rows, or
+    no kernels); each is the fp32 product of the same values with its bias, rounded once to fp16 (within 2 fp16
+    ulps: the sums' order differs), over more rows than one chunk holds."""
     from tpi_mpi.models import linear as lin
 
     assert lin.FP16_MATMUL_IN_HARDWARE == ("avx512_fp16" in native.cpu_flags())
@@ -332,19 +332,32 @@ def test_fp16_prefill_either_way_is_the_fp32_product_rounded(path: str, monkeypa
         assert torch.equal(got, (native.fp16_matmul(x, w) + b.float()).half())  # and it was our kernel that ran
 
 
+# The float prefill kernels this CPU runs: prefill_avx2.c everywhere the kernels build, prefill_avx512.c where the
+# CPU has AVX-512 (native.prefill_avx512()).
+PREFILL_KERNELS = ["avx2"] + (["avx512"] if native.prefill_avx512() else [])
+
+
 @pytest.mark.skipif(native.load() is None, reason="the AVX2 kernels cannot be built here")
+@pytest.mark.parametrize("kernel", PREFILL_KERNELS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 @pytest.mark.parametrize("m,n,k", [(2, 16, 96), (5, 40, 1100), (16, 33, 300), (3, 38, 1100), (17, 48, 264),
                                    (37, 31, 1031)])
-def test_avx2_prefill_kernel_is_the_fp64_product_within_fp32_rounding(m: int, n: int, k: int,
-                                                                       dtype: torch.dtype) -> None:
-    """prefill_avx2.c on any shape, fp16 and fp32 weights (fp32 also on a CPU with AVX-512F, where linear() takes
-    f32_avx512.c): rows beyond a chunk of 24 and a last chunk that ends in 1 or 2 rows of a tile of 3 (n = 40, 31;
-    38), columns beyond whole tiles and a last k % 8 (1100, 300, 1031), activation rows 16 at a time (17, 37) and
-    groups of 4 with 1-3 left: each sum within fp32 rounding of the exact one of the same weights."""
+def test_prefill_kernels_are_the_fp64_product_within_fp32_rounding(m: int, n: int, k: int, dtype: torch.dtype,
+                                                                   kernel: str,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """prefill_avx2.c and prefill_avx512.c on any shape, fp16 and fp32 weights (TPI_MPI_KERNEL_ISA=avx2 holds fp16 to
+    the first): rows beyond a chunk of 24 and a last chunk that ends in 1 or 2 rows of a tile of 3 (n = 40, 31; 38),
+    columns beyond whole tiles and a last k % 8 or % 16 (1100, 300, 1031), activation rows 16 or 18 at a time
+    (17, 37) and groups of 4 or 6 with rows left: each sum within fp32 rounding of the exact one of the same
+    weights."""
+    monkeypatch.setenv(native.ISA_ENV, "avx2" if kernel == "avx2" else "auto")
     g = torch.Generator().manual_seed(m * n)
     w, x = torch.randn(n, k, generator=g).to(dtype), torch.randn(m, k, generator=g)
-    got = (native.fp16_matmul if dtype == torch.float16 else native.fp32_matmul_avx2)(x, w)
+    if dtype == torch.float16:
+        assert native.fp16_prefill_kernel() == kernel
+        got = native.fp16_matmul(x, w)
+    else:
+        got = native.fp32_matmul_avx2(x, w) if kernel == "avx2" else native.fp32_matmul(x, w)
     want = x.double() @ w.double().t()
     assert got.dtype == torch.float32 and got.shape == (m, n)
     assert ((got.double() - want).abs() <= 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()

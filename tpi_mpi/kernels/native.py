@@ -5,11 +5,11 @@
     the same on AVX-512 with VNNI, where the CPU has it  q8_avx512.c (same blocks, same int32 sums)
     fp16 weights x one fp32 row (decoding; AVX2 + F16C)  f16_avx2.c likewise
     the same on AVX-512F, where the CPU has it            f16_avx512.c
-    fp16 or fp32 weights x a few fp32 rows (prefill where the CPU has no AVX-512-FP16 / AVX-512F)
+    fp16 or fp32 weights x a few fp32 rows (prefill where the CPU has no AVX-512)
                                                        prefill_avx2.c likewise
     RMSNorm and the attention of one position, fp32/fp16   step_ops.c (the small ops of a decoding step)
     fp32 weights x one fp32 row (decoding; AVX2 + FMA)     f32_avx2.c likewise
-    fp32 weights x a few fp32 rows (prefill; AVX-512F)     f32_avx512.c
+    fp16 or fp32 weights x a few fp32 rows (prefill; AVX-512)  prefill_avx512.c
 
 The shared library (all eight sources) is cached under $XDG_CACHE_HOME/tpi_mpi/kernels (default ~/.cache), named by a
 hash of the sources, the flags and the compiler's version, so an edit or another compiler builds anew. Ranks that start
@@ -37,7 +37,7 @@ from tpi_mpi.errors import UserError
 from tpi_mpi.kernels import rows
 
 SOURCES = [Path(__file__).with_name(n) for n in ("q8_avx2.c", "f16_avx2.c", "f32_avx2.c", "prefill_avx2.c",
-                                                   "q8_avx512.c", "step_ops.c", "f32_avx512.c", "f16_avx512.c")]
+                                                   "q8_avx512.c", "step_ops.c", "prefill_avx512.c", "f16_avx512.c")]
 HEADERS = [Path(__file__).with_name("avx2_sums.h")]  # included by the AVX2 sources: part of the library's hash
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-std=c11"]  # OpenMP: q8_avx2.c says why
 # What q8_avx512.c needs of the CPU (/proc/cpuinfo's names). TPI_MPI_KERNEL_ISA=avx2 keeps the AVX2 products there
@@ -134,8 +134,9 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.f32_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f32_matvec_many.restype = None
-    lib.f32_matmul.argtypes = [p, i64, i64, p, i64, p, c_int]  # (w, n, k, x, m, y, threads)
-    lib.f32_matmul.restype = None
+    for name in ("f32_matmul", "f16_matmul_avx512"):  # (w, n, k, x, m, y, threads)
+        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
+        getattr(lib, name).restype = None
     for name in ("f16_matmul", "f32_matmul_avx2"):  # (w, n, k, x, m, y, threads)
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
         getattr(lib, name).restype = c_int
@@ -249,23 +250,43 @@ def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) ->
 PREFILL_MAX_ROWS = 16  # fp32 prefill kernels' rows of activations in linear(): beyond, oneDNN's blocking wins
 
 
+# What prefill_avx512.c needs of the CPU (every AVX-512 CPU since Skylake-SP and Zen 4 has them)
+AVX512_PREFILL_FLAGS = {"avx512f", "avx512bw", "avx512vl"}
+
+
+def prefill_avx512() -> bool:
+    """Whether the float prefill products run prefill_avx512.c here: where the CPU has AVX512_PREFILL_FLAGS (fp16's
+    held to prefill_avx2.c by TPI_MPI_KERNEL_ISA=avx2, as the other products; fp32's always there: its AVX2 one is
+    for CPUs without AVX-512)."""
+    return AVX512_PREFILL_FLAGS <= cpu_flags()
+
+
 def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N], output rows over the rank's threads: f32_avx512.c where the
-    CPU has AVX-512F, else prefill_avx2.c (fp32_matmul_avx2)."""
-    if "avx512f" not in cpu_flags():
+    """x [M, K] fp32 times w [N, K] fp32: fp32 [M, N], output rows over the rank's threads: prefill_avx512.c where
+    the CPU has AVX-512, else prefill_avx2.c (fp32_matmul_avx2)."""
+    if not prefill_avx512():
         return fp32_matmul_avx2(x, w)
-    lib = _library()
-    x, w = x.contiguous(), w.contiguous()
-    y = torch.empty((x.shape[0], w.shape[0]), dtype=torch.float32)
-    lib.f32_matmul(w.data_ptr(), w.shape[0], w.shape[1], x.data_ptr(), x.shape[0], y.data_ptr(),
-                   _threads(w.shape[0]))
-    return y
+    return _prefill512(_library().f32_matmul, x, w)
 
 
 def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (prefill_avx2.c), output rows over
-    the rank's threads."""
+    """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (prefill_avx512.c where the CPU has
+    AVX-512, else prefill_avx2.c), output rows over the rank's threads."""
+    if fp16_prefill_kernel() == "avx512":
+        return _prefill512(_library().f16_matmul_avx512, x, w)
     return _prefill(_library().f16_matmul, x, w)
+
+
+def fp16_prefill_kernel() -> str:
+    """"avx512" (prefill_avx512.c) or "avx2" (prefill_avx2.c): which one fp16_matmul runs here."""
+    return "avx512" if prefill_avx512() and os.environ.get(ISA_ENV, "") != "avx2" else "avx2"
+
+
+def _prefill512(fn: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    x32, w = x.float().contiguous(), w.contiguous()
+    y = torch.empty((x32.shape[0], w.shape[0]), dtype=torch.float32)
+    fn(w.data_ptr(), w.shape[0], w.shape[1], x32.data_ptr(), x32.shape[0], y.data_ptr(), _threads(w.shape[0]))
+    return y
 
 
 def fp32_matmul_avx2(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

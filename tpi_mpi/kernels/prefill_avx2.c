@@ -1,6 +1,6 @@
 /* Prefill on AVX2 + FMA (+ F16C): fp16 or fp32 weights times a few rows of fp32 activations (models/linear.py: fp16
- * 2..FP16_PREFILL_MAX_ROWS, fp32 2..PREFILL_MAX_ROWS of kernels/native.py), where the CPU has neither AVX-512-FP16
- * (fp16) nor AVX-512F (fp32; f32_avx512.c there).
+ * 2..FP16_PREFILL_MAX_ROWS, fp32 2..PREFILL_MAX_ROWS of kernels/native.py), where the CPU has no AVX-512
+ * (prefill_avx512.c there; fp16 on a CPU with AVX-512-FP16: torch's).
  *
  *   y[m, n] = sum_k w[n, k] * x[m, k]        w fp16 or fp32 [N, K] row-major, x fp32 [M, K], y fp32 [M, N]
  *

@@ -4,13 +4,15 @@
                                products (where it builds: x86-64 with AVX2; model.kernel), else torch's
     int4, rows layout          kernels/q8_avx2.c likewise (the layout is chosen at split time)
     int4, torch's layout       torch's CPU kernel, bf16 activations (quant.py says why)
-    fp32, one row (decoding)   split by output rows over the rank's threads (kernels/rows.py says why)
-    fp32, 2-16 rows            kernels/f32_avx512.c where the CPU has AVX-512 (model.kernel), else oneDNN (prefill)
+    fp32, one row (decoding)   kernels/f32_avx2.c (model.kernel), else split by output rows over the rank's threads
+                               (kernels/rows.py says why)
+    fp32, 2-16 rows            kernels/prefill_avx512.c where the CPU has AVX-512, else prefill_avx2.c (model.kernel)
     fp32, more rows            oneDNN
     fp16, one row (decoding)   kernels/f16_avx2.c, or f16_avx512.c with AVX-512F (where our kernels build;
                                model.kernel), else torch's
-    fp16, several rows         torch's F.linear where the CPU has AVX-512-FP16, else oneDNN in fp32 on converted row
-                               chunks of the weight (prefill)
+    fp16, 2-64 rows            torch's F.linear where the CPU has AVX-512-FP16, else kernels/prefill_avx512.c with
+                               AVX-512, else prefill_avx2.c (model.kernel)
+    fp16, more rows            oneDNN in fp32 on converted row chunks of the weight (prefill)
     otherwise                  torch.nn.functional.linear
 """
 
@@ -149,14 +151,14 @@ def float_linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) ->
                 return y + bias if bias is not None else y
             return _fp32_rows(x, w, bias)
         if x.shape[0] <= native.PREFILL_MAX_ROWS and native_kernels():
-            y = native.fp32_matmul(x, w)  # a short prompt: kernels/f32_avx512.c and prefill_avx2.c say why
+            y = native.fp32_matmul(x, w)  # a short prompt: kernels/prefill_avx512.c and prefill_avx2.c say why
             return y + bias if bias is not None else y
         return _onednn(x, w, bias)
     if w.dtype == torch.float16 and x.shape[0] > 1:
         if FP16_MATMUL_IN_HARDWARE:
             return F.linear(x, w, bias)
         if x.shape[0] <= FP16_PREFILL_MAX_ROWS and native_kernels():
-            y = native.fp16_matmul(x, w)  # a short prompt: kernels/prefill_avx2.c says why
+            y = native.fp16_matmul(x, w)  # a short prompt: kernels/prefill_avx2.c and prefill_avx512.c say why
             return (y + bias.float() if bias is not None else y).to(x.dtype)
         return _fp16_by_chunks(x, w, bias)
     if w.dtype == torch.float16 and _one_row(x):
