@@ -363,23 +363,26 @@ def test_prefill_kernels_are_the_fp64_product_within_fp32_rounding(m: int, n: in
     assert ((got.double() - want).abs() <= 2 * k * 2.0**-24 * (x.double().abs() @ w.double().abs().t())).all()
 
 
-def test_int4_decoding_on_amd_takes_the_avx2_products(monkeypatch: pytest.MonkeyPatch) -> None:
-    """native.int4_isa: on AMD CPUs with VNNI, one activation row at group sizes of 64 and more runs the AVX2
-    products (measured faster there, native.py); prefill, G = 32, Intel CPUs, and TPI_MPI_KERNEL_ISA=avx512-vnni
-    keep the VNNI ones, and a CPU without VNNI runs AVX2 throughout."""
-    monkeypatch.delenv(native.ISA_ENV, raising=False)
-    monkeypatch.setattr(native, "isa", lambda: "avx512-vnni")
-    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
-    assert [native.int4_isa(1, 64), native.int4_isa(1, 128)] == ["avx2", "avx2"]
-    assert [native.int4_isa(1, 32), native.int4_isa(2, 64), native.int4_isa(16, 128)] == ["avx512-vnni"] * 3
+@pytest.mark.skipif("avx512-vnni" not in ISAS, reason="q8_avx512.c needs AVX-512 VNNI")
+def test_int4_decoding_loads_in_halves_on_amd_cpus_with_the_same_bits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """q8_avx512.c's int4 decoding loads its weights as two 256-bit halves on AMD CPUs (native.split_int4_loads, set
+    once when the library loads) and as one 512-bit load elsewhere: the same bytes into the same register, so the
+    same bits either way (G = 64 and 128, output rows split over 2 threads)."""
     monkeypatch.setenv(native.ISA_ENV, "avx512-vnni")
-    assert native.int4_isa(1, 64) == "avx512-vnni"
-    monkeypatch.delenv(native.ISA_ENV)
-    monkeypatch.setattr(native, "cpu_vendor", lambda: "GenuineIntel")
-    assert native.int4_isa(1, 64) == "avx512-vnni"
-    monkeypatch.setattr(native, "isa", lambda: "avx2")
-    monkeypatch.setattr(native, "cpu_vendor", lambda: "AuthenticAMD")
-    assert native.int4_isa(1, 64) == native.int4_isa(4, 64) == "avx2"
+    lib = native.load()
+    assert native.split_int4_loads() == (native.cpu_vendor() == "AuthenticAMD")
+    outs = {}
+    try:
+        for split in (0, 1):
+            lib.q8v_set_split_loads(split)
+            for g in (64, 128):
+                t = quant.quantize_weight("w", weights(2048, 384, seed=g), quant.QuantSpec("int4", g))
+                x = torch.randn(1, 384, generator=torch.Generator().manual_seed(g))
+                outs[(split, g)] = native.int4_matmul(x, t["w.qweight"], t["w.scales_zeros"])
+    finally:
+        lib.q8v_set_split_loads(int(native.split_int4_loads()))
+    assert all(torch.equal(outs[(0, g)], outs[(1, g)]) for g in (64, 128))
+    assert not torch.equal(outs[(0, 64)], torch.zeros_like(outs[(0, 64)]))
 
 
 def test_kernel_isa_is_chosen_by_the_cpu_and_can_be_held_to_avx2(monkeypatch: pytest.MonkeyPatch) -> None:

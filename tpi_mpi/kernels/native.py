@@ -140,6 +140,9 @@ def load() -> ctypes.CDLL | None:
     for name in ("f16_matmul", "f32_matmul_avx2"):  # (w, n, k, x, m, y, threads)
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
         getattr(lib, name).restype = c_int
+    lib.q8v_set_split_loads.argtypes = [c_int]
+    lib.q8v_set_split_loads.restype = None
+    lib.q8v_set_split_loads(int(split_int4_loads()))
     lib.step_rms_norm.argtypes = [p, p, i64, i64, ctypes.c_float, p, c_int]
     lib.step_rms_norm.restype = None
     # (q, k, v, cos, sin, k_cache, v_cache, heads, kv_heads, dim, capacity, pos, first, scale, out, threads, half)
@@ -210,9 +213,8 @@ def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
     szs = [sz.contiguous() for _, sz in weights]
     groups = szs[0].shape[1]
     assert all(sz.shape[1] == groups for sz in szs), "one group size"
-    group = x.shape[-1] // groups
-    fn = lib.q8v_int4_products if int4_isa(x.shape[0], group) == "avx512-vnni" else lib.q8_int4_products
-    return _products(fn, x, [q.contiguous() for q, _ in weights], szs, group)
+    fn = lib.q8v_int4_products if isa() == "avx512-vnni" else lib.q8_int4_products
+    return _products(fn, x, [q.contiguous() for q, _ in weights], szs, x.shape[-1] // groups)
 
 
 @functools.cache
@@ -227,19 +229,9 @@ def cpu_vendor() -> str:
     return ""
 
 
-def int4_isa(rows: int, group: int) -> str:
-    """Which int4 products run for `rows` activation rows: isa()'s, except decoding (one row) at group sizes of 64
-    and more on AMD CPUs, which takes the AVX2 kernel (q8_avx2.c's int4_decode256) even where VNNI is there: on AMD
-    EPYC Zen 5 (4 December 2026; 4 layers of Llama-2-7B's matrices, G = 64, huge pages, interleaved) it read
-    25-28 GB/s at one thread where the VNNI loop read 17-21, and 36-40 at two against 31-38. The VNNI loop is the
-    faster from cache (44 against 31 GB/s, 9 MB of weights) but not from memory, whatever its prefetch distance
-    (0.5-32 KiB tried); Intel's VNNI hosts measured the VNNI loop faster than the AVX2 one of that day.
-    TPI_MPI_KERNEL_ISA=avx512-vnni holds decoding to the VNNI loop there too (the tests run both)."""
-    have = isa()
-    if (have == "avx512-vnni" and os.environ.get(ISA_ENV, "") != "avx512-vnni" and rows == 1 and group % 64 == 0
-            and cpu_vendor() == "AuthenticAMD"):
-        return "avx2"
-    return have
+def split_int4_loads() -> bool:
+    """Whether q8_avx512.c's int4 decoding loads its weights in 256-bit halves: on AMD CPUs (q8_avx512.c says why)."""
+    return cpu_vendor() == "AuthenticAMD"
 
 
 def int4_matmul(x: torch.Tensor, q: torch.Tensor, scales_zeros: torch.Tensor) -> torch.Tensor:

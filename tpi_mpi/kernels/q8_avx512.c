@@ -266,16 +266,31 @@ static inline __attribute__((always_inline)) void int4v_tiles(
     }
 }
 
-/* Decoding (one activation row), weight row n: as int4v_row_by_rows with R = 1, four chunks per step into four
- * accumulators, and the weights prefetched PFV bytes ahead. */
-static void int4v_row(const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb,
-                      const int8_t *xlo, const int8_t *xhi, const float *xse, const float *xg, float *y) {
+/* Whether decoding loads each 64-byte chunk of int4 weights as two 256-bit halves (kernels/native.py sets it once, on
+ * AMD CPUs). On AMD EPYC Zen 5 one 512-bit load of weights that come from memory held the loop to 18-25 GB/s at one
+ * thread where the same loop with halves read 26-29 (two 256-bit loads and an insert; 4 layers of Llama-2-7B's
+ * matrices, G = 64, huge pages, interleaved; two threads 40-48 -> 48-57; 4 December 2026), more than q8_avx2.c's
+ * 256-bit loop beside it (22-27, 41-51). From the L3 cache the 512-bit loads were not slower; on Intel the halves are
+ * unmeasured and would add a shuffle, so they keep the one load. int8's loop gained 5 % at one thread and nothing at
+ * two, and keeps it too. */
+static int split_loads = 0;
+
+void q8v_set_split_loads(int on) { split_loads = on; }
+
+/* Decoding (one activation row), weight row n: as int4v_tile with one row of each, four chunks per step into four
+ * accumulators, and the weights prefetched PFV bytes ahead; SPLIT (a constant where called): split_loads. */
+static inline __attribute__((always_inline)) void int4v_row(
+        const uint8_t *w0, const uint16_t *s0, int64_t group, int64_t groups, int64_t nb, const int8_t *xlo,
+        const int8_t *xhi, const float *xse, const float *xg, float *y, const int SPLIT) {
     const __m512i low4 = _mm512_set1_epi8(0x0f), lanes = group_lanes(group);
     int64_t full = nb / 4, step = 128 / group; /* groups per chunk */
     __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
 #define INT4V_STEP(acc, cc, sw)                                                                                    \
     {                                                                                                              \
-        __m512i raw = _mm512_loadu_si512(w0 + (cc) * 64);                                                          \
+        __m512i raw = SPLIT ? _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_loadu_si256(                       \
+                                                     (const __m256i *)(w0 + (cc) * 64))),                          \
+                                                 _mm256_loadu_si256((const __m256i *)(w0 + (cc) * 64 + 32)), 1)    \
+                            : _mm512_loadu_si512(w0 + (cc) * 64);                                                  \
         __m512i d = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_and_si512(raw, low4),                       \
                                         _mm512_loadu_si512(xlo + (cc) * 64));                                      \
         d = _mm512_dpbusd_epi32(d, _mm512_and_si512(_mm512_srli_epi16(raw, 4), low4),                             \
@@ -326,7 +341,10 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
             const char *next = (const char *)(sz + (n + 1) * sz_n);
             if (n + 1 < n1)
                 for (int64_t b = 0; b < sz_n * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
-            int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n);
+            if (split_loads)
+                int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n, 1);
+            else
+                int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n, 0);
         }
         return;
     }
