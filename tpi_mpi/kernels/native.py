@@ -55,15 +55,31 @@ def cache_dir() -> Path:
 
 
 @functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+def _cpuinfo(field: str) -> str:
+    """The value of the first /proc/cpuinfo line that starts with `field` ("" where it cannot be read)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+            if line.startswith(field):
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return frozenset()
+    return ""
+
+
+@functools.cache  # asked on every product (isa(), fp16_decode_kernel())
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (empty where it cannot be read)."""
+    return frozenset(_cpuinfo("flags").split())
+
+
+def cpu_vendor() -> str:
+    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), "" where it cannot be read."""
+    return _cpuinfo("vendor_id")
+
+
+def held_to_avx2() -> bool:
+    """Whether TPI_MPI_KERNEL_ISA=avx2 holds our products to their AVX2 versions on a CPU with AVX-512."""
+    return os.environ.get(ISA_ENV, "") == "avx2"
 
 
 def isa() -> str:
@@ -134,10 +150,7 @@ def load() -> ctypes.CDLL | None:
         getattr(lib, name).restype = None
     lib.f32_matvec_many.argtypes = [c_int, p, p, i64, p, p, c_int]  # (count, w, n, k, x, y, threads)
     lib.f32_matvec_many.restype = None
-    for name in ("f32_matmul", "f16_matmul_avx512"):  # (w, n, k, x, m, y, threads)
-        getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
-        getattr(lib, name).restype = None
-    for name in ("f16_matmul", "f32_matmul_avx2"):  # (w, n, k, x, m, y, threads)
+    for name in ("f16_matmul", "f32_matmul_avx2", "f32_matmul", "f16_matmul_avx512"):  # (w, n, k, x, m, y, threads)
         getattr(lib, name).argtypes = [p, i64, i64, p, i64, p, c_int]
         getattr(lib, name).restype = c_int
     lib.q8v_set_split_loads.argtypes = [c_int]
@@ -217,18 +230,6 @@ def int4_matmuls(x: torch.Tensor, weights: list[tuple[torch.Tensor, torch.Tensor
     return _products(fn, x, [q.contiguous() for q, _ in weights], szs, x.shape[-1] // groups)
 
 
-@functools.cache
-def cpu_vendor() -> str:
-    """/proc/cpuinfo's vendor_id (GenuineIntel, AuthenticAMD), "" where it cannot be read."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
-
-
 def split_int4_loads() -> bool:
     """Whether q8_avx512.c's int4 decoding loads its weights in 256-bit halves: on AMD CPUs (q8_avx512.c says why)."""
     return cpu_vendor() == "AuthenticAMD"
@@ -258,27 +259,20 @@ def fp32_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     the CPU has AVX-512, else prefill_avx2.c (fp32_matmul_avx2)."""
     if not prefill_avx512():
         return fp32_matmul_avx2(x, w)
-    return _prefill512(_library().f32_matmul, x, w)
+    return _prefill(_library().f32_matmul, x, w)
 
 
 def fp16_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [M, K] (any float dtype) times fp16 w [N, K]: fp32 [M, N], summed in fp32 (prefill_avx512.c where the CPU has
     AVX-512, else prefill_avx2.c), output rows over the rank's threads."""
     if fp16_prefill_kernel() == "avx512":
-        return _prefill512(_library().f16_matmul_avx512, x, w)
+        return _prefill(_library().f16_matmul_avx512, x, w)
     return _prefill(_library().f16_matmul, x, w)
 
 
 def fp16_prefill_kernel() -> str:
     """"avx512" (prefill_avx512.c) or "avx2" (prefill_avx2.c): which one fp16_matmul runs here."""
-    return "avx512" if prefill_avx512() and os.environ.get(ISA_ENV, "") != "avx2" else "avx2"
-
-
-def _prefill512(fn: Any, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    x32, w = x.float().contiguous(), w.contiguous()
-    y = torch.empty((x32.shape[0], w.shape[0]), dtype=torch.float32)
-    fn(w.data_ptr(), w.shape[0], w.shape[1], x32.data_ptr(), x32.shape[0], y.data_ptr(), _threads(w.shape[0]))
-    return y
+    return "avx512" if prefill_avx512() and not held_to_avx2() else "avx2"
 
 
 def fp32_matmul_avx2(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -309,7 +303,7 @@ def _matvecs(fn: Any, x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Ten
 def fp16_decode_kernel() -> str:
     """Which fp16 one-row product runs here: "f16-avx512" where the CPU has AVX-512F (f16_avx512.c), else
     "f16-avx2"; TPI_MPI_KERNEL_ISA=avx2 holds it to the AVX2 one, as it does the int8 and int4 products."""
-    return "f16-avx512" if "avx512f" in cpu_flags() and os.environ.get(ISA_ENV, "") != "avx2" else "f16-avx2"
+    return "f16-avx512" if "avx512f" in cpu_flags() and not held_to_avx2() else "f16-avx2"
 
 
 def fp16_matvecs(x: torch.Tensor, ws: list[torch.Tensor]) -> list[torch.Tensor]:

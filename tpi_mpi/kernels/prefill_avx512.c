@@ -123,12 +123,16 @@ static inline __attribute__((always_inline)) void matmul512(const void *w, const
     }
 }
 
-void f32_matmul(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+/* 0 always (no workspace to allocate): the return of prefill_avx2.c's entry points, so that native.py calls both
+ * alike. */
+int f32_matmul(const float *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
     matmul512(w, 0, n, k, x, m, y, threads);
+    return 0;
 }
 
-void f16_matmul_avx512(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
+int f16_matmul_avx512(const uint16_t *w, int64_t n, int64_t k, const float *x, int64_t m, float *y, int threads) {
     matmul512(w, 1, n, k, x, m, y, threads);
+    return 0;
 }
 
 #if defined(__clang__)

@@ -76,7 +76,8 @@ static inline __attribute__((always_inline)) void int8v_tile(
     for (int64_t c = 0; c < nc; c++) {
         __mmask64 mk = c < full ? ~(__mmask64)0 : tail;
         __m512i wv[4];
-        for (int i = 0; i < NW; i++) wv[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + (n + i) * k + c * 64), flip);
+        for (int i = 0; i < NW; i++)
+            wv[i] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(mk, w + (n + i) * k + c * 64), flip);
         for (int j = 0; j < R; j++) {
             int64_t o = (r0 + j) * nc + c;
             __m512i xv = _mm512_maskz_loadu_epi8(mk, xq + (r0 + j) * nb * 32 + c * 64);
@@ -248,7 +249,8 @@ static inline __attribute__((always_inline)) void int4v_tile(
     }
     for (int i = 0; i < NW; i++)
         for (int j = 0; j < R; j++)
-            y[(r0 + j) * ldy + n + i] = hsum16(acc[i][j]) + zero_term(sz + (n + i) * sz_n, xg + (r0 + j) * groups, groups);
+            y[(r0 + j) * ldy + n + i] =
+                    hsum16(acc[i][j]) + zero_term(sz + (n + i) * sz_n, xg + (r0 + j) * groups, groups);
 }
 
 /* The tiles of weight rows n .. n + NW - 1 against all m activation rows, four at a time. */
@@ -338,9 +340,10 @@ void q8v_matmul_int4(const uint8_t *w, const uint16_t *sz, int64_t sz_n, int64_t
             /* The next row's (scale, zero) pairs, a stream of their own beside the weights' that the hardware
              * prefetcher leaves behind: 4096 x 4096 .. 4096 x 11008, G = 64, one thread: 17.9 -> 21.1 GB/s, two
              * 31.8 -> 37.0 (AMD EPYC Zen 5; two or four rows ahead: no better; 4 December 2026). */
-            const char *next = (const char *)(sz + (n + 1) * sz_n);
-            if (n + 1 < n1)
+            if (n + 1 < n1) {
+                const char *next = (const char *)(sz + (n + 1) * sz_n);
                 for (int64_t b = 0; b < sz_n * 2; b += 64) _mm_prefetch(next + b, _MM_HINT_T0);
+            }
             if (split_loads)
                 int4v_row(w + n * half, sz + n * sz_n, group, groups, nb, xlo, xhi, xse, xg, y + n, 1);
             else
